@@ -1,0 +1,20 @@
+// bnrelu: CNN layers over Eigen tensors with BatchNorm and ReLU fused into one pass.
+#pragma once
+
+#include "error.hpp"
+#include "random.hpp"
+#include "tensor.hpp"
+#include "threads.hpp"
+
+#include "nn/batchnorm.hpp"
+#include "nn/batchnorm_relu.hpp"
+#include "nn/conv2d.hpp"
+#include "nn/flatten.hpp"
+#include "nn/layer.hpp"
+#include "nn/linear.hpp"
+#include "nn/loss.hpp"
+#include "nn/maxpool2d.hpp"
+#include "nn/relu.hpp"
+#include "nn/sequential.hpp"
+
+#include "models/seed_cnn.hpp"

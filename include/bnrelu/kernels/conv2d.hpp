@@ -1,0 +1,150 @@
+// Convolution arithmetic: im2col + Eigen GEMM, one image per thread.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "../tensor.hpp"
+#include "../threads.hpp"
+
+namespace bnrelu::kernels {
+
+struct Conv2dGeometry {
+  Index N, C, H, W;  // input
+  Index O, KH, KW, stride, pad, dil;
+  Index HO, WO;  // output
+  Index col_rows() const { return C * KH * KW; }
+  Index col_cols() const { return HO * WO; }
+};
+
+template <class T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using MatrixMap = Eigen::Map<RowMatrix<T>>;
+template <class T>
+using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
+
+// x: [C, H, W] one image -> col: [C*KH*KW, HO*WO]; out-of-image taps are 0.
+template <class T>
+void im2col(T* col, const T* x, const Conv2dGeometry& g) {
+  for (Index c = 0; c < g.C; ++c)
+    for (Index kh = 0; kh < g.KH; ++kh)
+      for (Index kw = 0; kw < g.KW; ++kw) {
+        T* row = col + ((c * g.KH + kh) * g.KW + kw) * g.HO * g.WO;
+        for (Index oh = 0; oh < g.HO; ++oh) {
+          const Index ih = oh * g.stride - g.pad + kh * g.dil;
+          T* out = row + oh * g.WO;
+          if (ih < 0 || ih >= g.H) {
+            std::fill(out, out + g.WO, T(0));
+            continue;
+          }
+          const T* in = x + (c * g.H + ih) * g.W;
+          const Index off = kw * g.dil - g.pad;
+          for (Index ow = 0; ow < g.WO; ++ow) {
+            const Index iw = ow * g.stride + off;
+            out[ow] = (iw >= 0 && iw < g.W) ? in[iw] : T(0);
+          }
+        }
+      }
+}
+
+// The adjoint of im2col: dx[C, H, W] += scatter of col.
+template <class T>
+void col2im_add(T* dx, const T* col, const Conv2dGeometry& g) {
+  for (Index c = 0; c < g.C; ++c)
+    for (Index kh = 0; kh < g.KH; ++kh)
+      for (Index kw = 0; kw < g.KW; ++kw) {
+        const T* row = col + ((c * g.KH + kh) * g.KW + kw) * g.HO * g.WO;
+        for (Index oh = 0; oh < g.HO; ++oh) {
+          const Index ih = oh * g.stride - g.pad + kh * g.dil;
+          if (ih < 0 || ih >= g.H) continue;
+          T* out = dx + (c * g.H + ih) * g.W;
+          const T* in = row + oh * g.WO;
+          const Index off = kw * g.dil - g.pad;
+          for (Index ow = 0; ow < g.WO; ++ow) {
+            const Index iw = ow * g.stride + off;
+            if (iw >= 0 && iw < g.W) out[iw] += in[ow];
+          }
+        }
+      }
+}
+
+// Images are spread over threads when there are enough of them; otherwise one image at a
+// time with Eigen threading the GEMM.
+inline int conv_image_threads(Index N) { return N >= num_threads() ? num_threads() : 1; }
+
+// y[n] = weight * im2col(x[n]) + bias
+// x: [N, C, H, W]; weight: [O, C*KH*KW]; bias: [O] or null; y: [N, O, HO, WO]
+// workspace: at least conv_image_threads(N) * col_rows * col_cols elements.
+template <class T>
+void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bias,
+                    const Conv2dGeometry& g) {
+  const Index K = g.col_rows(), P = g.col_cols();
+  const int threads = conv_image_threads(g.N);
+  ConstMatrixMap<T> w(weight, g.O, K);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (Index n = 0; n < g.N; ++n) {
+    T* col = workspace + static_cast<Index>(omp_get_thread_num()) * K * P;
+    im2col(col, x + n * g.C * g.H * g.W, g);
+    MatrixMap<T> yn(y + n * g.O * P, g.O, P);
+    yn.noalias() = w * ConstMatrixMap<T>(col, K, P);
+    if (bias) yn.colwise() += Eigen::Map<const Eigen::Vector<T, Eigen::Dynamic>>(bias, g.O);
+  }
+}
+
+// dx = col2im(weight^T * dy[n]);  dweight += dy[n] * im2col(x[n])^T;  dbias += sum dy[n]
+// dx may be null (not wanted). workspace: 2 * conv_image_threads(N) * K * P, plus
+// (threads - 1) * O * (K + 1) for the per-thread weight-gradient partial sums.
+template <class T>
+void conv2d_backward(T* dx, T* dweight, T* dbias, T* workspace, const T* dy, const T* x,
+                     const T* weight, const Conv2dGeometry& g) {
+  const Index K = g.col_rows(), P = g.col_cols(), O = g.O;
+  const int threads = conv_image_threads(g.N);
+  ConstMatrixMap<T> w(weight, O, K);
+  T* partials = workspace + 2 * static_cast<Index>(threads) * K * P;
+  if (threads > 1) std::fill(partials, partials + (threads - 1) * O * (K + 1), T(0));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const Index t = omp_get_thread_num();
+    T* col = workspace + 2 * t * K * P;
+    T* dcol = col + K * P;
+    // thread 0 adds straight into dweight/dbias; the others into their own partials
+    T* dw = t == 0 ? dweight : partials + (t - 1) * O * (K + 1);
+    T* db = t == 0 ? dbias : (dbias ? dw + O * K : nullptr);
+    MatrixMap<T> dwm(dw, O, K);
+#pragma omp for schedule(static)
+    for (Index n = 0; n < g.N; ++n) {
+      ConstMatrixMap<T> dyn(dy + n * O * P, O, P);
+      im2col(col, x + n * g.C * g.H * g.W, g);
+      dwm.noalias() += dyn * ConstMatrixMap<T>(col, K, P).transpose();
+      if (db) Eigen::Map<Eigen::Vector<T, Eigen::Dynamic>>(db, O) += dyn.rowwise().sum();
+      if (dx) {
+        MatrixMap<T> dc(dcol, K, P);
+        dc.noalias() = w.transpose() * dyn;
+        T* dxn = dx + n * g.C * g.H * g.W;
+        std::fill(dxn, dxn + g.C * g.H * g.W, T(0));
+        col2im_add(dxn, dcol, g);
+      }
+    }
+  }
+  for (int t = 1; t < threads; ++t) {  // fixed order: deterministic for a thread count
+    const T* p = partials + (t - 1) * O * (K + 1);
+    for (Index i = 0; i < O * K; ++i) dweight[i] += p[i];
+    if (dbias)
+      for (Index o = 0; o < O; ++o) dbias[o] += p[O * K + o];
+  }
+}
+
+// Workspace sizes for the two passes.
+inline Index conv2d_forward_workspace(const Conv2dGeometry& g) {
+  return conv_image_threads(g.N) * g.col_rows() * g.col_cols();
+}
+inline Index conv2d_backward_workspace(const Conv2dGeometry& g) {
+  const Index t = conv_image_threads(g.N);
+  return 2 * t * g.col_rows() * g.col_cols() + (t - 1) * g.O * (g.col_rows() + 1);
+}
+
+}  // namespace bnrelu::kernels

@@ -1,0 +1,29 @@
+// ReLU arithmetic.
+#pragma once
+
+#include <cstdint>
+
+#include "../tensor.hpp"
+#include "batchnorm.hpp"  // relu_value
+
+namespace bnrelu::kernels {
+
+// x, y: [n]; mask[i] = 1 where y[i] > 0 (the elements that pass gradient), as PyTorch's
+// threshold_backward decides.
+template <class T>
+void relu_forward(T* y, std::uint8_t* mask, const T* x, Index n) {
+#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
+  for (Index i = 0; i < n; ++i) {
+    y[i] = relu_value(x[i]);
+    if (mask) mask[i] = y[i] > T(0);
+  }
+}
+
+// dx = dy where the forward output was positive, else 0.
+template <class T>
+void relu_backward(T* dx, const T* dy, const std::uint8_t* mask, Index n) {
+#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
+  for (Index i = 0; i < n; ++i) dx[i] = mask[i] ? dy[i] : T(0);
+}
+
+}  // namespace bnrelu::kernels

@@ -1,0 +1,229 @@
+// Batch normalisation: one shared base, thin 1d/2d variants that fix the rank.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../kernels/batchnorm.hpp"
+#include "layer.hpp"
+
+namespace bnrelu::nn {
+
+struct BatchNormOptions {
+  Index num_features = 0;
+  double eps = 1e-5;
+  double momentum = 0.1;
+  bool affine = true;
+  bool track_running_stats = true;
+};
+
+namespace detail {
+
+// State, checks and caching for batch norm over N x C (Rank 2) or N x C x H x W (Rank 4).
+// forward_impl(x, relu) also serves the fused BatchNorm+ReLU layers and Sequential's fusion.
+template <class T, int Rank>
+class BatchNormBase : public Module {
+  static_assert(Rank == 2 || Rank == 4, "batch norm takes N x C or N x C x H x W");
+
+ public:
+  using value_type = T;
+  using input_type = Tensor<T, Rank>;
+  using output_type = Tensor<T, Rank>;
+
+  BatchNormBase(const BatchNormOptions& opt, const char* name) : opt_(opt), name_(name) {
+    check_option(opt.num_features > 0, name, "num_features must be > 0");
+    check_option(opt.eps > 0, name, "eps must be > 0");
+    check_option(opt.momentum >= 0 && opt.momentum <= 1, name, "momentum must be in [0, 1]");
+    const Index C = opt.num_features;
+    if (opt.affine) {
+      weight_.resize(C);
+      bias_.resize(C);
+      dweight_.resize(C);
+      dbias_.resize(C);
+      weight_.setConstant(T(1));
+      bias_.setZero();
+      zero_grad();
+    }
+    if (opt.track_running_stats) {
+      running_mean_.resize(C);
+      running_var_.resize(C);
+      reset_running_stats();
+    }
+  }
+
+  const BatchNormOptions& options() const { return opt_; }
+
+  Dims<Rank> output_dims(const Dims<Rank>& in) const {
+    check_rank_dims(name_, in);
+    if (in[1] != opt_.num_features)
+      throw shape_error(std::string(name_) + ": expected input N x " +
+                        std::to_string(opt_.num_features) + (Rank == 4 ? " x H x W" : "") +
+                        ", got " + shape_string(in));
+    return in;
+  }
+
+  void zero_grad() {
+    if (opt_.affine) {
+      dweight_.setZero();
+      dbias_.setZero();
+    }
+  }
+
+  // running_mean 0, running_var 1, num_batches_tracked 0.
+  void reset_running_stats() {
+    if (!opt_.track_running_stats) return;
+    running_mean_.setZero();
+    running_var_.setConstant(T(1));
+    num_batches_tracked_ = 0;
+  }
+
+  std::vector<ParamRef<T>> named_parameters() {
+    if (!opt_.affine) return {};
+    return {{"weight", shape_vector(weight_), span_of(weight_), span_of(dweight_)},
+            {"bias", shape_vector(bias_), span_of(bias_), span_of(dbias_)}};
+  }
+  std::vector<BufferRef<T>> named_buffers() {
+    if (!opt_.track_running_stats) return {};
+    return {{"running_mean", shape_vector(running_mean_), span_of(running_mean_)},
+            {"running_var", shape_vector(running_var_), span_of(running_var_)}};
+  }
+
+  Tensor<T, 1>& weight() { return weight_; }
+  Tensor<T, 1>& bias() { return bias_; }
+  const Tensor<T, 1>& weight_grad() const { return dweight_; }
+  const Tensor<T, 1>& bias_grad() const { return dbias_; }
+  Tensor<T, 1>& running_mean() { return running_mean_; }
+  Tensor<T, 1>& running_var() { return running_var_; }
+  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
+  std::int64_t num_batches_tracked() const { return num_batches_tracked_; }
+
+  // Bytes this layer holds for backward after a training-mode forward.
+  std::size_t cache_bytes() const {
+    return sizeof(T) * static_cast<std::size_t>(x_.size()) + sizeof(double) * (mean_.size() + invstd_.size());
+  }
+
+ protected:
+  // y = [relu](batchnorm(x)); owned (== &x or null): x may be moved into the cache.
+  Tensor<T, Rank> forward_impl(const Tensor<T, Rank>& x, Tensor<T, Rank>* owned, bool relu) {
+    const auto d = output_dims(dims_of(x));
+    const Index N = d[0], C = d[1], S = x.size() / std::max<Index>(N * C, 1);
+    const bool batch_stats = is_training() || !opt_.track_running_stats;
+    if (is_training() && N * S <= 1)
+      throw shape_error(std::string(name_) + ": expected more than 1 value per channel when " +
+                        "training, got input " + shape_string(d));
+    Tensor<T, Rank> y(x.dimensions());
+    const T* w = opt_.affine ? weight_.data() : nullptr;
+    const T* b = opt_.affine ? bias_.data() : nullptr;
+    if (!batch_stats) {
+      std::vector<T> scale(C), shift(C);
+      for (Index c = 0; c < C; ++c)
+        kernels::bn_scale_shift(scale[c], shift[c], static_cast<double>(running_mean_(c)),
+                                1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps), w, b, c);
+      if (N * C * S > 0)
+        kernels::batchnorm_forward_eval(y.data(), x.data(), scale.data(), shift.data(), N, C, S, relu);
+      drop_cache();
+      return y;
+    }
+    std::vector<double> mean(C), var(C), invstd(C);
+    Tensor<T, Rank> kept;
+    const bool keep = is_training();
+    if (keep && owned) {
+      kept = std::move(*owned);  // compute from the buffer backward will read
+      kernels::batchnorm_forward_train(y.data(), static_cast<T*>(nullptr), mean.data(), var.data(),
+                                       invstd.data(), kept.data(), w, b, N, C, S, opt_.eps, relu);
+    } else {
+      if (keep) kept.resize(x.dimensions());
+      kernels::batchnorm_forward_train(y.data(), keep ? kept.data() : nullptr, mean.data(),
+                                       var.data(), invstd.data(), x.data(), w, b, N, C, S,
+                                       opt_.eps, relu);
+    }
+    if (is_training() && opt_.track_running_stats) {
+      const double m = opt_.momentum, M = static_cast<double>(N * S);
+      for (Index c = 0; c < C; ++c) {
+        running_mean_(c) = static_cast<T>((1 - m) * running_mean_(c) + m * mean[c]);
+        running_var_(c) = static_cast<T>((1 - m) * running_var_(c) + m * var[c] * M / (M - 1));
+      }
+      ++num_batches_tracked_;
+    }
+    if (!keep) {
+      drop_cache();
+      return y;
+    }
+    x_ = std::move(kept);
+    mean_ = std::move(mean);
+    invstd_ = std::move(invstd);
+    has_cache_ = true;
+    cached_relu_ = relu;
+    return y;
+  }
+
+  Tensor<T, Rank> backward_impl(const Tensor<T, Rank>& dy, bool relu) {
+    if (!has_cache_) no_forward(name_);
+    if (relu != cached_relu_)
+      throw std::logic_error(std::string(name_) + ": backward " + (relu ? "with" : "without") +
+                             " ReLU after a forward " + (cached_relu_ ? "with" : "without") +
+                             " it");
+    check_grad_dims(name_, dims_of(x_), dims_of(dy));
+    const Index N = x_.dimension(0), C = x_.dimension(1), S = x_.size() / (N * C);
+    Tensor<T, Rank> dx(x_.dimensions());
+    kernels::batchnorm_backward(dx.data(), opt_.affine ? dweight_.data() : nullptr,
+                                opt_.affine ? dbias_.data() : nullptr, dy.data(), x_.data(),
+                                mean_.data(), invstd_.data(),
+                                opt_.affine ? weight_.data() : nullptr,
+                                opt_.affine ? bias_.data() : nullptr, N, C, S, relu);
+    return dx;
+  }
+
+ private:
+  void drop_cache() {
+    has_cache_ = false;
+    x_ = Tensor<T, Rank>();
+  }
+
+  BatchNormOptions opt_;
+  const char* name_;
+  Tensor<T, 1> weight_, bias_, dweight_, dbias_;  // parameters, empty when !affine
+  Tensor<T, 1> running_mean_, running_var_;       // buffers, empty when !track_running_stats
+  std::int64_t num_batches_tracked_ = 0;
+  Tensor<T, Rank> x_;  // cache for backward: the input, from which the ReLU mask is recomputed
+  std::vector<double> mean_, invstd_;  // batch statistics of the cached forward
+  bool has_cache_ = false;
+  bool cached_relu_ = false;
+};
+
+}  // namespace detail
+
+// Batch norm over N x C x H x W, per channel.
+template <class T>
+class BatchNorm2d : public detail::BatchNormBase<T, 4> {
+  using Base = detail::BatchNormBase<T, 4>;
+
+ public:
+  static constexpr bool fusable_with_relu = true;
+  explicit BatchNorm2d(const BatchNormOptions& opt) : Base(opt, "BatchNorm2d") {}
+  Tensor<T, 4> forward(const Tensor<T, 4>& x) { return this->forward_impl(x, nullptr, false); }
+  Tensor<T, 4> forward(Tensor<T, 4>&& x) { return this->forward_impl(x, &x, false); }
+  Tensor<T, 4> backward(const Tensor<T, 4>& dy) { return this->backward_impl(dy, false); }
+  // BatchNorm then ReLU in one pass; Sequential uses these when fusion is on.
+  Tensor<T, 4> forward_fused_relu(Tensor<T, 4>&& x) { return this->forward_impl(x, &x, true); }
+  Tensor<T, 4> backward_fused_relu(const Tensor<T, 4>& dy) { return this->backward_impl(dy, true); }
+};
+
+// Batch norm over N x C, per feature.
+template <class T>
+class BatchNorm1d : public detail::BatchNormBase<T, 2> {
+  using Base = detail::BatchNormBase<T, 2>;
+
+ public:
+  static constexpr bool fusable_with_relu = true;
+  explicit BatchNorm1d(const BatchNormOptions& opt) : Base(opt, "BatchNorm1d") {}
+  Tensor<T, 2> forward(const Tensor<T, 2>& x) { return this->forward_impl(x, nullptr, false); }
+  Tensor<T, 2> forward(Tensor<T, 2>&& x) { return this->forward_impl(x, &x, false); }
+  Tensor<T, 2> backward(const Tensor<T, 2>& dy) { return this->backward_impl(dy, false); }
+  Tensor<T, 2> forward_fused_relu(Tensor<T, 2>&& x) { return this->forward_impl(x, &x, true); }
+  Tensor<T, 2> backward_fused_relu(const Tensor<T, 2>& dy) { return this->backward_impl(dy, true); }
+};
+
+}  // namespace bnrelu::nn

@@ -1,0 +1,74 @@
+// The layer contract, written once.
+//
+// A layer L with element type L::value_type offers
+//   y  = l.forward(x)    training mode caches what backward needs; eval mode caches nothing
+//   dx = l.backward(dy)  dLoss/dx for the last training-mode forward; ADDS into parameter grads;
+//                        std::logic_error if there was none
+//   l.train(bool), l.eval(), l.is_training(), l.zero_grad()
+//   l.named_parameters() -> std::vector<ParamRef<T>>, l.named_buffers() -> std::vector<BufferRef<T>>
+//   l.output_dims(in_dims)  the output shape for an input shape; shape_error if it is invalid
+// Shapes are checked, and shape_error thrown, before any state changes.
+#pragma once
+
+#include <concepts>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../error.hpp"
+#include "../tensor.hpp"
+
+namespace bnrelu::nn {
+
+template <class L>
+concept Layer = requires(L& l, const L& cl) {
+  typename L::value_type;
+  l.train(true);
+  l.eval();
+  { cl.is_training() } -> std::convertible_to<bool>;
+  l.zero_grad();
+  { l.named_parameters() } -> std::same_as<std::vector<ParamRef<typename L::value_type>>>;
+  { l.named_buffers() } -> std::same_as<std::vector<BufferRef<typename L::value_type>>>;
+};
+
+// Training/eval mode, shared by every layer.
+class Module {
+ public:
+  // Sets training mode (on) or eval mode (!on).
+  void train(bool on = true) { training_ = on; }
+  // Same as train(false).
+  void eval() { train(false); }
+  bool is_training() const { return training_; }
+
+ private:
+  bool training_ = true;
+};
+
+namespace detail {
+
+template <std::size_t Rank>
+void check_rank_dims(const char* layer, const Dims<Rank>& d) {
+  for (auto v : d)
+    if (v < 0) throw shape_error(std::string(layer) + ": negative dimension in " + shape_string(d));
+}
+
+[[noreturn]] inline void no_forward(const char* layer) {
+  throw std::logic_error(std::string(layer) +
+                         ": backward called without a preceding training-mode forward");
+}
+
+template <std::size_t Rank>
+void check_grad_dims(const char* layer, const Dims<Rank>& expected, const Dims<Rank>& got) {
+  if (expected != got)
+    throw shape_error(std::string(layer) + ": backward expected gradient of shape " +
+                      shape_string(expected) + " (the last forward's output), got " +
+                      shape_string(got));
+}
+
+inline void check_option(bool ok, const char* layer, const std::string& what) {
+  if (!ok) throw shape_error(std::string(layer) + ": invalid option: " + what);
+}
+
+}  // namespace detail
+
+}  // namespace bnrelu::nn

@@ -1,0 +1,83 @@
+// 2-D max pooling (square window) with -inf padding.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "../kernels/pool.hpp"
+#include "layer.hpp"
+
+namespace bnrelu::nn {
+
+struct MaxPool2dOptions {
+  Index kernel_size = 0;
+  std::optional<Index> stride = std::nullopt;  // defaults to kernel_size
+  Index padding = 0;
+};
+
+template <class T>
+class MaxPool2d : public Module {
+ public:
+  using value_type = T;
+  using input_type = Tensor<T, 4>;
+  using output_type = Tensor<T, 4>;
+
+  explicit MaxPool2d(const MaxPool2dOptions& opt)
+      : kernel_(opt.kernel_size), stride_(opt.stride.value_or(opt.kernel_size)), pad_(opt.padding) {
+    detail::check_option(kernel_ > 0, "MaxPool2d", "kernel_size must be > 0");
+    detail::check_option(stride_ > 0, "MaxPool2d", "stride must be > 0");
+    detail::check_option(pad_ >= 0 && 2 * pad_ <= kernel_, "MaxPool2d",
+                         "padding must be >= 0 and at most half of kernel_size");
+  }
+
+  Index kernel_size() const { return kernel_; }
+  Index stride() const { return stride_; }
+  Index padding() const { return pad_; }
+
+  Dims<4> output_dims(const Dims<4>& in) const {
+    detail::check_rank_dims("MaxPool2d", in);
+    if (in[2] + 2 * pad_ < kernel_ || in[3] + 2 * pad_ < kernel_)
+      throw shape_error("MaxPool2d: expected input N x C x H x W with H, W + 2*padding >= " +
+                        std::to_string(kernel_) + ", got " + shape_string(in));
+    return {in[0], in[1], (in[2] + 2 * pad_ - kernel_) / stride_ + 1,
+            (in[3] + 2 * pad_ - kernel_) / stride_ + 1};
+  }
+
+  Tensor<T, 4> forward(const Tensor<T, 4>& x) {
+    const auto g = geometry(dims_of(x));
+    Tensor<T, 4> y(g.N, g.C, g.HO, g.WO);
+    argmax_.resize(static_cast<std::size_t>(y.size()));
+    kernels::maxpool2d_forward(y.data(), argmax_.data(), x.data(), g);
+    has_cache_ = is_training();
+    if (!has_cache_) argmax_.clear();
+    geometry_ = g;
+    return y;
+  }
+
+  Tensor<T, 4> backward(const Tensor<T, 4>& dy) {
+    if (!has_cache_) detail::no_forward("MaxPool2d");
+    const auto& g = geometry_;
+    detail::check_grad_dims("MaxPool2d", Dims<4>{g.N, g.C, g.HO, g.WO}, dims_of(dy));
+    Tensor<T, 4> dx(g.N, g.C, g.H, g.W);
+    kernels::maxpool2d_backward(dx.data(), dy.data(), argmax_.data(), g);
+    return dx;
+  }
+
+  void zero_grad() {}
+  std::vector<ParamRef<T>> named_parameters() { return {}; }
+  std::vector<BufferRef<T>> named_buffers() { return {}; }
+
+ private:
+  kernels::Pool2dGeometry geometry(const Dims<4>& in) const {
+    const auto out = output_dims(in);
+    return {in[0], in[1], in[2], in[3], kernel_, kernel_, stride_, pad_, out[2], out[3]};
+  }
+
+  Index kernel_, stride_, pad_;
+  std::vector<std::int32_t> argmax_;  // cache: index of each output's maximum in its H*W plane
+  kernels::Pool2dGeometry geometry_{};
+  bool has_cache_ = false;
+};
+
+}  // namespace bnrelu::nn

@@ -1,0 +1,219 @@
+// A compile-time chain of layers; runs each BatchNorm followed by ReLU as one fused pass.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "layer.hpp"
+
+namespace bnrelu::nn {
+
+namespace detail {
+
+template <class L>
+concept HasInputType = requires { typename L::input_type; };
+
+template <class L>
+concept FusableBatchNorm = requires { requires L::fusable_with_relu; };
+
+template <class L>
+concept IsReLU = requires { requires L::is_relu; };
+
+// The input type of a chain: the first layer's, skipping rank-agnostic layers (ReLU).
+template <class T, class... L>
+struct chain_input {
+  using type = Tensor<T, 4>;
+};
+template <class T, class First, class... Rest>
+struct chain_input<T, First, Rest...> {
+  using type = typename std::conditional_t<HasInputType<First>, First,
+                                           chain_input<T, Rest...>>::type;
+};
+template <class T, HasInputType First, class... Rest>
+struct chain_input<T, First, Rest...> {
+  using type = typename First::input_type;
+};
+
+// The output type after layers I.. given input X.
+template <class X, class... L>
+struct chain_output {
+  using type = X;
+};
+template <class X, class First, class... Rest>
+struct chain_output<X, First, Rest...> {
+  using type = typename chain_output<decltype(std::declval<First&>().forward(std::declval<X>())),
+                                     Rest...>::type;
+};
+
+template <class X>
+struct tensor_rank;
+template <class T, int R>
+struct tensor_rank<Tensor<T, R>> {
+  static constexpr int value = R;
+};
+
+}  // namespace detail
+
+template <Layer... Layers>
+class Sequential : public Module {
+  static_assert(sizeof...(Layers) > 0, "Sequential needs at least one layer");
+
+ public:
+  using value_type = typename std::tuple_element_t<0, std::tuple<Layers...>>::value_type;
+  static_assert((std::is_same_v<value_type, typename Layers::value_type> && ...),
+                "every layer of a Sequential must have the same element type");
+  using input_type = typename detail::chain_input<value_type, Layers...>::type;
+  using output_type = typename detail::chain_output<input_type, Layers...>::type;
+  static constexpr std::size_t size = sizeof...(Layers);
+
+  explicit Sequential(Layers... layers) : layers_(std::move(layers)...) {}
+
+  template <std::size_t I>
+  auto& get() { return std::get<I>(layers_); }
+  template <std::size_t I>
+  const auto& get() const { return std::get<I>(layers_); }
+
+  // Fused BatchNorm+ReLU (default true). Never changes names, results or gradients.
+  void set_fusion(bool on) { fusion_ = on; }
+  bool fusion() const { return fusion_; }
+
+  void train(bool on = true) {
+    Module::train(on);
+    std::apply([on](auto&... l) { (l.train(on), ...); }, layers_);
+  }
+  void eval() { train(false); }
+
+  void zero_grad() {
+    std::apply([](auto&... l) { (l.zero_grad(), ...); }, layers_);
+  }
+
+  // Output shape for an input shape; shape_error naming the first layer that rejects it.
+  auto output_dims(const Dims<detail::tensor_rank<input_type>::value>& in) const {
+    return dims_from<0>(in);
+  }
+
+  // Shapes are checked through the whole chain before any layer runs.
+  output_type forward(const input_type& x) {
+    output_dims(dims_of(x));
+    last_fused_ = fusion_;
+    ran_training_ = is_training();
+    return forward_from<0>(input_type(x));
+  }
+  output_type forward(input_type&& x) {
+    output_dims(dims_of(x));
+    last_fused_ = fusion_;
+    ran_training_ = is_training();
+    return forward_from<0>(std::move(x));
+  }
+
+  input_type backward(const output_type& dy) {
+    if (!ran_training_)
+      throw std::logic_error("Sequential: backward called without a preceding training-mode forward");
+    return backward_to<size>(output_type(dy));
+  }
+
+  // "<index>.<name>" for every layer's parameters, in layer order (PyTorch's state_dict order).
+  std::vector<ParamRef<value_type>> named_parameters() {
+    std::vector<ParamRef<value_type>> out;
+    for_each_indexed([&](std::size_t i, auto& layer) {
+      for (auto& p : layer.named_parameters()) {
+        p.name = std::to_string(i) + "." + p.name;
+        out.push_back(std::move(p));
+      }
+    });
+    return out;
+  }
+  std::vector<BufferRef<value_type>> named_buffers() {
+    std::vector<BufferRef<value_type>> out;
+    for_each_indexed([&](std::size_t i, auto& layer) {
+      for (auto& b : layer.named_buffers()) {
+        b.name = std::to_string(i) + "." + b.name;
+        out.push_back(std::move(b));
+      }
+    });
+    return out;
+  }
+
+  // f(index, layer) for every layer in order.
+  template <class F>
+  void for_each_indexed(F&& f) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (f(I, std::get<I>(layers_)), ...);
+    }(std::index_sequence_for<Layers...>{});
+  }
+
+ private:
+  template <std::size_t I>
+  using layer_t = std::tuple_element_t<I, std::tuple<Layers...>>;
+
+  // Layers I and I+1 are BatchNorm then ReLU.
+  template <std::size_t I>
+  static constexpr bool fused_pair() {
+    if constexpr (I + 1 < size)
+      return detail::FusableBatchNorm<layer_t<I>> && detail::IsReLU<layer_t<I + 1>>;
+    else
+      return false;
+  }
+
+  // Layers I-2 and I-1 are BatchNorm then ReLU.
+  template <std::size_t I>
+  static constexpr bool ends_fused_pair() {
+    if constexpr (I >= 2)
+      return fused_pair<I - 2>();
+    else
+      return false;
+  }
+
+  template <std::size_t I, class D>
+  auto dims_from(const D& d) const {
+    if constexpr (I == size) {
+      return d;
+    } else {
+      using L = layer_t<I>;
+      static_assert(requires(const L& l) { l.output_dims(d); },
+                    "Sequential: a layer cannot take the previous layer's output rank");
+      return dims_from<I + 1>(std::get<I>(layers_).output_dims(d));
+    }
+  }
+
+  template <std::size_t I, class X>
+  auto forward_from(X&& x) {
+    if constexpr (I == size) {
+      return std::move(x);
+    } else if constexpr (fused_pair<I>()) {
+      if (fusion_) return forward_from<I + 2>(std::get<I>(layers_).forward_fused_relu(std::move(x)));
+      auto y = std::get<I>(layers_).forward(std::move(x));
+      return forward_from<I + 2>(std::get<I + 1>(layers_).forward(std::move(y)));
+    } else {
+      return forward_from<I + 1>(std::get<I>(layers_).forward(std::move(x)));
+    }
+  }
+
+  // Runs backward through layers I-1 .. 0.
+  template <std::size_t I, class D>
+  auto backward_to(D&& dy) {
+    if constexpr (I == 0) {
+      return std::move(dy);
+    } else if constexpr (ends_fused_pair<I>()) {
+      if (last_fused_) return backward_to<I - 2>(std::get<I - 2>(layers_).backward_fused_relu(dy));
+      auto d = std::get<I - 1>(layers_).backward(dy);
+      return backward_to<I - 2>(std::get<I - 2>(layers_).backward(d));
+    } else {
+      return backward_to<I - 1>(std::get<I - 1>(layers_).backward(dy));
+    }
+  }
+
+  std::tuple<Layers...> layers_;
+  bool fusion_ = true;
+  bool last_fused_ = true;
+  bool ran_training_ = false;
+};
+
+template <class... L>
+Sequential(L...) -> Sequential<L...>;
+
+}  // namespace bnrelu::nn

@@ -1,0 +1,147 @@
+#include <bnrelu/nn/conv2d.hpp>
+#include <bnrelu/testing/gradcheck.hpp>
+
+#include "golden.hpp"
+
+namespace nn = bnrelu::nn;
+using bnrelu::Tensor;
+using namespace bnrelu::test;
+
+template <class T>
+class Conv2dGolden : public ::testing::Test {};
+TYPED_TEST_SUITE(Conv2dGolden, FloatTypes);
+
+TYPED_TEST(Conv2dGolden, MatchesPyTorch) {
+  using T = TypeParam;
+  for (const char* name : {"conv_basic", "conv_stride2_c1", "conv_stride3_pad2_dil2", "conv_1x1"}) {
+    SCOPED_TRACE(name);
+    Fixture f(name);
+    const auto& o = f.options;
+    nn::Conv2d<T> conv({.in_channels = o["in_channels"], .out_channels = o["out_channels"],
+                        .kernel_size = o["kernel_size"], .stride = o["stride"],
+                        .padding = o["padding"], .dilation = o["dilation"], .bias = o["bias"]});
+    assign(conv.named_parameters(), "weight", f.values<T>("weight"));
+    if (o["bias"]) assign(conv.named_parameters(), "bias", f.values<T>("bias"));
+    const auto y = conv.forward(f.tensor<T, 4>("x"));
+    EXPECT_TRUE(close_to(y, f.tensor<double, 4>("y"), tolerance<T>()));
+    const auto dx = conv.backward(f.tensor<T, 4>("dy"));
+    EXPECT_TRUE(close_to(dx, f.tensor<double, 4>("dx"), tolerance<T>()));
+    EXPECT_TRUE(close_to(conv.weight_grad(), f.tensor<double, 4>("dweight"), tolerance<T>()));
+    if (o["bias"]) {
+        EXPECT_TRUE(close_to(conv.bias_grad(), f.tensor<double, 1>("dbias"), tolerance<T>()));
+    }
+    // gradients accumulate: a second backward doubles them
+    conv.backward(f.tensor<T, 4>("dy"));
+    EXPECT_TRUE(close_to(conv.weight_grad(), Tensor<double, 4>(f.tensor<double, 4>("dweight") * 2.0), tolerance<T>()));
+  }
+}
+
+TEST(Conv2d, GradcheckAwkwardShapes) {
+  struct Case { bnrelu::Index N, C, O, H, W, k, s, p, d; bool bias; };
+  for (auto c : {Case{2, 3, 2, 7, 5, 3, 1, 1, 1, true}, Case{1, 1, 3, 8, 6, 3, 2, 0, 1, true},
+                 Case{2, 2, 2, 9, 7, 2, 3, 2, 1, false}, Case{1, 3, 2, 9, 10, 3, 1, 2, 2, true},
+                 Case{3, 1, 1, 5, 4, 1, 1, 0, 1, true}}) {
+    SCOPED_TRACE(c.H * 1000 + c.W);
+    bnrelu::manual_seed(7);
+    nn::Conv2d<double> conv({.in_channels = c.C, .out_channels = c.O, .kernel_size = c.k,
+                             .stride = c.s, .padding = c.p, .dilation = c.d, .bias = c.bias});
+    const auto x = random_tensor<double, 4>({c.N, c.C, c.H, c.W});
+    const auto r = bnrelu::testing::gradcheck(conv, x);
+    EXPECT_TRUE(r.ok) << r.worst;
+    EXPECT_GT(r.checked, 10);
+  }
+}
+
+TEST(Conv2d, DefaultInitIsKaimingUniform) {
+  bnrelu::manual_seed(1);
+  nn::Conv2d<float> conv({.in_channels = 4, .out_channels = 8, .kernel_size = 3});
+  const double bound = 1.0 / std::sqrt(4.0 * 9.0);
+  double lo = 1, hi = -1;
+  for (auto& p : conv.named_parameters())
+    for (float v : p.value) {
+      lo = std::min<double>(lo, v);
+      hi = std::max<double>(hi, v);
+    }
+  EXPECT_GE(lo, -bound);
+  EXPECT_LE(hi, bound);
+  EXPECT_LT(lo, -0.8 * bound);  // spread over the whole interval
+  EXPECT_GT(hi, 0.8 * bound);
+  bnrelu::manual_seed(1);
+  nn::Conv2d<float> again({.in_channels = 4, .out_channels = 8, .kernel_size = 3});
+  EXPECT_TRUE(close_to(again.weight(), conv.weight(), 0));
+}
+
+TEST(Conv2d, NamesAndShapes) {
+  nn::Conv2d<float> conv({.in_channels = 3, .out_channels = 5, .kernel_size = 2});
+  auto p = conv.named_parameters();
+  ASSERT_EQ(p.size(), 2u);
+  EXPECT_EQ(p[0].name, "weight");
+  EXPECT_EQ(p[0].shape, (std::vector<bnrelu::Index>{5, 3, 2, 2}));
+  EXPECT_EQ(p[1].name, "bias");
+  EXPECT_EQ(p[1].shape, (std::vector<bnrelu::Index>{5}));
+  nn::Conv2d<float> nobias({.in_channels = 3, .out_channels = 5, .kernel_size = 2, .bias = false});
+  EXPECT_EQ(nobias.named_parameters().size(), 1u);
+}
+
+TEST(Conv2d, ErrorsLeaveStateUnchanged) {
+  nn::Conv2d<float> conv({.in_channels = 3, .out_channels = 2, .kernel_size = 3, .padding = 1});
+  EXPECT_THROW(conv.backward(Tensor<float, 4>(1, 2, 4, 4)), std::logic_error);
+  const auto x = random_tensor<float, 4>({2, 3, 4, 4});
+  conv.forward(x);
+  conv.backward(random_tensor<float, 4>({2, 2, 4, 4}));
+  const auto before = state_of(conv);
+  try {
+    conv.forward(Tensor<float, 4>(2, 4, 4, 4));
+    FAIL() << "no throw";
+  } catch (const bnrelu::shape_error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("Conv2d"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("2 x 4 x 4 x 4"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("N x 3"), std::string::npos) << msg;
+  }
+  EXPECT_THROW(conv.backward(Tensor<float, 4>(2, 2, 4, 5)), bnrelu::shape_error);
+  EXPECT_EQ(state_of(conv), before);
+  // the cache of the good forward survived the bad calls
+  EXPECT_NO_THROW(conv.backward(random_tensor<float, 4>({2, 2, 4, 4})));
+
+  nn::Conv2d<float> big({.in_channels = 1, .out_channels = 1, .kernel_size = 5});
+  EXPECT_THROW(big.forward(Tensor<float, 4>(1, 1, 4, 8)), bnrelu::shape_error);
+  using O = nn::Conv2dOptions;
+  EXPECT_THROW(nn::Conv2d<float>(O{.in_channels = 1, .out_channels = 1, .kernel_size = 3, .stride = 0}), bnrelu::shape_error);
+  EXPECT_THROW(nn::Conv2d<float>(O{.in_channels = 0, .out_channels = 1, .kernel_size = 3}), bnrelu::shape_error);
+  EXPECT_THROW(nn::Conv2d<float>(O{.in_channels = 1, .out_channels = 1, .kernel_size = 0}), bnrelu::shape_error);
+  EXPECT_THROW(nn::Conv2d<float>(O{.in_channels = 1, .out_channels = 1, .kernel_size = 3, .padding = -1}), bnrelu::shape_error);
+  EXPECT_THROW(nn::Conv2d<float>(O{.in_channels = 1, .out_channels = 1, .kernel_size = 3, .dilation = 0}), bnrelu::shape_error);
+}
+
+TEST(Conv2d, EvalCachesNothing) {
+  nn::Conv2d<float> conv({.in_channels = 1, .out_channels = 2, .kernel_size = 3});
+  const auto x = random_tensor<float, 4>({1, 1, 5, 5});
+  conv.forward(x);
+  conv.eval();
+  EXPECT_FALSE(conv.is_training());
+  const auto y = conv.forward(x);
+  EXPECT_THROW(conv.backward(y), std::logic_error);
+  conv.train();
+  EXPECT_TRUE(conv.is_training());
+}
+
+TEST(Conv2d, SameResultForAnyThreadCount) {
+  bnrelu::manual_seed(3);
+  nn::Conv2d<float> a({.in_channels = 3, .out_channels = 4, .kernel_size = 3, .padding = 1});
+  const auto x = random_tensor<float, 4>({5, 3, 6, 6});
+  const auto dy = random_tensor<float, 4>({5, 4, 6, 6});
+  const int saved = bnrelu::num_threads();
+  bnrelu::set_num_threads(1);
+  const auto y1 = a.forward(x);
+  const auto dx1 = a.backward(dy);
+  const Tensor<float, 4> dw1 = a.weight_grad();
+  a.zero_grad();
+  bnrelu::set_num_threads(2);
+  const auto y2 = a.forward(x);
+  const auto dx2 = a.backward(dy);
+  bnrelu::set_num_threads(saved);
+  EXPECT_TRUE(close_to(y2, y1, 0));
+  EXPECT_TRUE(close_to(dx2, dx1, 0));
+  EXPECT_TRUE(close_to(a.weight_grad(), dw1, 1e-6));  // summed in another order
+}

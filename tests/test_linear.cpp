@@ -1,0 +1,72 @@
+#include <bnrelu/nn/linear.hpp>
+#include <bnrelu/testing/gradcheck.hpp>
+
+#include "golden.hpp"
+
+namespace nn = bnrelu::nn;
+using bnrelu::Tensor;
+using namespace bnrelu::test;
+
+template <class T>
+class LinearGolden : public ::testing::Test {};
+TYPED_TEST_SUITE(LinearGolden, FloatTypes);
+
+TYPED_TEST(LinearGolden, MatchesPyTorch) {
+  using T = TypeParam;
+  for (const char* name : {"linear_basic", "linear_nobias_n1"}) {
+    SCOPED_TRACE(name);
+    Fixture f(name);
+    const auto& o = f.options;
+    nn::Linear<T> fc({.in_features = o["in_features"].get<bnrelu::Index>(),
+                      .out_features = o["out_features"].get<bnrelu::Index>(), .bias = o["bias"].get<bool>()});
+    assign(fc.named_parameters(), "weight", f.values<T>("weight"));
+    if (o["bias"]) assign(fc.named_parameters(), "bias", f.values<T>("bias"));
+    EXPECT_TRUE(close_to(fc.forward(f.tensor<T, 2>("x")), f.tensor<double, 2>("y"), tolerance<T>()));
+    EXPECT_TRUE(close_to(fc.backward(f.tensor<T, 2>("dy")), f.tensor<double, 2>("dx"), tolerance<T>()));
+    EXPECT_TRUE(close_to(fc.weight_grad(), f.tensor<double, 2>("dweight"), tolerance<T>()));
+    if (o["bias"]) {
+        EXPECT_TRUE(close_to(fc.bias_grad(), f.tensor<double, 1>("dbias"), tolerance<T>()));
+    }
+  }
+}
+
+TEST(Linear, Gradcheck) {
+  for (bool bias : {true, false}) {
+    bnrelu::manual_seed(5);
+    nn::Linear<double> fc({.in_features = 7, .out_features = 3, .bias = bias});
+    const auto r = bnrelu::testing::gradcheck(fc, random_tensor<double, 2>({4, 7}));
+    EXPECT_TRUE(r.ok) << r.worst;
+  }
+}
+
+TEST(Linear, InitBoundsNamesAndZeroGrad) {
+  nn::Linear<float> fc({.in_features = 16, .out_features = 4});
+  auto p = fc.named_parameters();
+  ASSERT_EQ(p.size(), 2u);
+  EXPECT_EQ(p[0].name, "weight");
+  EXPECT_EQ(p[0].shape, (std::vector<bnrelu::Index>{4, 16}));
+  for (auto& e : p)
+    for (float v : e.value) EXPECT_LE(std::abs(v), 0.25f);
+  fc.forward(random_tensor<float, 2>({3, 16}));
+  fc.backward(random_tensor<float, 2>({3, 4}));
+  fc.zero_grad();
+  for (auto& e : fc.named_parameters())
+    for (float g : e.grad) EXPECT_EQ(g, 0.0f);
+}
+
+TEST(Linear, ErrorsLeaveStateUnchanged) {
+  nn::Linear<float> fc({.in_features = 5, .out_features = 2});
+  EXPECT_THROW(fc.backward(Tensor<float, 2>(1, 2)), std::logic_error);
+  fc.forward(random_tensor<float, 2>({3, 5}));
+  const auto before = state_of(fc);
+  try {
+    fc.forward(Tensor<float, 2>(3, 6));
+    FAIL();
+  } catch (const bnrelu::shape_error& e) {
+    EXPECT_NE(std::string(e.what()).find("Linear"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("3 x 6"), std::string::npos);
+  }
+  EXPECT_THROW(fc.backward(Tensor<float, 2>(3, 3)), bnrelu::shape_error);
+  EXPECT_EQ(state_of(fc), before);
+  EXPECT_THROW(nn::Linear<float>({.in_features = 0, .out_features = 2}), bnrelu::shape_error);
+}

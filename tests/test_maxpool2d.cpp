@@ -1,0 +1,81 @@
+#include <bnrelu/nn/maxpool2d.hpp>
+#include <bnrelu/testing/gradcheck.hpp>
+
+#include "golden.hpp"
+
+namespace nn = bnrelu::nn;
+using bnrelu::Tensor;
+using namespace bnrelu::test;
+
+template <class T>
+class MaxPoolGolden : public ::testing::Test {};
+TYPED_TEST_SUITE(MaxPoolGolden, FloatTypes);
+
+TYPED_TEST(MaxPoolGolden, MatchesPyTorchIncludingTiesAndPadding) {
+  using T = TypeParam;
+  for (const char* name : {"maxpool_2x2", "maxpool_3s2p1_ties", "maxpool_3s1p1_ties", "maxpool_odd_floor"}) {
+    SCOPED_TRACE(name);
+    Fixture f(name);
+    const auto& o = f.options;
+    nn::MaxPool2d<T> pool({.kernel_size = o["kernel_size"].get<bnrelu::Index>(),
+                           .stride = o["stride"].get<bnrelu::Index>(),
+                           .padding = o["padding"].get<bnrelu::Index>()});
+    EXPECT_TRUE(close_to(pool.forward(f.tensor<T, 4>("x")), f.tensor<double, 4>("y"), 0));
+    EXPECT_TRUE(close_to(pool.backward(f.tensor<T, 4>("dy")), f.tensor<double, 4>("dx"), tolerance<T>()));
+  }
+}
+
+TEST(MaxPool2d, FirstMaximumWinsAndStrideDefaultsToKernel) {
+  nn::MaxPool2d<float> pool({.kernel_size = 2});
+  EXPECT_EQ(pool.stride(), 2);
+  Tensor<float, 4> x(1, 1, 2, 2);
+  x.setConstant(3.0f);
+  pool.forward(x);
+  Tensor<float, 4> dy(1, 1, 1, 1);
+  dy.setConstant(1.0f);
+  const auto dx = pool.backward(dy);
+  EXPECT_EQ(dx(0, 0, 0, 0), 1.0f);
+  EXPECT_EQ(dx(0, 0, 0, 1) + dx(0, 0, 1, 0) + dx(0, 0, 1, 1), 0.0f);
+}
+
+TEST(MaxPool2d, NaNPropagates) {
+  nn::MaxPool2d<float> pool({.kernel_size = 2});
+  Tensor<float, 4> x(1, 1, 2, 4);
+  x.setValues({{{{1, NAN, 5, 2}, {7, 3, 4, NAN}}}});
+  const auto y = pool.forward(x);
+  EXPECT_TRUE(std::isnan(y(0, 0, 0, 0)));
+  EXPECT_TRUE(std::isnan(y(0, 0, 0, 1)));
+}
+
+TEST(MaxPool2d, PaddingIsMinusInfinity) {
+  nn::MaxPool2d<float> pool({.kernel_size = 2, .stride = 1, .padding = 1});
+  Tensor<float, 4> x(1, 1, 1, 1);
+  x.setConstant(-5.0f);
+  const auto y = pool.forward(x);
+  ASSERT_EQ(y.dimension(2), 2);
+  for (bnrelu::Index i = 0; i < y.size(); ++i) EXPECT_EQ(y.data()[i], -5.0f);
+}
+
+TEST(MaxPool2d, Gradcheck) {
+  nn::MaxPool2d<double> pool({.kernel_size = 3, .stride = 2, .padding = 1});
+  const auto r = bnrelu::testing::gradcheck(pool, random_tensor<double, 4>({2, 3, 7, 6}));
+  EXPECT_TRUE(r.ok) << r.worst;
+}
+
+TEST(MaxPool2d, Errors) {
+  EXPECT_THROW(nn::MaxPool2d<float>({.kernel_size = 0}), bnrelu::shape_error);
+  EXPECT_THROW(nn::MaxPool2d<float>({.kernel_size = 2, .stride = 0}), bnrelu::shape_error);
+  EXPECT_THROW(nn::MaxPool2d<float>({.kernel_size = 2, .padding = 2}), bnrelu::shape_error);
+  nn::MaxPool2d<float> pool({.kernel_size = 3});
+  EXPECT_THROW(pool.backward(Tensor<float, 4>(1, 1, 1, 1)), std::logic_error);
+  try {
+    pool.forward(Tensor<float, 4>(1, 1, 2, 5));
+    FAIL();
+  } catch (const bnrelu::shape_error& e) {
+    EXPECT_NE(std::string(e.what()).find("MaxPool2d"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("1 x 1 x 2 x 5"), std::string::npos);
+  }
+  pool.forward(Tensor<float, 4>(1, 1, 6, 6).setZero());
+  EXPECT_THROW(pool.backward(Tensor<float, 4>(1, 1, 3, 2)), bnrelu::shape_error);
+  EXPECT_NO_THROW(pool.backward(Tensor<float, 4>(1, 1, 2, 2).setZero()));
+}

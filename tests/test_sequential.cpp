@@ -1,0 +1,108 @@
+#include <bnrelu/bnrelu.hpp>
+#include <bnrelu/testing/gradcheck.hpp>
+
+#include "golden.hpp"
+
+namespace nn = bnrelu::nn;
+using bnrelu::Tensor;
+using namespace bnrelu::test;
+
+namespace {
+
+auto small_net() {
+  return nn::Sequential{nn::Conv2d<double>({.in_channels = 2, .out_channels = 3, .kernel_size = 3, .padding = 1}),
+                        nn::BatchNorm2d<double>({.num_features = 3}), nn::ReLU<double>{},
+                        nn::MaxPool2d<double>({.kernel_size = 2}), nn::Flatten<double>{},
+                        nn::Linear<double>({.in_features = 12, .out_features = 5}),
+                        nn::BatchNorm1d<double>({.num_features = 5}), nn::ReLU<double>{},
+                        nn::Linear<double>({.in_features = 5, .out_features = 2})};
+}
+
+}  // namespace
+
+TEST(Sequential, DeducesTypesAndNamesLikeTorch) {
+  auto net = small_net();
+  static_assert(std::is_same_v<decltype(net)::input_type, Tensor<double, 4>>);
+  static_assert(std::is_same_v<decltype(net)::output_type, Tensor<double, 2>>);
+  std::vector<std::string> names;
+  for (auto& p : net.named_parameters()) names.push_back(p.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"0.weight", "0.bias", "1.weight", "1.bias", "5.weight", "5.bias",
+                                             "6.weight", "6.bias", "8.weight", "8.bias"}));
+  std::vector<std::string> buffers;
+  for (auto& b : net.named_buffers()) buffers.push_back(b.name);
+  EXPECT_EQ(buffers, (std::vector<std::string>{"1.running_mean", "1.running_var", "6.running_mean", "6.running_var"}));
+  EXPECT_EQ(&net.get<5>(), &net.get<5>());
+  EXPECT_EQ(net.get<5>().options().in_features, 12);
+}
+
+TEST(Sequential, NestedSequentialPrefixesNames) {
+  nn::Sequential inner{nn::Linear<float>({.in_features = 3, .out_features = 2}), nn::ReLU<float>{}};
+  nn::Sequential outer{nn::Linear<float>({.in_features = 4, .out_features = 3}), std::move(inner)};
+  std::vector<std::string> names;
+  for (auto& p : outer.named_parameters()) names.push_back(p.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"0.weight", "0.bias", "1.0.weight", "1.0.bias"}));
+  const auto y = outer.forward(random_tensor<float, 2>({2, 4}));
+  EXPECT_EQ(y.dimension(1), 2);
+}
+
+TEST(Sequential, GradcheckFusedAndUnfused) {
+  for (bool fused : {true, false}) {
+    bnrelu::manual_seed(21);
+    auto net = small_net();
+    net.set_fusion(fused);
+    const auto r = bnrelu::testing::gradcheck(net, random_tensor<double, 4>({3, 2, 4, 4}), {.max_checks = 40});
+    EXPECT_TRUE(r.ok) << r.worst;
+  }
+}
+
+TEST(Sequential, FusionChangesNothingButSpeed) {
+  bnrelu::manual_seed(3);
+  auto a = small_net();
+  bnrelu::manual_seed(3);
+  auto b = small_net();
+  b.set_fusion(false);
+  const auto x = random_tensor<double, 4>({4, 2, 4, 4});
+  const auto dy = random_tensor<double, 2>({4, 2});
+  EXPECT_TRUE(close_to(a.forward(x), b.forward(x), 1e-14));
+  EXPECT_TRUE(close_to(a.backward(dy), b.backward(dy), 1e-13));
+  auto pa = a.named_parameters(), pb = b.named_parameters();
+  for (std::size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(close_to(pa[i].grad, std::vector<double>(pb[i].grad.begin(), pb[i].grad.end()), 1e-13)) << pa[i].name;
+  auto ba = a.named_buffers(), bb = b.named_buffers();
+  for (std::size_t i = 0; i < ba.size(); ++i) EXPECT_TRUE(close_to(ba[i].value, std::vector<double>(bb[i].value.begin(), bb[i].value.end()), 0)) << ba[i].name;
+}
+
+TEST(Sequential, ModePropagatesAndZeroGrad) {
+  auto net = small_net();
+  net.eval();
+  EXPECT_FALSE(net.get<1>().is_training());
+  EXPECT_FALSE(net.get<8>().is_training());
+  const auto x = random_tensor<double, 4>({2, 2, 4, 4});
+  net.forward(x);
+  EXPECT_THROW(net.backward(Tensor<double, 2>(2, 2).setZero()), std::logic_error);
+  net.train();
+  EXPECT_TRUE(net.get<6>().is_training());
+  net.forward(x);
+  net.backward(random_tensor<double, 2>({2, 2}));
+  net.zero_grad();
+  for (auto& p : net.named_parameters())
+    for (double g : p.grad) EXPECT_EQ(g, 0.0);
+}
+
+TEST(Sequential, ShapeErrorBeforeAnyLayerRuns) {
+  auto net = small_net();
+  const auto x = random_tensor<double, 4>({2, 2, 4, 4});
+  net.forward(x);
+  net.backward(random_tensor<double, 2>({2, 2}));
+  const auto before = state_of(net);
+  // 6 x 6 images pass the conv, BN and pool but give 27 features to a Linear of 12
+  try {
+    net.forward(random_tensor<double, 4>({2, 2, 6, 6}));
+    FAIL();
+  } catch (const bnrelu::shape_error& e) {
+    EXPECT_NE(std::string(e.what()).find("Linear"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(state_of(net), before);
+  EXPECT_EQ(net.get<1>().num_batches_tracked(), 1);
+  EXPECT_THROW(net.backward(Tensor<double, 2>(3, 2)), bnrelu::shape_error);
+  EXPECT_EQ(state_of(net), before);
+}
