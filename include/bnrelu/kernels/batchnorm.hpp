@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "../tensor.hpp"
+#include "../threads.hpp"
 
 namespace bnrelu::kernels {
 

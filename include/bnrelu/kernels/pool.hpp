@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "../tensor.hpp"
+#include "../threads.hpp"
 
 namespace bnrelu::kernels {
 

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "../tensor.hpp"
+#include "../threads.hpp"
 #include "batchnorm.hpp"  // relu_value
 
 namespace bnrelu::kernels {

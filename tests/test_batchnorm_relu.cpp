@@ -1,0 +1,174 @@
+// The fused layers against the unfused pair: outputs, dx, dgamma, dbeta and running
+// statistics over many shapes, including degenerate channels and values at the kink.
+#include <bnrelu/nn/batchnorm.hpp>
+#include <bnrelu/nn/batchnorm_relu.hpp>
+#include <bnrelu/nn/relu.hpp>
+#include <bnrelu/testing/gradcheck.hpp>
+
+#include "golden.hpp"
+
+namespace nn = bnrelu::nn;
+using bnrelu::Index;
+using bnrelu::Tensor;
+using namespace bnrelu::test;
+
+namespace {
+
+enum class Data { random, all_negative, all_positive, at_kink, constant };
+
+template <class T, int Rank>
+Tensor<T, Rank> make_input(const bnrelu::Dims<Rank>& d, Data kind) {
+  auto x = random_tensor<T, Rank>(d, -2, 3);
+  if (kind == Data::constant) x.setConstant(T(0.75));
+  if (kind == Data::at_kink)  // a few values repeated, so x == mean happens exactly
+    for (Index i = 0; i < x.size(); ++i) x.data()[i] = T((i % 3) - 1);
+  return x;
+}
+
+// gamma/beta chosen so that after normalisation whole channels are negative or positive,
+// or so that gamma is negative or zero.
+template <class L>
+void set_affine(L& layer, Data kind, Index C) {
+  auto p = layer.named_parameters();
+  if (p.empty()) return;
+  for (Index c = 0; c < C; ++c) {
+    double g = bnrelu::uniform(-1.5, 1.5), b = bnrelu::uniform(-0.5, 0.5);
+    if (c % 4 == 1) g = 0;            // gamma zero
+    if (c % 4 == 2) g = -std::abs(g);  // gamma negative
+    if (kind == Data::all_negative) b = -100;
+    if (kind == Data::all_positive) b = 100;
+    if (kind == Data::at_kink) b = 0;
+    p[0].value[c] = static_cast<typename L::value_type>(g);
+    p[1].value[c] = static_cast<typename L::value_type>(b);
+  }
+}
+
+template <class T, int Rank, class Plain, class Fused>
+void compare(const bnrelu::Dims<Rank>& d, Data kind, const nn::BatchNormOptions& opt) {
+  const Index C = d[1];
+  Plain bn(opt);
+  Fused fused(opt);
+  nn::ReLU<T> relu;
+  bnrelu::manual_seed(static_cast<std::uint64_t>(C * 31 + static_cast<int>(kind)));
+  set_affine(bn, kind, C);
+  {
+    auto pf = fused.named_parameters();
+    auto pb = bn.named_parameters();
+    for (std::size_t i = 0; i < pb.size(); ++i) std::copy(pb[i].value.begin(), pb[i].value.end(), pf[i].value.begin());
+  }
+  for (int step = 0; step < 2; ++step) {
+    const auto x = make_input<T, Rank>(d, kind);
+    const auto dy = random_tensor<T, Rank>(d);
+    const auto y_ref = relu.forward(bn.forward(x));
+    const auto y = fused.forward(x);
+    EXPECT_TRUE(close_to(y, y_ref, 0)) << "forward";  // same arithmetic, bit for bit
+    const auto dx_ref = bn.backward(relu.backward(dy));
+    const auto dx = fused.backward(dy);
+    EXPECT_TRUE(close_to(dx, dx_ref, 0)) << "dx";
+  }
+  auto pf = fused.named_parameters(), pb = bn.named_parameters();
+  ASSERT_EQ(pf.size(), pb.size());
+  for (std::size_t i = 0; i < pf.size(); ++i) {
+    EXPECT_EQ(pf[i].name, pb[i].name);
+    EXPECT_TRUE(close_to(pf[i].grad, std::vector<T>(pb[i].grad.begin(), pb[i].grad.end()), 0)) << pf[i].name;
+  }
+  auto bf = fused.named_buffers(), bb = bn.named_buffers();
+  ASSERT_EQ(bf.size(), bb.size());
+  for (std::size_t i = 0; i < bf.size(); ++i) {
+    EXPECT_EQ(bf[i].name, bb[i].name);
+    EXPECT_TRUE(close_to(bf[i].value, std::vector<T>(bb[i].value.begin(), bb[i].value.end()), 0)) << bf[i].name;
+  }
+  bn.eval();
+  fused.eval();
+  const auto xe = make_input<T, Rank>(d, kind);
+  EXPECT_TRUE(close_to(fused.forward(xe), relu.forward(bn.forward(xe)), 0)) << "eval";
+  for (Index i = 0; i < xe.size(); ++i) ASSERT_TRUE(std::isfinite(fused.forward(xe).data()[i]));
+}
+
+}  // namespace
+
+template <class T>
+class FusedVsUnfused : public ::testing::Test {};
+TYPED_TEST_SUITE(FusedVsUnfused, FloatTypes);
+
+TYPED_TEST(FusedVsUnfused, BatchNormReLU2dEqualsThePair) {
+  using T = TypeParam;
+  const std::vector<bnrelu::Dims<4>> shapes{{2, 3, 1, 1}, {1, 2, 2, 1}, {4, 5, 7, 3}, {3, 1, 28, 28},
+                                            {2, 70, 3, 5}, {8, 4, 14, 14}, {1, 3, 1, 2}};
+  for (const auto& d : shapes)
+    for (Data kind : {Data::random, Data::all_negative, Data::all_positive, Data::at_kink, Data::constant})
+      for (const auto& opt : {nn::BatchNormOptions{.num_features = d[1]},
+                              nn::BatchNormOptions{.num_features = d[1], .eps = 1e-3, .momentum = 0.7},
+                              nn::BatchNormOptions{.num_features = d[1], .affine = false},
+                              nn::BatchNormOptions{.num_features = d[1], .track_running_stats = false}}) {
+        SCOPED_TRACE(bnrelu::shape_string(d) + " kind " + std::to_string(static_cast<int>(kind)));
+        compare<T, 4, nn::BatchNorm2d<T>, nn::BatchNormReLU2d<T>>(d, kind, opt);
+      }
+}
+
+TYPED_TEST(FusedVsUnfused, BatchNormReLU1dEqualsThePair) {
+  using T = TypeParam;
+  const std::vector<bnrelu::Dims<2>> shapes{{2, 1}, {2, 3}, {5, 64}, {7, 65}, {3, 130}, {64, 512}};
+  for (const auto& d : shapes)
+    for (Data kind : {Data::random, Data::all_negative, Data::all_positive, Data::at_kink, Data::constant})
+      for (const auto& opt : {nn::BatchNormOptions{.num_features = d[1]},
+                              nn::BatchNormOptions{.num_features = d[1], .affine = false}}) {
+        SCOPED_TRACE(bnrelu::shape_string(d) + " kind " + std::to_string(static_cast<int>(kind)));
+        compare<T, 2, nn::BatchNorm1d<T>, nn::BatchNormReLU1d<T>>(d, kind, opt);
+      }
+}
+
+TEST(BatchNormReLU, GradcheckInDouble) {
+  bnrelu::manual_seed(8);
+  nn::BatchNormReLU2d<double> bnr({.num_features = 3});
+  for (auto& p : bnr.named_parameters())
+    for (auto& v : p.value) v = bnrelu::uniform(-1.5, 1.5);
+  auto r = bnrelu::testing::gradcheck(bnr, random_tensor<double, 4>({3, 3, 4, 5}));
+  EXPECT_TRUE(r.ok) << r.worst;
+  nn::BatchNormReLU1d<double> bnr1({.num_features = 6});
+  for (auto& p : bnr1.named_parameters())
+    for (auto& v : p.value) v = bnrelu::uniform(-1.5, 1.5);
+  r = bnrelu::testing::gradcheck(bnr1, random_tensor<double, 2>({7, 6}));
+  EXPECT_TRUE(r.ok) << r.worst;
+}
+
+TEST(BatchNormReLU, KeepsOneTensorForBackward) {
+  // fused: the input only (the ReLU mask is recomputed from it); unfused: the input plus
+  // ReLU's one byte per element
+  nn::BatchNormReLU2d<float> fused({.num_features = 8});
+  const auto x = random_tensor<float, 4>({4, 8, 6, 6});
+  fused.forward(x);
+  EXPECT_EQ(fused.cache_bytes(), sizeof(float) * x.size() + 2 * sizeof(double) * 8);
+}
+
+TEST(BatchNormReLU, SameResultForAnyThreadCount) {
+  const auto x = random_tensor<float, 4>({6, 5, 9, 9});
+  const auto dy = random_tensor<float, 4>({6, 5, 9, 9});
+  const int saved = bnrelu::num_threads();
+  std::vector<Tensor<float, 4>> ys, dxs;
+  for (int t : {1, 2}) {
+    bnrelu::set_num_threads(t);
+    nn::BatchNormReLU2d<float> l({.num_features = 5});
+    ys.push_back(l.forward(x));
+    dxs.push_back(l.backward(dy));
+  }
+  bnrelu::set_num_threads(saved);
+  EXPECT_TRUE(close_to(ys[1], ys[0], 0));
+  EXPECT_TRUE(close_to(dxs[1], dxs[0], 0));
+}
+
+TEST(BatchNormReLU, ErrorsLeaveStateUnchanged) {
+  nn::BatchNormReLU2d<float> l({.num_features = 2});
+  EXPECT_THROW(l.backward(Tensor<float, 4>(2, 2, 1, 1)), std::logic_error);
+  l.forward(random_tensor<float, 4>({2, 2, 3, 3}));
+  const auto before = state_of(l);
+  try {
+    l.forward(Tensor<float, 4>(2, 3, 3, 3));
+    FAIL();
+  } catch (const bnrelu::shape_error& e) {
+    EXPECT_NE(std::string(e.what()).find("BatchNormReLU2d"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(l.forward(Tensor<float, 4>(1, 2, 1, 1)), bnrelu::shape_error);
+  EXPECT_EQ(state_of(l), before);
+  EXPECT_NO_THROW(l.backward(random_tensor<float, 4>({2, 2, 3, 3})));
+}

@@ -1,0 +1,131 @@
+#include <bnrelu/bnrelu.hpp>
+#include <bnrelu/io/safetensors.hpp>
+
+#include <filesystem>
+#include <fstream>
+
+#include "golden.hpp"
+
+namespace nn = bnrelu::nn;
+namespace io = bnrelu::io;
+using bnrelu::Tensor;
+using namespace bnrelu::test;
+
+namespace {
+
+std::string temp_path(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / "bnrelu_tests";
+  std::filesystem::create_directories(dir);
+  return (dir / (name + "_" + std::to_string(::getpid()))).string();
+}
+
+auto small_net() {
+  return nn::Sequential{nn::Conv2d<float>({.in_channels = 1, .out_channels = 2, .kernel_size = 3}),
+                        nn::BatchNorm2d<float>({.num_features = 2}), nn::ReLU<float>{}, nn::Flatten<float>{},
+                        nn::Linear<float>({.in_features = 8, .out_features = 3})};
+}
+
+std::string slurp(const std::string& path) { return io::read_whole_file(path); }
+
+}  // namespace
+
+TEST(Safetensors, RoundTripRestoresEveryTensor) {
+  auto a = small_net();
+  a.forward(random_tensor<float, 4>({3, 1, 4, 4}));  // running stats move, counter = 1
+  const auto path = temp_path("roundtrip.safetensors");
+  io::save_safetensors(a, path);
+  bnrelu::manual_seed(99);
+  auto b = small_net();
+  io::load_safetensors(b, path);
+  EXPECT_EQ(state_of(b.get<0>()).size(), state_of(a.get<0>()).size());
+  auto pa = a.named_parameters(), pb = b.named_parameters();
+  for (std::size_t i = 0; i < pa.size(); ++i)
+    EXPECT_TRUE(std::equal(pa[i].value.begin(), pa[i].value.end(), pb[i].value.begin())) << pa[i].name;
+  auto ba = a.named_buffers(), bb = b.named_buffers();
+  for (std::size_t i = 0; i < ba.size(); ++i)
+    EXPECT_TRUE(std::equal(ba[i].value.begin(), ba[i].value.end(), bb[i].value.begin())) << ba[i].name;
+  EXPECT_EQ(b.get<1>().num_batches_tracked(), 1);
+  const auto file = io::read_safetensors(path);
+  EXPECT_EQ(file.tensors.at("1.num_batches_tracked").dtype, "I64");
+  EXPECT_EQ(file.tensors.at("0.weight").dtype, "F32");
+  EXPECT_EQ(file.tensors.at("0.weight").shape, (std::vector<bnrelu::Index>{2, 1, 3, 3}));
+  EXPECT_EQ(file.tensors.size(), 4u + 2u + 2u + 1u);
+}
+
+TEST(Safetensors, LoadIsStrictAndChangesNothingOnError) {
+  auto a = small_net();
+  const auto good = temp_path("good.safetensors");
+  io::save_safetensors(a, good);
+  auto sd = io::state_dict(a);
+  auto b = small_net();
+  const auto before = state_of(b);
+  auto expect_rejected = [&](std::vector<std::pair<std::string, io::RawTensor>> tensors, const std::string& needle) {
+    const auto path = temp_path("bad.safetensors");
+    io::write_safetensors(path, tensors);
+    try {
+      io::load_safetensors(b, path);
+      ADD_FAILURE() << "accepted a file with " << needle;
+    } catch (const bnrelu::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(state_of(b), before);
+  };
+  auto missing = sd;
+  missing.erase(missing.begin() + 2);  // 1.weight
+  expect_rejected(missing, "missing tensor 1.weight");
+  auto extra = sd;
+  extra.emplace_back("5.weight", extra[0].second);
+  expect_rejected(extra, "unexpected tensor 5.weight");
+  auto reshaped = sd;
+  reshaped[0].second.shape = {2, 9};
+  expect_rejected(reshaped, "shape");
+  auto wrong_type = sd;
+  wrong_type[0].second.dtype = "I32";
+  expect_rejected(wrong_type, "F32 or F64");
+}
+
+TEST(Safetensors, MalformedFilesGiveFormatErrors) {
+  auto a = small_net();
+  const auto path = temp_path("m.safetensors");
+  io::save_safetensors(a, path);
+  const std::string bytes = slurp(path);
+  auto reject = [&](const std::string& data, const std::string& needle) {
+    try {
+      io::parse_safetensors(data);
+      ADD_FAILURE() << "accepted: " << needle;
+    } catch (const bnrelu::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  reject("", "shorter than");
+  reject(bytes.substr(0, 20), "exceeds the file");
+  reject(bytes.substr(0, bytes.size() - 4), "outside");
+  reject(bytes + "xxxx", "trailing bytes");
+  std::string garbled = bytes;
+  garbled[9] = '!';
+  reject(garbled, "not valid JSON");
+  for (std::size_t cut = 0; cut < bytes.size(); cut += 7) EXPECT_THROW(io::parse_safetensors(bytes.substr(0, cut)), bnrelu::format_error);
+  EXPECT_THROW(io::read_safetensors(temp_path("does_not_exist")), bnrelu::format_error);
+}
+
+TEST(Safetensors, SaveIsAtomicAndLeavesNoTemporaries) {
+  auto a = small_net();
+  const auto dir = std::filesystem::path(temp_path("atomic_dir"));
+  std::filesystem::create_directories(dir);
+  const auto path = (dir / "model.safetensors").string();
+  io::save_safetensors(a, path);
+  io::save_safetensors(a, path);  // replacing an existing file
+  std::size_t files = 0;
+  for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator(dir)) ++files;
+  EXPECT_EQ(files, 1u);
+  // an unwritable destination throws and leaves the old file intact
+  EXPECT_THROW(io::save_safetensors(a, (dir / "no_such_dir" / "x.safetensors").string()), std::runtime_error);
+  EXPECT_NO_THROW(io::load_safetensors(a, path));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Safetensors, ReadsPyTorchWrittenFixtures) {
+  Fixture f("linear_basic");
+  EXPECT_EQ(f.raw("weight").dtype, "F64");
+  EXPECT_EQ(f.raw("weight").shape, (std::vector<bnrelu::Index>{3, 7}));
+}
