@@ -1,25 +1,43 @@
 // Batch-normalisation arithmetic, optionally fused with ReLU, as free functions.
 //
 // Every kernel sees its activation as x: [N, C, S] (S = H*W for 4-D input, S = 1 for N x C),
-// so channel c is N chunks of S contiguous values. Statistics accumulate in double.
+// so channel c is N chunks of S contiguous values. Statistics are kept in double.
+//
+// The fused training kernels work one channel at a time: its N*S values (200 KiB for
+// 64x64x28x28) are read from memory once and stay in L2 for the following passes. The
+// backward recomputes the ReLU mask from x with the forward's own arithmetic (same code path
+// for the same element), so nothing but x is kept between the two.
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cassert>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "../tensor.hpp"
 #include "../threads.hpp"
+#include "simd.hpp"
 
 namespace bnrelu::kernels {
 
-// The affine map both forward and backward evaluate, so the ReLU mask that backward
-// recomputes from x is bit-for-bit the mask forward applied.
+// The affine map of the normalisation: y = x * scale + shift, rounded exactly as the packet
+// path's pmadd rounds it (fused where the target has FMA), so every element gets the same
+// value however a loop splits into packets and tail: backward recomputes the ReLU mask
+// from x and must see exactly what forward saw.
 template <class T>
 inline T bn_affine(T x, T scale, T shift) {
+#if defined(__FMA__) || defined(__AVX512F__)
+  return std::fma(x, scale, shift);
+#else
   return x * scale + shift;
+#endif
 }
+
 
 // ReLU that lets NaN through (as PyTorch's relu does) and maps everything below 0 to 0.
 template <class T>
@@ -27,8 +45,17 @@ inline T relu_value(T v) {
   return v < T(0) ? T(0) : v;
 }
 
-// The per-channel affine map of the normalisation, y = x * scale + shift, from the batch (or
-// running) statistics in double; forward and backward both derive it here.
+// dy where the forward's pre-activation was positive, else +0 (PyTorch's threshold_backward).
+// A bit mask rather than `pre > 0 ? dy : 0`, which GCC 12 compiles to a branch in loops that
+// also reduce in double (~5 ns an element on a random mask).
+template <class T>
+inline T relu_grad(T pre, T dy) {
+  using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+  return std::bit_cast<T>(std::bit_cast<U>(dy) & (U(0) - U(pre > T(0))));
+}
+
+// scale and shift of channel c from its statistics, rounded once from double; forward, eval
+// and backward all derive them here.
 template <class T>
 inline void bn_scale_shift(T& scale, T& shift, double mean, double invstd, const T* weight,
                            const T* bias, Index c) {
@@ -38,57 +65,157 @@ inline void bn_scale_shift(T& scale, T& shift, double mean, double invstd, const
 }
 
 // The mean split as hi + lo in T: (x - hi) - lo is x - mean to nearly double accuracy even
-// when |mean| >> std (data like 1e4 + noise in float).
+// when |mean| >> std (data like 1e4 + noise in float): x - hi is exact for x near hi.
 template <class T>
 struct SplitMean {
   T hi, lo;
   explicit SplitMean(double m) : hi(static_cast<T>(m)), lo(static_cast<T>(m - static_cast<double>(hi))) {}
   T centre(T x) const { return (x - hi) - lo; }
+  simd::Packet<T> centre(const simd::Packet<T>& x) const {
+    return simd::psub(simd::psub(x, simd::set1(hi)), simd::set1(lo));
+  }
 };
 
 namespace detail {
 
-// sum over one channel of x: [N, C, S]
+// A channel is N chunks of S values, C*S apart: too short a stream for the hardware
+// prefetcher, which restarts at every chunk. Asking for the next chunk while working on this
+// one keeps the memory system busy.
+inline constexpr Index kAhead = 2;  // chunks; 1, 2, 4 and 8 measured alike, 2 marginally best
+
 template <class T>
-double channel_sum(const T* x, Index N, Index C, Index S, Index c) {
-  double acc = 0;
-  for (Index n = 0; n < N; ++n) {
-    const T* xc = x + (n * C + c) * S;
-#pragma omp simd reduction(+ : acc)
-    for (Index s = 0; s < S; ++s) acc += static_cast<double>(xc[s]);
-  }
-  return acc;
+inline void prefetch_chunk(const T* p, Index n, bool for_write = false) {
+  constexpr Index kLine = 64 / sizeof(T);
+  if (for_write)
+    for (Index i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 1);
+  else
+    for (Index i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 0);
 }
 
-// sum over one channel of (x - mean)^2
-template <class T>
-double channel_m2(const T* x, Index N, Index C, Index S, Index c, double mean) {
-  double acc = 0;
-  for (Index n = 0; n < N; ++n) {
-    const T* xc = x + (n * C + c) * S;
-#pragma omp simd reduction(+ : acc)
-    for (Index s = 0; s < S; ++s) {
-      const double d = static_cast<double>(xc[s]) - mean;
-      acc += d * d;
-    }
+// Sums over i in [0, n): pf(i) gives a packet of terms i .. i+width-1, sf(i) the scalar term
+// i for the tail. Four packet accumulators hide the adder's latency; the result is double.
+template <class T, class PF, class SF>
+double reduce(Index n, PF pf, SF sf) {
+  constexpr Index L = simd::width<T>;
+  auto a0 = simd::set1(T(0)), a1 = a0, a2 = a0, a3 = a0;
+  Index i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    a0 = simd::padd(a0, pf(i));
+    a1 = simd::padd(a1, pf(i + L));
+    a2 = simd::padd(a2, pf(i + 2 * L));
+    a3 = simd::padd(a3, pf(i + 3 * L));
   }
-  return acc;
+  for (; i + L <= n; i += L) a0 = simd::padd(a0, pf(i));
+  double total = static_cast<double>(simd::sum(simd::padd(simd::padd(a0, a1), simd::padd(a2, a3))));
+  for (; i < n; ++i) total += static_cast<double>(sf(i));
+  return total;
 }
 
-// y = [relu](x * scale + shift) over one channel
+// Two sums at once: pf(i, a, b) sets the packets of terms a and b at i; sf likewise.
+template <class T, class PF, class SF>
+std::pair<double, double> reduce2(Index n, PF pf, SF sf) {
+  constexpr Index L = simd::width<T>;
+  auto a0 = simd::set1(T(0)), a1 = a0, b0 = a0, b1 = a0;
+  Index i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    simd::Packet<T> ta, tb, tc, td;
+    pf(i, ta, tb);
+    pf(i + L, tc, td);
+    a0 = simd::padd(a0, ta);
+    b0 = simd::padd(b0, tb);
+    a1 = simd::padd(a1, tc);
+    b1 = simd::padd(b1, td);
+  }
+  for (; i + L <= n; i += L) {
+    simd::Packet<T> ta, tb;
+    pf(i, ta, tb);
+    a0 = simd::padd(a0, ta);
+    b0 = simd::padd(b0, tb);
+  }
+  double sa = static_cast<double>(simd::sum(simd::padd(a0, a1)));
+  double sb = static_cast<double>(simd::sum(simd::padd(b0, b1)));
+  for (; i < n; ++i) {
+    T ta, tb;
+    sf(i, ta, tb);
+    sa += static_cast<double>(ta);
+    sb += static_cast<double>(tb);
+  }
+  return {sa, sb};
+}
+
+// Channels per task in the S > 1 kernels. Adjacent channels of one image are contiguous, so
+// a block of G channels is read as N runs of G*S values. Measured here: keeping the block's
+// slice (G*N*S values) within half of L2 matters most, so G = 1 for 28 x 28 maps; for small
+// maps (14 x 14 and below) a few channels per block lengthen the runs to ~4 KiB, which helps
+// the prefetchers a little. Every channel is summed in the same order whatever G is, so
+// results depend neither on the block size nor on the thread count.
+inline constexpr Index kMaxBlock = 64;
+
+inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threads) {
+  const Index run = std::max<Index>(1, (4 << 10) / (S * elem_size));
+  const Index fit = std::max<Index>(1, (512 << 10) / (N * S * elem_size));
+  const Index spread = std::max<Index>(1, C / (2 * threads));  // two blocks per thread at least
+  return std::clamp<Index>(std::min({run, fit, spread}), 1, kMaxBlock);
+}
+
+// Mean and biased variance of channels [c0, c1) of x: [N, C, S] in one pass over memory.
+// Each chunk of S values is read once from memory and then, from L1, gives its own mean
+// (summing x - x0, x0 = the chunk's first value, so partial sums in T stay small even for
+// data like 1e4 + noise) and its sum of squared deviations from that mean (no
+// cancellation); chunks combine in double with Chan et al.'s pairwise update.
 template <class T>
-void channel_affine(T* y, const T* x, Index N, Index C, Index S, Index c, T scale, T shift,
-                    bool relu) {
+void block_mean_var(double* mean, double* var, const T* x, Index N, Index C, Index S, Index c0, Index c1) {
+  const Index G = c1 - c0;
+  double mu[kMaxBlock] = {}, m2[kMaxBlock] = {};
+  const double s_count = static_cast<double>(S);
   for (Index n = 0; n < N; ++n) {
-    const T* xc = x + (n * C + c) * S;
-    T* yc = y + (n * C + c) * S;
-    if (relu) {
-#pragma omp simd
-      for (Index s = 0; s < S; ++s) yc[s] = relu_value(bn_affine(xc[s], scale, shift));
-    } else {
-#pragma omp simd
-      for (Index s = 0; s < S; ++s) yc[s] = bn_affine(xc[s], scale, shift);
+    const T* run = x + (n * C + c0) * S;
+    if (n + kAhead < N) prefetch_chunk(run + kAhead * C * S, G * S);
+    for (Index j = 0; j < G; ++j) {
+      const T* xc = run + j * S;
+      const T o = xc[0];
+      const auto po = simd::set1(o);
+      const double chunk_mean =
+          static_cast<double>(o) +
+          reduce<T>(S, [=](Index i) { return simd::psub(simd::load(xc + i), po); },
+                    [=](Index i) { return xc[i] - o; }) / s_count;
+      const SplitMean<T> cm(chunk_mean);
+      const double chunk_m2 = reduce<T>(
+          S,
+          [=](Index i) {
+            const auto d = cm.centre(simd::load(xc + i));
+            return simd::pmul(d, d);
+          },
+          [=](Index i) {
+            const T d = cm.centre(xc[i]);
+            return d * d;
+          });
+      // merge (n*S values, mean mu, m2) with (S values, chunk_mean, chunk_m2)
+      const double na = static_cast<double>(n) * s_count, total = na + s_count;
+      const double delta = chunk_mean - mu[j];
+      mu[j] += delta * s_count / total;
+      m2[j] += chunk_m2 + delta * delta * na * s_count / total;
     }
+  }
+  const double M = static_cast<double>(N * S);
+  for (Index j = 0; j < G; ++j) {
+    mean[j] = mu[j];
+    var[j] = m2[j] / M;
+  }
+}
+
+// y = [relu](x * scale + shift) over n contiguous values.
+template <class T>
+void affine(T* y, const T* x, Index n, T scale, T shift, bool relu) {
+  constexpr Index L = simd::width<T>;
+  const auto ps = simd::set1(scale), ph = simd::set1(shift);
+  Index i = 0;
+  if (relu) {
+    for (; i + L <= n; i += L) simd::store(y + i, simd::relu(simd::pmadd(simd::load(x + i), ps, ph)));
+    for (; i < n; ++i) y[i] = relu_value(bn_affine(x[i], scale, shift));
+  } else {
+    for (; i + L <= n; i += L) simd::store(y + i, simd::pmadd(simd::load(x + i), ps, ph));
+    for (; i < n; ++i) y[i] = bn_affine(x[i], scale, shift);
   }
 }
 
@@ -154,20 +281,28 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
     }
     return;
   }
+  const Index G = detail::channel_block(N, C, S, sizeof(T), num_threads());
+  const Index nblocks = (C + G - 1) / G;
 #pragma omp parallel for schedule(static)
-  for (Index c = 0; c < C; ++c) {
+  for (Index blk = 0; blk < nblocks; ++blk) {
+    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
     const T* src = x;
     if (x_copy) {
       for (Index n = 0; n < N; ++n)
-        std::memcpy(x_copy + (n * C + c) * S, x + (n * C + c) * S, S * sizeof(T));
+        std::memcpy(x_copy + (n * C + c0) * S, x + (n * C + c0) * S, (c1 - c0) * S * sizeof(T));
       src = x_copy;
     }
-    mean[c] = detail::channel_sum(src, N, C, S, c) / M;
-    var[c] = detail::channel_m2(src, N, C, S, c, mean[c]) / M;  // two passes: no cancellation
-    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    T scale, shift;
-    bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
-    detail::channel_affine(y, src, N, C, S, c, scale, shift, relu);
+    detail::block_mean_var(mean + c0, var + c0, src, N, C, S, c0, c1);
+    T scale[detail::kMaxBlock], shift[detail::kMaxBlock];
+    for (Index c = c0; c < c1; ++c) {
+      invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+      bn_scale_shift(scale[c - c0], shift[c - c0], mean[c], invstd[c], weight, bias, c);
+    }
+    for (Index n = 0; n < N; ++n) {
+      if (n + 1 < N) detail::prefetch_chunk(y + ((n + 1) * C + c0) * S, (c1 - c0) * S, true);
+      for (Index c = c0; c < c1; ++c)
+        detail::affine(y + (n * C + c) * S, src + (n * C + c) * S, S, scale[c - c0], shift[c - c0], relu);
+    }
   }
 }
 
@@ -192,18 +327,8 @@ void batchnorm_forward_eval(T* y, const T* x, const T* scale, const T* shift, In
   }
 #pragma omp parallel for collapse(2) schedule(static)
   for (Index n = 0; n < N; ++n)
-    for (Index c = 0; c < C; ++c) {
-      const T* xc = x + (n * C + c) * S;
-      T* yc = y + (n * C + c) * S;
-      const T sc = scale[c], sh = shift[c];
-      if (relu) {
-#pragma omp simd
-        for (Index s = 0; s < S; ++s) yc[s] = relu_value(bn_affine(xc[s], sc, sh));
-      } else {
-#pragma omp simd
-        for (Index s = 0; s < S; ++s) yc[s] = bn_affine(xc[s], sc, sh);
-      }
-    }
+    for (Index c = 0; c < C; ++c)
+      detail::affine(y + (n * C + c) * S, x + (n * C + c) * S, S, scale[c], shift[c], relu);
 }
 
 // Training backward. With g = dy masked by the ReLU (pre > 0, recomputed from x exactly as
@@ -237,7 +362,7 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
         const T* dyr = dy + n * C + c0;
 #pragma omp simd
         for (Index j = 0; j < w; ++j) {
-          const T g = (!relu || bn_affine(xr[j], scale[j], shift[j]) > T(0)) ? dyr[j] : T(0);
+          const T g = relu ? relu_grad(bn_affine(xr[j], scale[j], shift[j]), dyr[j]) : dyr[j];
           sum[j] += static_cast<double>(g);
           dot[j] += static_cast<double>(g) * static_cast<double>((xr[j] - mu_hi[j]) - mu_lo[j]);
         }
@@ -250,7 +375,7 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
         if (dweight) dweight[c] += static_cast<T>(dot[j] * is);
         k[j] = static_cast<T>(dot[j] * is * is / M);
         mean_g[j] = static_cast<T>(sum[j] / M);
-        gs[j] = static_cast<T>(is * (weight ? weight[c] : T(1)));
+        gs[j] = static_cast<T>(is * (weight ? static_cast<double>(weight[c]) : 1.0));
       }
       for (Index n = 0; n < N; ++n) {
         const T* xr = x + n * C + c0;
@@ -258,56 +383,80 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
         T* dxr = dx + n * C + c0;
 #pragma omp simd
         for (Index j = 0; j < w; ++j) {
-          const T g = (!relu || bn_affine(xr[j], scale[j], shift[j]) > T(0)) ? dyr[j] : T(0);
+          const T g = relu ? relu_grad(bn_affine(xr[j], scale[j], shift[j]), dyr[j]) : dyr[j];
           dxr[j] = (g - ((xr[j] - mu_hi[j]) - mu_lo[j]) * k[j] - mean_g[j]) * gs[j];
         }
       }
     }
     return;
   }
+  constexpr Index L = simd::width<T>;
+  const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());  // x and dy
+  const Index nblocks = (C + G - 1) / G;
 #pragma omp parallel for schedule(static)
-  for (Index c = 0; c < C; ++c) {
-    T scale, shift;
-    bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
-    const SplitMean<T> mu(mean[c]);
-    double sum = 0, dot = 0;
+  for (Index blk = 0; blk < nblocks; ++blk) {
+    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
+    double sum[detail::kMaxBlock] = {}, dot[detail::kMaxBlock] = {};
+    // pass 1 (x and dy from memory): the two sums of every channel in the block
     for (Index n = 0; n < N; ++n) {
-      const T* xc = x + (n * C + c) * S;
-      const T* dyc = dy + (n * C + c) * S;
-      if (relu) {
-#pragma omp simd reduction(+ : sum, dot)
-        for (Index s = 0; s < S; ++s) {
-          const T g = bn_affine(xc[s], scale, shift) > T(0) ? dyc[s] : T(0);
-          sum += static_cast<double>(g);
-          dot += static_cast<double>(g) * static_cast<double>(mu.centre(xc[s]));
-        }
-      } else {
-#pragma omp simd reduction(+ : sum, dot)
-        for (Index s = 0; s < S; ++s) {
-          sum += static_cast<double>(dyc[s]);
-          dot += static_cast<double>(dyc[s]) * static_cast<double>(mu.centre(xc[s]));
-        }
+      const Index run = (n * C + c0) * S;
+      if (n + detail::kAhead < N) {
+        detail::prefetch_chunk(x + run + detail::kAhead * C * S, (c1 - c0) * S);
+        detail::prefetch_chunk(dy + run + detail::kAhead * C * S, (c1 - c0) * S);
+      }
+      for (Index c = c0; c < c1; ++c) {
+        T scale, shift;
+        bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
+        const auto ps = simd::set1(scale), ph = simd::set1(shift);
+        const SplitMean<T> mu(mean[c]);
+        const T* xc = x + (n * C + c) * S;
+        const T* dyc = dy + (n * C + c) * S;
+        const auto part = detail::reduce2<T>(
+            S,
+            [=](Index i, simd::Packet<T>& g, simd::Packet<T>& gx) {
+              const auto xv = simd::load(xc + i);
+              g = relu ? simd::relu_grad(simd::pmadd(xv, ps, ph), simd::load(dyc + i)) : simd::load(dyc + i);
+              gx = simd::pmul(g, mu.centre(xv));
+            },
+            [=](Index i, T& g, T& gx) {
+              g = relu ? relu_grad(bn_affine(xc[i], scale, shift), dyc[i]) : dyc[i];
+              gx = g * mu.centre(xc[i]);
+            });
+        sum[c - c0] += part.first;
+        dot[c - c0] += part.second;
       }
     }
-    const double is = invstd[c];
-    if (dbias) dbias[c] += static_cast<T>(sum);
-    if (dweight) dweight[c] += static_cast<T>(dot * is);
-    const T k = static_cast<T>(dot * is * is / M);
-    const T mean_g = static_cast<T>(sum / M);
-    const T gs = static_cast<T>(is * (weight ? weight[c] : T(1)));
+    // pass 2 (x and dy from cache): dx
+    for (Index c = c0; c < c1; ++c) {
+      const double is = invstd[c];
+      if (dbias) dbias[c] += static_cast<T>(sum[c - c0]);
+      if (dweight) dweight[c] += static_cast<T>(dot[c - c0] * is);
+    }
     for (Index n = 0; n < N; ++n) {
-      const T* xc = x + (n * C + c) * S;
-      const T* dyc = dy + (n * C + c) * S;
-      T* dxc = dx + (n * C + c) * S;
-      if (relu) {
-#pragma omp simd
-        for (Index s = 0; s < S; ++s) {
-          const T g = bn_affine(xc[s], scale, shift) > T(0) ? dyc[s] : T(0);
-          dxc[s] = (g - mu.centre(xc[s]) * k - mean_g) * gs;
+      if (n + 1 < N) detail::prefetch_chunk(dx + (n + 1) * C * S + c0 * S, (c1 - c0) * S, true);
+      for (Index c = c0; c < c1; ++c) {
+        T scale, shift;
+        bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
+        const auto ps = simd::set1(scale), ph = simd::set1(shift);
+        const SplitMean<T> mu(mean[c]);
+        const double is = invstd[c];
+        const T k = static_cast<T>(dot[c - c0] * is * is / M);
+        const T mean_g = static_cast<T>(sum[c - c0] / M);
+        const T gs = static_cast<T>(is * (weight ? static_cast<double>(weight[c]) : 1.0));
+        const auto pk = simd::set1(k), pm = simd::set1(mean_g), pg = simd::set1(gs);
+        const T* xc = x + (n * C + c) * S;
+        const T* dyc = dy + (n * C + c) * S;
+        T* dxc = dx + (n * C + c) * S;
+        Index i = 0;
+        for (; i + L <= S; i += L) {
+          const auto xv = simd::load(xc + i);
+          const auto g = relu ? simd::relu_grad(simd::pmadd(xv, ps, ph), simd::load(dyc + i)) : simd::load(dyc + i);
+          simd::store(dxc + i, simd::pmul(simd::psub(simd::psub(g, simd::pmul(mu.centre(xv), pk)), pm), pg));
         }
-      } else {
-#pragma omp simd
-        for (Index s = 0; s < S; ++s) dxc[s] = (dyc[s] - mu.centre(xc[s]) * k - mean_g) * gs;
+        for (; i < S; ++i) {
+          const T g = relu ? relu_grad(bn_affine(xc[i], scale, shift), dyc[i]) : dyc[i];
+          dxc[i] = (g - mu.centre(xc[i]) * k - mean_g) * gs;
+        }
       }
     }
   }

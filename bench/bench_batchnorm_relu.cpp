@@ -1,0 +1,243 @@
+// Fused BatchNorm+ReLU versus the unfused pair (this library's own BatchNorm then its own ReLU,
+// each vectorised and parallel), next to the machine's STREAM triad and, where oneDNN is
+// installed, oneDNN's fused batch normalisation in its blocked nChw8c layout.
+//
+// bytes_per_second counts the bytes the ideal algorithm must move, for every row alike:
+//   forward (training) and eval: read x, write y            = 2 tensors
+//   backward:                     read x and dy, write dx     = 3 tensors
+//   forward+backward:                                         = 5 tensors
+// so rows compare directly with each other and with the triad. "kept_bytes" is the memory a
+// layer holds between forward and backward.
+#include <bnrelu/kernels/batchnorm.hpp>
+#include <bnrelu/kernels/relu.hpp>
+#include <bnrelu/nn/batchnorm_relu.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <unordered_map>
+#include <string>
+#include <vector>
+
+#include "common.hpp"
+
+#ifdef BNRELU_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
+namespace {
+
+using bnrelu::Dims;
+using bnrelu::Index;
+using bnrelu::Tensor;
+namespace k = bnrelu::kernels;
+
+enum class Pass { forward, backward, forward_backward, eval };
+
+const char* pass_name(Pass p) {
+  switch (p) {
+    case Pass::forward: return "forward";
+    case Pass::backward: return "backward";
+    case Pass::forward_backward: return "fwd+bwd";
+    case Pass::eval: return "eval";
+  }
+  return "";
+}
+
+Index ideal_tensors(Pass p) {
+  return p == Pass::backward ? 3 : p == Pass::forward_backward ? 5 : 2;
+}
+
+struct Shape {
+  Index N, C, S;  // S = H*W, 1 for N x C
+  std::string name;
+};
+
+// Everything one BN-ReLU layer touches, allocated once outside the timed loop.
+struct Buffers {
+  Shape sh;
+  std::vector<float> x, y, dy, dx, weight, bias, scale, shift, dweight, dbias, t;
+  std::vector<std::uint8_t> mask;
+  std::vector<double> mean, var, invstd;
+  explicit Buffers(const Shape& s) : sh(s) {
+    const Index n = s.N * s.C * s.S;
+    auto fill = [](std::vector<float>& v, Index size, double lo, double hi) {
+      v.resize(size);
+      for (auto& e : v) e = static_cast<float>(bnrelu::uniform(lo, hi));
+    };
+    fill(x, n, -2, 3);
+    fill(dy, n, -1, 1);
+    y.assign(n, 0);
+    dx.assign(n, 0);
+    t.assign(n, 0);
+    mask.assign(n, 0);
+    fill(weight, s.C, 0.5, 1.5);
+    fill(bias, s.C, -0.3, 0.3);
+    fill(scale, s.C, 0.5, 1.5);
+    fill(shift, s.C, -0.3, 0.3);
+    dweight.assign(s.C, 0);
+    dbias.assign(s.C, 0);
+    mean.assign(s.C, 0);
+    var.assign(s.C, 0);
+    invstd.assign(s.C, 0);
+  }
+  // Fused: one kernel each way; the layer keeps x (its own copy or the moved input).
+  void fused_forward() {
+    k::batchnorm_forward_train(y.data(), static_cast<float*>(nullptr), mean.data(), var.data(), invstd.data(),
+                               x.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S, 1e-5, true);
+  }
+  void fused_backward() {
+    k::batchnorm_backward(dx.data(), dweight.data(), dbias.data(), dy.data(), x.data(), mean.data(),
+                          invstd.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S, true);
+  }
+  // Unfused: BatchNorm writes t, ReLU reads t and writes y and its mask; backward in reverse.
+  void unfused_forward() {
+    k::batchnorm_forward_train(t.data(), static_cast<float*>(nullptr), mean.data(), var.data(), invstd.data(),
+                               x.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S, 1e-5, false);
+    k::relu_forward(y.data(), mask.data(), t.data(), static_cast<Index>(t.size()));
+  }
+  void unfused_backward() {
+    k::relu_backward(t.data(), dy.data(), mask.data(), static_cast<Index>(t.size()));
+    k::batchnorm_backward(dx.data(), dweight.data(), dbias.data(), t.data(), x.data(), mean.data(),
+                          invstd.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S, false);
+  }
+  void fused_eval() {
+    k::batchnorm_forward_eval(y.data(), x.data(), scale.data(), shift.data(), sh.N, sh.C, sh.S, true);
+  }
+  void unfused_eval() {
+    k::batchnorm_forward_eval(t.data(), x.data(), scale.data(), shift.data(), sh.N, sh.C, sh.S, false);
+    k::relu_forward(y.data(), static_cast<std::uint8_t*>(nullptr), t.data(), static_cast<Index>(t.size()));
+  }
+};
+
+void run(benchmark::State& state, const Shape& sh, Pass pass, bool fused) {
+  const int threads = static_cast<int>(state.range(0));
+  bnrelu::set_num_threads(threads);
+  Buffers b(sh);
+  b.fused_forward();  // statistics for backward-only rows, and warm pages
+  for (auto _ : state) {
+    switch (pass) {
+      case Pass::forward: fused ? b.fused_forward() : b.unfused_forward(); break;
+      case Pass::backward: fused ? b.fused_backward() : b.unfused_backward(); break;
+      case Pass::forward_backward:
+        if (fused) {
+          b.fused_forward();
+          b.fused_backward();
+        } else {
+          b.unfused_forward();
+          b.unfused_backward();
+        }
+        break;
+      case Pass::eval: fused ? b.fused_eval() : b.unfused_eval(); break;
+    }
+    benchmark::DoNotOptimize(b.y.data());
+    benchmark::DoNotOptimize(b.dx.data());
+    benchmark::ClobberMemory();
+  }
+  const Index n = sh.N * sh.C * sh.S;
+  state.SetBytesProcessed(state.iterations() * ideal_tensors(pass) * n * static_cast<Index>(sizeof(float)));
+  state.counters["threads"] = threads;
+  // kept for backward: fused = x; unfused = x for BatchNorm + a byte per element for ReLU
+  state.counters["kept_bytes"] = static_cast<double>(n * sizeof(float) + (fused ? 0 : n));
+}
+
+#ifdef BNRELU_HAVE_DNNL
+// oneDNN 2.6 batch normalisation with fuse_norm_relu in nChw8c (its fastest layout), f32.
+void run_onednn(benchmark::State& state, const Shape& sh, Pass pass) {
+  using namespace dnnl;
+  using tag = memory::format_tag;
+  using dt = memory::data_type;
+  const int threads = static_cast<int>(state.range(0));
+  bnrelu::set_num_threads(threads);
+  engine eng(engine::kind::cpu, 0);
+  stream s(eng);
+  const Index H = sh.S == 1 ? 1 : 28 * 28 == sh.S ? 28 : 14;
+  const memory::dims dims{sh.N, sh.C, H, sh.S / H};
+  const auto layout = sh.S == 1 ? tag::nchw : tag::nChw8c;
+  memory::desc md(dims, dt::f32, layout);
+  const auto flags = normalization_flags::use_scale | normalization_flags::use_shift |
+                     (pass == Pass::eval ? normalization_flags::use_global_stats : normalization_flags::none) |
+                     normalization_flags::fuse_norm_relu;
+  batch_normalization_forward::primitive_desc fpd(
+      batch_normalization_forward::desc(pass == Pass::eval ? prop_kind::forward_inference : prop_kind::forward_training,
+                                        md, 1e-5f, flags),
+      eng);
+  memory src(md, eng), dst(md, eng), diff_dst(md, eng), diff_src(md, eng);
+  memory mean(fpd.mean_desc(), eng), var(fpd.variance_desc(), eng), ws(fpd.workspace_desc(), eng);
+  memory::desc cd({sh.C}, dt::f32, tag::x);
+  memory scale(cd, eng), shift(cd, eng), dscale(cd, eng), dshift(cd, eng);
+  auto fill = [](memory& m, double lo, double hi) {
+    auto* p = static_cast<float*>(m.get_data_handle());
+    for (std::size_t i = 0; i < m.get_desc().get_size() / sizeof(float); ++i) p[i] = static_cast<float>(bnrelu::uniform(lo, hi));
+  };
+  fill(src, -2, 3);
+  fill(diff_dst, -1, 1);
+  fill(scale, 0.5, 1.5);
+  fill(shift, -0.3, 0.3);
+  fill(mean, -0.1, 0.1);
+  fill(var, 0.5, 1.5);
+  batch_normalization_forward fwd(fpd);
+  std::unordered_map<int, memory> fargs{{DNNL_ARG_SRC, src},     {DNNL_ARG_DST, dst},     {DNNL_ARG_MEAN, mean},
+                                        {DNNL_ARG_VARIANCE, var}, {DNNL_ARG_SCALE, scale}, {DNNL_ARG_SHIFT, shift},
+                                        {DNNL_ARG_WORKSPACE, ws}};
+  std::optional<batch_normalization_backward> bwd;
+  std::unordered_map<int, memory> bargs;
+  if (pass != Pass::eval) {
+    batch_normalization_backward::primitive_desc bpd(
+        batch_normalization_backward::desc(prop_kind::backward, md, md, 1e-5f, flags), eng, fpd);
+    bwd.emplace(bpd);
+    bargs = {{DNNL_ARG_SRC, src},           {DNNL_ARG_MEAN, mean},         {DNNL_ARG_VARIANCE, var},
+             {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_SCALE, scale},       {DNNL_ARG_WORKSPACE, ws},
+             {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_DIFF_SCALE, dscale}, {DNNL_ARG_DIFF_SHIFT, dshift}};
+  }
+  fwd.execute(s, fargs);
+  s.wait();
+  for (auto _ : state) {
+    if (pass != Pass::backward) fwd.execute(s, fargs);
+    if (pass == Pass::backward || pass == Pass::forward_backward) bwd->execute(s, bargs);
+    s.wait();
+  }
+  const Index n = sh.N * sh.C * sh.S;
+  state.SetBytesProcessed(state.iterations() * ideal_tensors(pass) * n * static_cast<Index>(sizeof(float)));
+  state.counters["threads"] = threads;
+}
+#endif
+
+// The real layer, for the memory it keeps between forward and backward.
+void layer_memory(benchmark::State& state) {
+  bnrelu::nn::BatchNormReLU2d<float> layer({.num_features = 64});
+  const auto x = bnrelu::bench::random_tensor<4>({64, 64, 28, 28});
+  for (auto _ : state) benchmark::DoNotOptimize(layer.forward(x));
+  state.counters["kept_bytes"] = static_cast<double>(layer.cache_bytes());
+  state.counters["input_bytes"] = static_cast<double>(x.size() * sizeof(float));
+}
+
+const std::vector<Shape> kShapes{{64, 64, 784, "64x64x28x28"},
+                                 {64, 128, 196, "64x128x14x14"},
+                                 {256, 64, 784, "256x64x28x28"},
+                                 {64, 512, 1, "64x512"},
+                                 {1024, 512, 1, "1024x512"}};
+
+int register_all() {
+  benchmark::RegisterBenchmark("stream_triad", bnrelu::bench::stream_triad)
+      ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+  for (const auto& sh : kShapes)
+    for (Pass pass : {Pass::forward_backward, Pass::forward, Pass::backward, Pass::eval}) {
+      for (bool fused : {true, false}) {
+        const std::string name = std::string(fused ? "fused/" : "unfused/") + pass_name(pass) + "/" + sh.name;
+        benchmark::RegisterBenchmark(name.c_str(), [sh, pass, fused](benchmark::State& s) { run(s, sh, pass, fused); })
+            ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+      }
+#ifdef BNRELU_HAVE_DNNL
+      const std::string name = std::string("onednn_nChw8c/") + pass_name(pass) + "/" + sh.name;
+      benchmark::RegisterBenchmark(name.c_str(), [sh, pass](benchmark::State& s) { run_onednn(s, sh, pass); })
+          ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
+    }
+  benchmark::RegisterBenchmark("layer_memory/BatchNormReLU2d/64x64x28x28", layer_memory)->Iterations(1);
+  return 0;
+}
+const int registered = register_all();
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -1,0 +1,44 @@
+// Shared pieces of the benchmark programs: a STREAM triad for the machine's memory limit,
+// and helpers for tensors and thread counts.
+#pragma once
+
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include <string>
+#include <vector>
+
+#include <bnrelu/random.hpp>
+#include <bnrelu/tensor.hpp>
+#include <bnrelu/threads.hpp>
+
+namespace bnrelu::bench {
+
+// a = b + s * c over arrays far larger than the L3 cache; bytes moved = 3 arrays (STREAM's
+// convention, no write-allocate traffic counted).
+inline void stream_triad(benchmark::State& state) {
+  const int threads = static_cast<int>(state.range(0));
+  const Index n = Index{1} << 25;  // 3 x 128 MiB
+  std::vector<float> a(n), b(n, 1.0f), c(n, 2.0f);
+  set_num_threads(threads);
+#pragma omp parallel for schedule(static)
+  for (Index i = 0; i < n; ++i) a[i] = 0;  // first touch by the threads that use the pages
+  const float s = 3.0f;
+  for (auto _ : state) {
+#pragma omp parallel for simd schedule(static)
+    for (Index i = 0; i < n; ++i) a[i] = b[i] + s * c[i];
+    benchmark::DoNotOptimize(a.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * 3 * n * static_cast<Index>(sizeof(float)));
+  state.counters["threads"] = threads;
+}
+
+template <int Rank>
+Tensor<float, Rank> random_tensor(const Dims<Rank>& d) {
+  Tensor<float, Rank> t(d);
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<float>(uniform(-2, 2));
+  return t;
+}
+
+}  // namespace bnrelu::bench

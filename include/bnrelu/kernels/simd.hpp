@@ -1,0 +1,43 @@
+// Thin wrappers over Eigen's packet primitives: the widest vector the build targets (8 floats
+// with AVX2, 16 with AVX-512, 4 with SSE2), for kernels that need control the compiler's
+// auto-vectoriser does not give (several accumulators, masks next to double reductions).
+#pragma once
+
+#include <Eigen/Core>
+
+namespace bnrelu::kernels::simd {
+
+template <class T>
+using Packet = typename Eigen::internal::packet_traits<T>::type;
+
+template <class T>
+inline constexpr long width = Eigen::internal::unpacket_traits<Packet<T>>::size;
+
+template <class T>
+inline Packet<T> load(const T* p) { return Eigen::internal::ploadu<Packet<T>>(p); }
+template <class T>
+inline void store(T* p, const Packet<T>& v) { Eigen::internal::pstoreu(p, v); }
+template <class T>
+inline Packet<T> set1(T v) { return Eigen::internal::pset1<Packet<T>>(v); }
+
+using Eigen::internal::padd;
+using Eigen::internal::pmadd;
+using Eigen::internal::pmul;
+using Eigen::internal::psub;
+
+template <class P>
+inline auto sum(const P& p) { return Eigen::internal::predux(p); }
+
+// max(0, v) that lets NaN through: v where !(v < 0), else 0.
+template <class P>
+inline P relu(const P& v) {
+  return Eigen::internal::pandnot(v, Eigen::internal::pcmp_lt(v, Eigen::internal::pzero(v)));
+}
+
+// dy where pre > 0, else +0.
+template <class P>
+inline P relu_grad(const P& pre, const P& dy) {
+  return Eigen::internal::pand(dy, Eigen::internal::pcmp_lt(Eigen::internal::pzero(pre), pre));
+}
+
+}  // namespace bnrelu::kernels::simd
