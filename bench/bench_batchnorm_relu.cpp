@@ -186,7 +186,7 @@ void run_onednn(benchmark::State& state, const Shape& sh, Pass pass) {
         batch_normalization_backward::desc(prop_kind::backward, md, md, 1e-5f, flags), eng, fpd);
     bwd.emplace(bpd);
     bargs = {{DNNL_ARG_SRC, src},           {DNNL_ARG_MEAN, mean},         {DNNL_ARG_VARIANCE, var},
-             {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_SCALE, scale},       {DNNL_ARG_WORKSPACE, ws},
+             {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_SCALE, scale},       {DNNL_ARG_SHIFT, shift},  {DNNL_ARG_WORKSPACE, ws},
              {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_DIFF_SCALE, dscale}, {DNNL_ARG_DIFF_SHIFT, dshift}};
   }
   fwd.execute(s, fargs);

@@ -18,3 +18,11 @@
 #include "nn/sequential.hpp"
 
 #include "models/seed_cnn.hpp"
+
+#include "data/idx.hpp"
+#include "data/loader.hpp"
+#include "data/mnist.hpp"
+#include "io/safetensors.hpp"
+#include "optim/adam.hpp"
+#include "optim/scheduler.hpp"
+#include "optim/sgd.hpp"

@@ -196,6 +196,36 @@ def seed_cnn_case(name, N, in_channels, classes, fc_row_stride=64):
     save(name, t, dict(in_channels=in_channels, num_classes=classes, fc_row_stride=fc_row_stride))
 
 
+def optimizer_case(name, make, options, steps=5):
+    """Parameters after each of several steps with given gradients."""
+    p = torch.nn.Parameter(rnd(3, 4))
+    t = {"p0": p.detach().clone()}
+    opt = make([p])
+    for k in range(steps):
+        g = rnd(3, 4)
+        p.grad = g.clone()
+        opt.step()
+        t[f"grad{k}"] = g
+        t[f"p{k + 1}"] = p.detach().clone()
+    save(name, t, dict(options, steps=steps))
+
+
+def scheduler_case(name):
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    t = {}
+    for kind, make in (("step", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
+                       ("cosine", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=7, eta_min=0.01))):
+        o = torch.optim.SGD([p], lr=0.2)
+        sched = make(o)
+        lrs = []
+        for _ in range(10):
+            lrs.append(o.param_groups[0]["lr"])
+            o.step()
+            sched.step()
+        t[kind] = torch.tensor(lrs, dtype=torch.float64)
+    save(name, t, {})
+
+
 if __name__ == "__main__":
     conv_case("conv_basic", 2, 3, 4, 7, 5, 3, 1, 1, 1, True)
     conv_case("conv_stride2_c1", 1, 1, 2, 6, 9, 2, 2, 0, 1, True)
@@ -221,3 +251,15 @@ if __name__ == "__main__":
     maxpool_case("maxpool_odd_floor", (2, 1, 7, 9), 2, 2, 0, True)
     cross_entropy_case("cross_entropy", 6, 5)
     seed_cnn_case("seed_cnn", 4, 1, 10)
+    optim = torch.optim
+    optimizer_case("sgd_plain", lambda ps: optim.SGD(ps, lr=0.1), dict(kind="sgd", lr=0.1))
+    optimizer_case("sgd_momentum", lambda ps: optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+                   dict(kind="sgd", lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01))
+    optimizer_case("sgd_nesterov", lambda ps: optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.001),
+                   dict(kind="sgd", lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.001))
+    optimizer_case("adam", lambda ps: optim.Adam(ps, lr=0.01), dict(kind="adam", lr=0.01))
+    optimizer_case("adam_wd", lambda ps: optim.Adam(ps, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+                   dict(kind="adam", lr=0.02, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1))
+    optimizer_case("adamw", lambda ps: optim.AdamW(ps, lr=0.01, weight_decay=0.05),
+                   dict(kind="adamw", lr=0.01, weight_decay=0.05))
+    scheduler_case("schedulers")

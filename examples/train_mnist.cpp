@@ -1,0 +1,332 @@
+// Trains the founding document's CNN on Fashion-MNIST (or any MNIST-format folder).
+//
+//   train_mnist                       # 2 epochs of SGD on /usr/share/datasets/fashion-mnist
+//   train_mnist --epochs 5 --optimizer adam --lr 1e-3 --log run.csv
+//   train_mnist --resume bnrelu_mnist.safetensors --epochs 4    # continue where it stopped
+//   train_mnist --eval-only --resume bnrelu_mnist.safetensors
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <bnrelu/bnrelu.hpp>
+
+#include "report.hpp"
+
+namespace nn = bnrelu::nn;
+using bnrelu::Index;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct Config {
+  std::string data = "/usr/share/datasets/fashion-mnist";
+  int epochs = 2;
+  Index batch_size = 64;
+  double lr = 0.01;
+  double momentum = 0.9;
+  double weight_decay = 0;
+  std::string optimizer = "sgd";
+  std::string scheduler = "cosine";
+  int threads = 0;
+  std::uint64_t seed = 1;
+  bool no_fuse = false;
+  std::string save = "bnrelu_mnist.safetensors";
+  std::string resume;
+  bool eval_only = false;
+  std::string log = "train_log.csv";
+  Index max_steps = 0;
+};
+
+const std::vector<std::string> kFashionNames{"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                             "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
+
+std::string class_name(const Config& cfg, Index k, Index classes) {
+  if (classes == 10 && cfg.data.find("fashion") != std::string::npos) return kFashionNames[static_cast<std::size_t>(k)];
+  return std::to_string(k);
+}
+
+std::string duration(double s) {
+  char buf[32];
+  const int t = static_cast<int>(std::lround(s));
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%d:%02d:%02d", t / 3600, t / 60 % 60, t % 60);
+  else std::snprintf(buf, sizeof buf, "%d:%02d", t / 60, t % 60);
+  return buf;
+}
+
+// The live line on a terminal, or a plain line every tenth of an epoch otherwise.
+class Progress {
+ public:
+  Progress(int epoch, int epochs, Index total) : epoch_(epoch), epochs_(epochs), total_(total), tty_(isatty(STDOUT_FILENO)) {}
+
+  void update(Index step, double loss, double acc, Index images) {
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
+    const bool last = step == total_;
+    if (tty_) {
+      if (!last && std::chrono::duration<double>(Clock::now() - shown_).count() < 0.1) return;
+    } else if (!last && step % std::max<Index>(1, total_ / 10) != 0) {
+      return;
+    }
+    shown_ = Clock::now();
+    const double rate = images / std::max(elapsed, 1e-9);
+    const double eta = elapsed / static_cast<double>(step) * static_cast<double>(total_ - step);
+    constexpr int kBar = 24;
+    const int filled = static_cast<int>(kBar * step / std::max<Index>(total_, 1));
+    std::string bar(static_cast<std::size_t>(filled), '#');
+    bar.resize(kBar, '.');
+    std::printf("%sepoch %d/%d [%s] %5ld/%ld  loss %.4f  acc %5.1f%%  %6.0f img/s  %s %s%s", tty_ ? "\r\033[K" : "",
+                epoch_, epochs_, bar.c_str(), static_cast<long>(step), static_cast<long>(total_), loss, 100 * acc, rate,
+                last ? "took" : "ETA", duration(last ? elapsed : eta).c_str(), tty_ && !last ? "" : "\n");
+    std::fflush(stdout);
+  }
+
+ private:
+  int epoch_, epochs_;
+  Index total_;
+  bool tty_;
+  Clock::time_point start_ = Clock::now(), shown_ = Clock::time_point{};
+};
+
+struct Evaluation {
+  double loss = 0, accuracy = 0;
+  std::vector<std::vector<Index>> confusion;  // [true][predicted]
+};
+
+template <class Model>
+Evaluation evaluate(Model& model, const bnrelu::data::Mnist& set, const bnrelu::data::LoaderOptions& norm, Index classes) {
+  bnrelu::data::LoaderOptions opt = norm;
+  opt.batch_size = 500;
+  opt.shuffle = false;
+  bnrelu::data::DataLoader<float> loader(set, opt);
+  bnrelu::data::Batch<float> batch;
+  nn::CrossEntropyLoss<float> ce;
+  Evaluation ev;
+  ev.confusion.assign(static_cast<std::size_t>(classes), std::vector<Index>(static_cast<std::size_t>(classes), 0));
+  double total_loss = 0;
+  Index correct = 0, seen = 0;
+  const bool was_training = model.is_training();
+  model.eval();
+  while (loader.next(batch)) {
+    const auto logits = model.forward(std::move(batch.images));
+    const Index n = logits.dimension(0);
+    total_loss += static_cast<double>(ce.forward(logits, batch.labels)) * static_cast<double>(n);
+    for (Index i = 0; i < n; ++i) {
+      Index best = 0;
+      for (Index k = 1; k < classes; ++k)
+        if (logits(i, k) > logits(i, best)) best = k;
+      const auto truth = batch.labels[static_cast<std::size_t>(i)];
+      ++ev.confusion[static_cast<std::size_t>(truth)][static_cast<std::size_t>(best)];
+      correct += best == truth;
+    }
+    seen += n;
+  }
+  model.train(was_training);
+  ev.loss = total_loss / static_cast<double>(std::max<Index>(seen, 1));
+  ev.accuracy = static_cast<double>(correct) / static_cast<double>(std::max<Index>(seen, 1));
+  return ev;
+}
+
+void print_confusion(const Config& cfg, const Evaluation& ev, Index classes) {
+  std::printf("\nconfusion matrix on the test set (rows: true class, columns: predicted)\n%13s", "");
+  for (Index k = 0; k < classes; ++k) std::printf(" %5ld", static_cast<long>(k));
+  std::printf("   recall\n");
+  for (Index t = 0; t < classes; ++t) {
+    Index row = 0;
+    for (Index p = 0; p < classes; ++p) row += ev.confusion[static_cast<std::size_t>(t)][static_cast<std::size_t>(p)];
+    std::printf("%2ld %-10.10s", static_cast<long>(t), class_name(cfg, t, classes).c_str());
+    for (Index p = 0; p < classes; ++p) std::printf(" %5ld", static_cast<long>(ev.confusion[static_cast<std::size_t>(t)][static_cast<std::size_t>(p)]));
+    std::printf("   %5.1f%%\n", 100.0 * static_cast<double>(ev.confusion[static_cast<std::size_t>(t)][static_cast<std::size_t>(t)]) / static_cast<double>(std::max<Index>(row, 1)));
+  }
+}
+
+std::string state_path(const std::string& checkpoint) { return checkpoint + ".train-state"; }
+
+// Optimizer state and the position in training, saved next to the model checkpoint.
+void save_train_state(bnrelu::optim::Optimizer<float>& opt, const std::string& path, int next_epoch, std::int64_t steps,
+                      const Config& cfg) {
+  std::vector<std::pair<std::string, bnrelu::io::RawTensor>> tensors;
+  for (auto& [name, values] : opt.state())
+    tensors.emplace_back(name, bnrelu::io::RawTensor::from<float>(std::span<const float>(*values), {static_cast<Index>(values->size())}));
+  bnrelu::io::write_safetensors(path, tensors,
+                                {{"next_epoch", std::to_string(next_epoch)},
+                                 {"steps", std::to_string(steps)},
+                                 {"optimizer", cfg.optimizer},
+                                 {"seed", std::to_string(cfg.seed)}});
+}
+
+void load_train_state(bnrelu::optim::Optimizer<float>& opt, const std::string& path, int& next_epoch, const Config& cfg) {
+  const auto file = bnrelu::io::read_safetensors(path);
+  if (file.metadata.count("optimizer") == 0 || file.metadata.at("optimizer") != cfg.optimizer)
+    throw bnrelu::format_error(path + " was written for another optimizer");
+  auto state = opt.state();
+  std::vector<std::vector<float>> values;
+  for (auto& [name, vec] : state) {
+    const auto it = file.tensors.find(name);
+    if (it == file.tensors.end() || static_cast<std::size_t>(it->second.numel()) != vec->size())
+      throw bnrelu::format_error(path + ": missing or mis-sized optimizer state " + name);
+    values.push_back(it->second.as<float>());
+  }
+  for (std::size_t i = 0; i < state.size(); ++i) *state[i].second = std::move(values[i]);
+  opt.set_steps(std::stoll(file.metadata.at("steps")));
+  next_epoch = std::stoi(file.metadata.at("next_epoch"));
+}
+
+int run(const Config& cfg) {
+  if (cfg.threads > 0) bnrelu::set_num_threads(cfg.threads);
+  bnrelu::manual_seed(cfg.seed);
+  const auto t_load = Clock::now();
+  const auto train = bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::train);
+  const auto test = bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::test);
+  Index classes = 0;
+  for (auto l : train.labels) classes = std::max<Index>(classes, l + 1);
+  const auto [mean, stdev] = bnrelu::data::pixel_mean_std(train);
+  const bnrelu::data::LoaderOptions loader_opt{.batch_size = cfg.batch_size, .shuffle = true, .seed = cfg.seed, .mean = mean, .std = stdev};
+  std::printf("bnrelu train_mnist: %ld training and %ld test images of %ldx%ld, %ld classes from %s (%.1f s)\n",
+              static_cast<long>(train.images.dimension(0)), static_cast<long>(test.images.dimension(0)),
+              static_cast<long>(train.images.dimension(2)), static_cast<long>(train.images.dimension(3)),
+              static_cast<long>(classes), cfg.data.c_str(), std::chrono::duration<double>(Clock::now() - t_load).count());
+
+  auto model = bnrelu::models::seed_cnn<float>(train.images.dimension(1), classes);
+  model.set_fusion(!cfg.no_fuse);
+  std::unique_ptr<bnrelu::optim::Optimizer<float>> opt;
+  if (cfg.optimizer == "sgd")
+    opt = std::make_unique<bnrelu::optim::SGD<float>>(model.named_parameters(),
+        bnrelu::optim::SGDOptions{.lr = cfg.lr, .momentum = cfg.momentum, .weight_decay = cfg.weight_decay});
+  else if (cfg.optimizer == "adam")
+    opt = std::make_unique<bnrelu::optim::Adam<float>>(model.named_parameters(),
+        bnrelu::optim::AdamOptions{.lr = cfg.lr, .weight_decay = cfg.weight_decay});
+  else
+    opt = std::make_unique<bnrelu::optim::AdamW<float>>(model.named_parameters(),
+        bnrelu::optim::AdamWOptions{.lr = cfg.lr, .weight_decay = cfg.weight_decay});
+  // The learning rate per step: constant, x0.1 after half the epochs, or cosine-annealed to 0
+  // over the whole run (PyTorch's CosineAnnealingLR stepped once per batch).
+  const Index steps_per_epoch = (train.images.dimension(0) + cfg.batch_size - 1) / cfg.batch_size;
+  bnrelu::optim::StepLR<float> step_lr(*opt, std::max<Index>(1, cfg.epochs / 2) * steps_per_epoch, 0.1);
+  bnrelu::optim::CosineAnnealingLR<float> cosine_lr(*opt, cfg.epochs * steps_per_epoch);
+  auto schedule = [&](std::int64_t step) {
+    if (cfg.scheduler == "step") step_lr.set_epoch(step);
+    if (cfg.scheduler == "cosine") cosine_lr.set_epoch(step);
+  };
+
+  int first_epoch = 0;
+  if (!cfg.resume.empty()) {
+    bnrelu::io::load_safetensors(model, cfg.resume);
+    if (!cfg.eval_only) load_train_state(*opt, state_path(cfg.resume), first_epoch, cfg);
+    std::printf("resumed from %s%s\n", cfg.resume.c_str(),
+                cfg.eval_only ? "" : (" at epoch " + std::to_string(first_epoch + 1)).c_str());
+  }
+  if (cfg.eval_only) {
+    if (cfg.resume.empty()) throw std::invalid_argument("--eval-only needs --resume CHECKPOINT");
+    const auto ev = evaluate(model, test, loader_opt, classes);
+    std::printf("test loss %.4f, accuracy %.2f%%\n", ev.loss, 100 * ev.accuracy);
+    print_confusion(cfg, ev, classes);
+    return 0;
+  }
+  std::printf("seed_cnn, %zu parameter tensors, %s fused BatchNorm+ReLU, %s lr %g (%s) momentum %g, batch %ld, %d threads\n\n",
+              model.named_parameters().size(), cfg.no_fuse ? "without" : "with", cfg.optimizer.c_str(), cfg.lr,
+              cfg.scheduler.c_str(), cfg.momentum, static_cast<long>(cfg.batch_size), bnrelu::num_threads());
+
+  bnrelu::data::DataLoader<float> loader(train, loader_opt);
+  bnrelu::data::Batch<float> batch;
+  nn::CrossEntropyLoss<float> ce;
+  std::vector<EpochRecord> history;
+  Evaluation last_eval;
+  Index steps = 0;
+  for (int epoch = first_epoch; epoch < cfg.epochs; ++epoch) {
+    loader.start_epoch(epoch);
+    Progress progress(epoch + 1, cfg.epochs, loader.num_batches());
+    const auto t0 = Clock::now();
+    double loss_sum = 0;
+    Index correct = 0, seen = 0;
+    while (loader.next(batch)) {
+      schedule(opt->steps());
+      opt->zero_grad();
+      const auto labels = batch.labels;
+      const auto logits = model.forward(std::move(batch.images));
+      const float loss = ce.forward(logits, labels);
+      if (!std::isfinite(loss)) {
+        std::printf("\n");
+        std::fprintf(stderr,
+                     "train_mnist: the loss became %f at epoch %d, step %ld; stopping. The last good checkpoint is %s "
+                     "(try a smaller --lr).\n",
+                     static_cast<double>(loss), epoch + 1, static_cast<long>(loader.batch_index()), cfg.save.c_str());
+        return 3;
+      }
+      model.backward(ce.backward());
+      opt->step();
+      const Index n = logits.dimension(0);
+      loss_sum += static_cast<double>(loss) * static_cast<double>(n);
+      for (Index i = 0; i < n; ++i) {
+        Index best = 0;
+        for (Index k = 1; k < classes; ++k)
+          if (logits(i, k) > logits(i, best)) best = k;
+        correct += best == labels[static_cast<std::size_t>(i)];
+      }
+      seen += n;
+      ++steps;
+      progress.update(loader.batch_index(), loss_sum / static_cast<double>(seen),
+                      static_cast<double>(correct) / static_cast<double>(seen), seen);
+      if (cfg.max_steps > 0 && steps >= cfg.max_steps) break;
+    }
+    const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    last_eval = evaluate(model, test, loader_opt, classes);
+    history.push_back({epoch + 1, loss_sum / static_cast<double>(std::max<Index>(seen, 1)),
+                       static_cast<double>(correct) / static_cast<double>(std::max<Index>(seen, 1)), last_eval.loss,
+                       last_eval.accuracy, seconds});
+    std::printf("epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.1f s, %.0f img/s\n", epoch + 1,
+                cfg.epochs, history.back().train_loss, 100 * history.back().train_acc, last_eval.loss,
+                100 * last_eval.accuracy, seconds, static_cast<double>(seen) / seconds);
+    if (!cfg.save.empty()) {
+      bnrelu::io::save_safetensors(model, cfg.save,
+                                   {{"pixel_mean", std::to_string(mean)}, {"pixel_std", std::to_string(stdev)},
+                                    {"classes", std::to_string(classes)}, {"epoch", std::to_string(epoch + 1)}});
+      save_train_state(*opt, state_path(cfg.save), epoch + 1, opt->steps(), cfg);
+    }
+    if (!cfg.log.empty()) write_reports(cfg.log, history, "bnrelu seed_cnn on " + std::filesystem::path(cfg.data).filename().string());
+    if (cfg.max_steps > 0 && steps >= cfg.max_steps) break;
+  }
+  if (!history.empty()) print_confusion(cfg, last_eval, classes);
+  std::printf("\n");
+  if (!cfg.save.empty()) std::printf("checkpoint: %s (PyTorch state_dict names; optimizer state in %s)\n", cfg.save.c_str(), state_path(cfg.save).c_str());
+  if (!cfg.log.empty() && !history.empty()) {
+    std::string svg = cfg.log.substr(0, cfg.log.find_last_of('.')) + ".svg";
+    std::printf("log: %s, chart: %s\n", cfg.log.c_str(), svg.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Config cfg;
+  CLI::App app{"Train the founding document's BatchNorm+ReLU CNN on an MNIST-format data set"};
+  app.add_option("--data", cfg.data, "folder with train/t10k IDX files (raw or .gz)")->capture_default_str();
+  app.add_option("--epochs", cfg.epochs, "epochs to train")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--batch-size", cfg.batch_size, "images per step")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--lr", cfg.lr, "learning rate")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--weight-decay", cfg.weight_decay, "L2 penalty (decoupled for adamw)")->capture_default_str();
+  app.add_option("--optimizer", cfg.optimizer, "sgd, adam or adamw")->capture_default_str()->check(CLI::IsMember({"sgd", "adam", "adamw"}));
+  app.add_option("--scheduler", cfg.scheduler, "learning rate per step: none, step (x0.1 after half the epochs) or cosine (to 0 at the end)")->capture_default_str()->check(CLI::IsMember({"none", "step", "cosine"}));
+  app.add_option("--threads", cfg.threads, "threads (default: OMP_NUM_THREADS or all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--seed", cfg.seed, "seed for initialisation and shuffling")->capture_default_str();
+  app.add_flag("--no-fuse", cfg.no_fuse, "run BatchNorm and ReLU as separate passes");
+  app.add_option("--save", cfg.save, "checkpoint written after every epoch (empty: none)")->capture_default_str();
+  app.add_option("--resume", cfg.resume, "checkpoint to continue from (or to evaluate)");
+  app.add_flag("--eval-only", cfg.eval_only, "evaluate --resume on the test set and stop");
+  app.add_option("--log", cfg.log, "CSV log per epoch; an SVG chart is written next to it (empty: none)")->capture_default_str();
+  app.add_option("--max-steps", cfg.max_steps, "stop after this many training steps (0: no limit)")->check(CLI::NonNegativeNumber);
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return run(cfg);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "train_mnist: %s\n", e.what());
+    return 1;
+  }
+}

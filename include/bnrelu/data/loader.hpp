@@ -1,0 +1,111 @@
+// Mini-batches over an in-memory image set: seeded shuffling, a last partial batch,
+// normalisation, and a position that checkpoints can save and restore.
+#pragma once
+
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "../error.hpp"
+#include "../tensor.hpp"
+#include "mnist.hpp"
+
+namespace bnrelu::data {
+
+struct LoaderOptions {
+  Index batch_size = 64;
+  bool shuffle = true;
+  bool drop_last = false;  // drop the last partial batch
+  std::uint64_t seed = 0;  // shuffling depends only on (seed, epoch)
+  float mean = 0.0f;       // images become (x - mean) / std
+  float std = 1.0f;
+};
+
+template <class T>
+struct Batch {
+  Tensor<T, 4> images;
+  std::vector<std::int64_t> labels;
+};
+
+template <class T = float>
+class DataLoader {
+ public:
+  // Keeps a reference to the data set, which must outlive the loader.
+  DataLoader(const Mnist& set, const LoaderOptions& opt) : set_(&set), opt_(opt) {
+    if (opt.batch_size < 1) throw shape_error("DataLoader: batch_size must be >= 1, got " + std::to_string(opt.batch_size));
+    if (!(opt.std > 0)) throw shape_error("DataLoader: std must be > 0");
+    if (static_cast<Index>(set.labels.size()) != set.images.dimension(0))
+      throw shape_error("DataLoader: " + std::to_string(set.images.dimension(0)) + " images but " +
+                        std::to_string(set.labels.size()) + " labels");
+    start_epoch(0);
+  }
+
+  Index size() const { return static_cast<Index>(order_.size()); }
+  Index num_batches() const {
+    return opt_.drop_last ? size() / opt_.batch_size : (size() + opt_.batch_size - 1) / opt_.batch_size;
+  }
+
+  // Begins epoch e: the order is a function of (seed, e) alone.
+  void start_epoch(std::int64_t e) {
+    epoch_ = e;
+    next_ = 0;
+    order_.resize(static_cast<std::size_t>(set_->images.dimension(0)));
+    std::iota(order_.begin(), order_.end(), Index{0});
+    if (!opt_.shuffle) return;
+    std::mt19937_64 gen(opt_.seed * 0x9E3779B97F4A7C15ULL + static_cast<std::uint64_t>(e) + 1);
+    for (std::size_t i = order_.size(); i > 1; --i) {  // Fisher-Yates, the same on every platform
+      const std::size_t j = static_cast<std::size_t>(gen() % i);
+      std::swap(order_[i - 1], order_[j]);
+    }
+  }
+
+  std::int64_t epoch() const { return epoch_; }
+  Index batch_index() const { return next_; }
+  // Resumes at batch b of epoch e (as saved from epoch() and batch_index()).
+  void seek(std::int64_t e, Index b) {
+    if (b < 0 || b > num_batches()) throw shape_error("DataLoader: batch " + std::to_string(b) + " is outside the epoch");
+    start_epoch(e);
+    next_ = b;
+  }
+
+  // Fills the next batch of this epoch; false when the epoch is over.
+  bool next(Batch<T>& out) {
+    if (next_ >= num_batches()) return false;
+    const Index begin = next_ * opt_.batch_size;
+    const Index count = std::min(opt_.batch_size, size() - begin);
+    const Index C = set_->images.dimension(1), H = set_->images.dimension(2), W = set_->images.dimension(3);
+    const Index plane = C * H * W;
+    out.images.resize(count, C, H, W);
+    out.labels.resize(static_cast<std::size_t>(count));
+    const float scale = 1.0f / opt_.std;
+    for (Index i = 0; i < count; ++i) {
+      const Index src = order_[static_cast<std::size_t>(begin + i)];
+      const float* from = set_->images.data() + src * plane;
+      T* to = out.images.data() + i * plane;
+      for (Index k = 0; k < plane; ++k) to[k] = static_cast<T>((from[k] - opt_.mean) * scale);
+      out.labels[static_cast<std::size_t>(i)] = set_->labels[static_cast<std::size_t>(src)];
+    }
+    ++next_;
+    return true;
+  }
+
+ private:
+  const Mnist* set_;
+  LoaderOptions opt_;
+  std::vector<Index> order_;
+  std::int64_t epoch_ = 0;
+  Index next_ = 0;
+};
+
+// Mean and standard deviation of every pixel of a set, for LoaderOptions.
+inline std::pair<float, float> pixel_mean_std(const Mnist& set) {
+  double sum = 0, sq = 0;
+  const Index n = set.images.size();
+  for (Index i = 0; i < n; ++i) sum += set.images.data()[i];
+  const double mean = n ? sum / static_cast<double>(n) : 0.0;
+  for (Index i = 0; i < n; ++i) sq += (set.images.data()[i] - mean) * (set.images.data()[i] - mean);
+  return {static_cast<float>(mean), static_cast<float>(n > 1 ? std::sqrt(sq / static_cast<double>(n)) : 1.0)};
+}
+
+}  // namespace bnrelu::data

@@ -1,0 +1,59 @@
+// MNIST-format data sets (MNIST, Fashion-MNIST, ...) from a folder of IDX files.
+#pragma once
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "idx.hpp"
+
+namespace bnrelu::data {
+
+enum class Split { train, test };
+
+struct Mnist {
+  Tensor<float, 4> images;             // N x 1 x H x W in [0, 1]
+  std::vector<std::int64_t> labels;    // N class ids
+};
+
+// The file of one split and kind, under either naming users meet ("train-images-idx3-ubyte"
+// or "train-images.idx3-ubyte"), with or without ".gz". format_error naming every path tried
+// when none exists.
+inline std::string find_mnist_file(const std::string& dir, Split split, bool images) {
+  const std::string prefix = split == Split::train ? "train" : "t10k";
+  const std::string kind = images ? "images" : "labels";
+  const std::string idx = images ? "idx3-ubyte" : "idx1-ubyte";
+  std::string tried;
+  for (const std::string sep : {"-", "."})
+    for (const std::string ext : {"", ".gz"}) {
+      const auto p = std::filesystem::path(dir) / (prefix + "-" + kind + sep + idx + ext);
+      if (std::filesystem::is_regular_file(p)) return p.string();
+      tried += "\n  " + p.string();
+    }
+  throw format_error("load_mnist: no " + prefix + " " + kind + " file in " + dir + "; tried:" + tried);
+}
+
+// Loads one split: images scaled to [0, 1], labels as class ids.
+inline Mnist load_mnist(const std::string& dir, Split split) {
+  const std::string image_path = find_mnist_file(dir, split, true);
+  const std::string label_path = find_mnist_file(dir, split, false);
+  const IdxArray images = read_idx(image_path);
+  const IdxArray labels = read_idx(label_path);
+  if (images.dims.size() != 3 || !std::holds_alternative<std::vector<std::uint8_t>>(images.data))
+    throw format_error("load_mnist: " + image_path + " must hold u8 images N x H x W, got " +
+                       shape_string(images.dims));
+  if (labels.dims.size() != 1 || !std::holds_alternative<std::vector<std::uint8_t>>(labels.data))
+    throw format_error("load_mnist: " + label_path + " must hold N u8 labels, got " + shape_string(labels.dims));
+  if (labels.dims[0] != images.dims[0])
+    throw format_error("load_mnist: " + std::to_string(images.dims[0]) + " images but " +
+                       std::to_string(labels.dims[0]) + " labels");
+  Mnist out;
+  out.images.resize(images.dims[0], 1, images.dims[1], images.dims[2]);
+  const auto& pixels = std::get<std::vector<std::uint8_t>>(images.data);
+  for (std::size_t i = 0; i < pixels.size(); ++i) out.images.data()[i] = static_cast<float>(pixels[i]) / 255.0f;
+  const auto& ids = std::get<std::vector<std::uint8_t>>(labels.data);
+  out.labels.assign(ids.begin(), ids.end());
+  return out;
+}
+
+}  // namespace bnrelu::data

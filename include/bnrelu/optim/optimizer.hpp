@@ -1,0 +1,47 @@
+// What every optimizer shares: the parameters it updates, in order, and its learning rate.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../error.hpp"
+#include "../tensor.hpp"
+
+namespace bnrelu::optim {
+
+// State is held per parameter, in the order of named_parameters() (never keyed by address).
+template <class T>
+class Optimizer {
+ public:
+  explicit Optimizer(std::vector<ParamRef<T>> params) : params_(std::move(params)) {}
+  virtual ~Optimizer() = default;
+
+  // Sets every parameter gradient to 0.
+  void zero_grad() {
+    for (auto& p : params_) std::fill(p.grad.begin(), p.grad.end(), T(0));
+  }
+  virtual void step() = 0;
+
+  double lr() const { return lr_; }
+  void set_lr(double lr) { lr_ = lr; }
+  // The number of step() calls so far.
+  std::int64_t steps() const { return steps_; }
+
+  // Named per-parameter state tensors ("<param>.<buffer>"), for checkpoints, and their
+  // restoration; restore_state checks names and sizes before changing anything.
+  virtual std::vector<std::pair<std::string, std::vector<T>*>> state() = 0;
+  void set_steps(std::int64_t s) { steps_ = s; }
+
+ protected:
+  static void check(bool ok, const char* opt, const std::string& what) {
+    if (!ok) throw shape_error(std::string(opt) + ": invalid option: " + what);
+  }
+
+  std::vector<ParamRef<T>> params_;
+  double lr_ = 0;
+  std::int64_t steps_ = 0;
+};
+
+}  // namespace bnrelu::optim
