@@ -29,7 +29,7 @@ inline std::string csv_log(const std::vector<EpochRecord>& rows) {
 
 // Two panels (loss, accuracy), train and test per epoch, standalone SVG for any browser.
 inline std::string svg_chart(const std::vector<EpochRecord>& rows, const std::string& title) {
-  const double W = 960, H = 400, panel_w = 400, panel_h = 270, top = 70, left0 = 70, gap = 90;
+  const double W = 1000, H = 400, panel_w = 400, panel_h = 270, top = 70, left0 = 80, gap = 100;
   std::ostringstream s;
   s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H
     << "' viewBox='0 0 " << W << ' ' << H << "' font-family='sans-serif' font-size='13'>\n"

@@ -84,9 +84,17 @@ class Progress {
                 epoch_, epochs_, bar.c_str(), static_cast<long>(step), static_cast<long>(total_), loss, 100 * acc, rate,
                 last ? "took" : "ETA", duration(last ? elapsed : eta).c_str(), tty_ && !last ? "" : "\n");
     std::fflush(stdout);
+    open_line_ = tty_ && !last;
+  }
+
+  // Ends a live line left open by a run stopped mid-epoch.
+  void finish() {
+    if (open_line_) std::printf("\n");
+    open_line_ = false;
   }
 
  private:
+  bool open_line_ = false;
   int epoch_, epochs_;
   Index total_;
   bool tty_;
@@ -251,7 +259,7 @@ int run(const Config& cfg) {
       const auto logits = model.forward(std::move(batch.images));
       const float loss = ce.forward(logits, labels);
       if (!std::isfinite(loss)) {
-        std::printf("\n");
+        progress.finish();
         std::fprintf(stderr,
                      "train_mnist: the loss became %f at epoch %d, step %ld; stopping. The last good checkpoint is %s "
                      "(try a smaller --lr).\n",
@@ -274,6 +282,7 @@ int run(const Config& cfg) {
                       static_cast<double>(correct) / static_cast<double>(seen), seen);
       if (cfg.max_steps > 0 && steps >= cfg.max_steps) break;
     }
+    progress.finish();
     const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     last_eval = evaluate(model, test, loader_opt, classes);
     history.push_back({epoch + 1, loss_sum / static_cast<double>(std::max<Index>(seen, 1)),
