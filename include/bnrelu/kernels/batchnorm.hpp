@@ -76,6 +76,23 @@ struct SplitMean {
   }
 };
 
+// What backward needs of one channel to turn dy into the ReLU-masked gradient g and x into
+// x - mean, in both the packet and the scalar (tail) path.
+template <class T>
+struct ChannelGrad {
+  T scale, shift;
+  SplitMean<T> mu;
+  bool relu;
+  ChannelGrad(const double* mean, const double* invstd, const T* weight, const T* bias, Index c, bool relu_)
+      : mu(mean[c]), relu(relu_) {
+    bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
+  }
+  simd::Packet<T> grad(const simd::Packet<T>& x, const simd::Packet<T>& dy) const {
+    return relu ? simd::relu_grad(simd::pmadd(x, simd::set1(scale), simd::set1(shift)), dy) : dy;
+  }
+  T grad(T x, T dy) const { return relu ? relu_grad(bn_affine(x, scale, shift), dy) : dy; }
+};
+
 namespace detail {
 
 // A channel is N chunks of S values, C*S apart: too short a stream for the hardware
@@ -405,22 +422,19 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
         detail::prefetch_chunk(dy + run + detail::kAhead * C * S, (c1 - c0) * S);
       }
       for (Index c = c0; c < c1; ++c) {
-        T scale, shift;
-        bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
-        const auto ps = simd::set1(scale), ph = simd::set1(shift);
-        const SplitMean<T> mu(mean[c]);
+        const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
         const T* xc = x + (n * C + c) * S;
         const T* dyc = dy + (n * C + c) * S;
         const auto part = detail::reduce2<T>(
             S,
-            [=](Index i, simd::Packet<T>& g, simd::Packet<T>& gx) {
+            [&](Index i, simd::Packet<T>& g, simd::Packet<T>& gx) {
               const auto xv = simd::load(xc + i);
-              g = relu ? simd::relu_grad(simd::pmadd(xv, ps, ph), simd::load(dyc + i)) : simd::load(dyc + i);
-              gx = simd::pmul(g, mu.centre(xv));
+              g = ch.grad(xv, simd::load(dyc + i));
+              gx = simd::pmul(g, ch.mu.centre(xv));
             },
-            [=](Index i, T& g, T& gx) {
-              g = relu ? relu_grad(bn_affine(xc[i], scale, shift), dyc[i]) : dyc[i];
-              gx = g * mu.centre(xc[i]);
+            [&](Index i, T& g, T& gx) {
+              g = ch.grad(xc[i], dyc[i]);
+              gx = g * ch.mu.centre(xc[i]);
             });
         sum[c - c0] += part.first;
         dot[c - c0] += part.second;
@@ -435,10 +449,7 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
     for (Index n = 0; n < N; ++n) {
       if (n + 1 < N) detail::prefetch_chunk(dx + (n + 1) * C * S + c0 * S, (c1 - c0) * S, true);
       for (Index c = c0; c < c1; ++c) {
-        T scale, shift;
-        bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
-        const auto ps = simd::set1(scale), ph = simd::set1(shift);
-        const SplitMean<T> mu(mean[c]);
+        const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
         const double is = invstd[c];
         const T k = static_cast<T>(dot[c - c0] * is * is / M);
         const T mean_g = static_cast<T>(sum[c - c0] / M);
@@ -450,13 +461,10 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
         Index i = 0;
         for (; i + L <= S; i += L) {
           const auto xv = simd::load(xc + i);
-          const auto g = relu ? simd::relu_grad(simd::pmadd(xv, ps, ph), simd::load(dyc + i)) : simd::load(dyc + i);
-          simd::store(dxc + i, simd::pmul(simd::psub(simd::psub(g, simd::pmul(mu.centre(xv), pk)), pm), pg));
+          const auto g = ch.grad(xv, simd::load(dyc + i));
+          simd::store(dxc + i, simd::pmul(simd::psub(simd::psub(g, simd::pmul(ch.mu.centre(xv), pk)), pm), pg));
         }
-        for (; i < S; ++i) {
-          const T g = relu ? relu_grad(bn_affine(xc[i], scale, shift), dyc[i]) : dyc[i];
-          dxc[i] = (g - mu.centre(xc[i]) * k - mean_g) * gs;
-        }
+        for (; i < S; ++i) dxc[i] = (ch.grad(xc[i], dyc[i]) - ch.mu.centre(xc[i]) * k - mean_g) * gs;
       }
     }
   }

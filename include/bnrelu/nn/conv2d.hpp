@@ -4,8 +4,8 @@
 #include <vector>
 
 #include "../kernels/conv2d.hpp"
-#include "init.hpp"
 #include "layer.hpp"
+#include "weighted.hpp"
 
 namespace bnrelu::nn {
 
@@ -19,32 +19,33 @@ struct Conv2dOptions {
   bool bias = true;
 };
 
+namespace detail {
+inline const Conv2dOptions& checked(const Conv2dOptions& opt) {
+  const char* n = "Conv2d";
+  check_option(opt.in_channels > 0, n, "in_channels must be > 0");
+  check_option(opt.out_channels > 0, n, "out_channels must be > 0");
+  check_option(opt.kernel_size > 0, n, "kernel_size must be > 0");
+  check_option(opt.stride > 0, n, "stride must be > 0");
+  check_option(opt.padding >= 0, n, "padding must be >= 0");
+  check_option(opt.dilation > 0, n, "dilation must be > 0");
+  return opt;
+}
+}  // namespace detail
+
+// weight: [out_channels, in_channels, k, k]; bias: [out_channels]
 template <class T>
-class Conv2d : public Module {
+class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
+  using Params = detail::WeightAndBias<T, 4>;
+
  public:
   using value_type = T;
   using input_type = Tensor<T, 4>;
   using output_type = Tensor<T, 4>;
 
-  explicit Conv2d(const Conv2dOptions& opt) : opt_(opt) {
-    const char* n = "Conv2d";
-    detail::check_option(opt.in_channels > 0, n, "in_channels must be > 0");
-    detail::check_option(opt.out_channels > 0, n, "out_channels must be > 0");
-    detail::check_option(opt.kernel_size > 0, n, "kernel_size must be > 0");
-    detail::check_option(opt.stride > 0, n, "stride must be > 0");
-    detail::check_option(opt.padding >= 0, n, "padding must be >= 0");
-    detail::check_option(opt.dilation > 0, n, "dilation must be > 0");
-    const Index k = opt.kernel_size;
-    weight_.resize(opt.out_channels, opt.in_channels, k, k);
-    dweight_.resize(weight_.dimensions());
-    init::uniform_fan_in(weight_, opt.in_channels * k * k);
-    if (opt.bias) {
-      bias_.resize(opt.out_channels);
-      dbias_.resize(opt.out_channels);
-      init::uniform_fan_in(bias_, opt.in_channels * k * k);
-    }
-    zero_grad();
-  }
+  explicit Conv2d(const Conv2dOptions& opt)
+      : Params({detail::checked(opt).out_channels, opt.in_channels, opt.kernel_size, opt.kernel_size}, opt.bias,
+               opt.in_channels * opt.kernel_size * opt.kernel_size),
+        opt_(opt) {}
 
   const Conv2dOptions& options() const { return opt_; }
 
@@ -66,32 +67,18 @@ class Conv2d : public Module {
   Tensor<T, 4> forward(Tensor<T, 4>&& x) { return forward_impl(x, &x); }
 
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) {
-    if (!has_cache_) detail::no_forward("Conv2d");
-    const auto g = geometry(dims_of(x_));
+    if (!x_.valid()) detail::no_forward("Conv2d");
+    const auto& x = x_.get();
+    const auto g = geometry(dims_of(x));
     detail::check_grad_dims("Conv2d", Dims<4>{g.N, g.O, g.HO, g.WO}, dims_of(dy));
-    Tensor<T, 4> dx(x_.dimensions());
+    Tensor<T, 4> dx(x.dimensions());
     workspace_.resize(static_cast<std::size_t>(kernels::conv2d_backward_workspace(g)));
-    kernels::conv2d_backward(dx.data(), dweight_.data(), opt_.bias ? dbias_.data() : nullptr,
-                             workspace_.data(), dy.data(), x_.data(), weight_.data(), g);
+    kernels::conv2d_backward(dx.data(), this->dweight_.data(), this->dbias_data(), workspace_.data(), dy.data(),
+                             x.data(), this->weight_.data(), g);
     return dx;
   }
 
-  void zero_grad() {
-    dweight_.setZero();
-    if (opt_.bias) dbias_.setZero();
-  }
-
-  std::vector<ParamRef<T>> named_parameters() {
-    std::vector<ParamRef<T>> p{{"weight", shape_vector(weight_), span_of(weight_), span_of(dweight_)}};
-    if (opt_.bias) p.push_back({"bias", shape_vector(bias_), span_of(bias_), span_of(dbias_)});
-    return p;
-  }
   std::vector<BufferRef<T>> named_buffers() { return {}; }
-
-  Tensor<T, 4>& weight() { return weight_; }
-  Tensor<T, 1>& bias() { return bias_; }
-  const Tensor<T, 4>& weight_grad() const { return dweight_; }
-  const Tensor<T, 1>& bias_grad() const { return dbias_; }
 
  private:
   kernels::Conv2dGeometry geometry(const Dims<4>& in) const {
@@ -105,21 +92,14 @@ class Conv2d : public Module {
     const auto g = geometry(dims_of(x));  // throws before any change
     Tensor<T, 4> y(g.N, g.O, g.HO, g.WO);
     workspace_.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace(g)));
-    kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), weight_.data(),
-                            opt_.bias ? bias_.data() : nullptr, g);
-    has_cache_ = is_training();
-    if (!is_training()) x_ = Tensor<T, 4>();
-    else if (owned) x_ = std::move(*owned);
-    else x_ = x;
+    kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), this->weight_.data(), this->bias_data(), g);
+    x_.keep(x, owned, is_training());
     return y;
   }
 
   Conv2dOptions opt_;
-  Tensor<T, 4> weight_, dweight_;
-  Tensor<T, 1> bias_, dbias_;
-  Tensor<T, 4> x_;  // cache for backward
-  bool has_cache_ = false;
-  std::vector<T> workspace_;
+  detail::InputCache<T, 4> x_;  // cache for backward
+  std::vector<T> workspace_;    // im2col columns, reused across calls
 };
 
 }  // namespace bnrelu::nn

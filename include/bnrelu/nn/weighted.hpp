@@ -1,0 +1,74 @@
+// What Conv2d and Linear share: a weight, an optional bias, their gradients, PyTorch's default
+// initialisation, and the training-mode input kept for backward.
+#pragma once
+
+#include <vector>
+
+#include "init.hpp"
+#include "layer.hpp"
+
+namespace bnrelu::nn::detail {
+
+template <class T, int WeightRank>
+class WeightAndBias {
+ public:
+  void zero_grad() {
+    dweight_.setZero();
+    if (has_bias_) dbias_.setZero();
+  }
+
+  // "weight" then "bias" (when present), as PyTorch names them.
+  std::vector<ParamRef<T>> named_parameters() {
+    std::vector<ParamRef<T>> p{{"weight", shape_vector(weight_), span_of(weight_), span_of(dweight_)}};
+    if (has_bias_) p.push_back({"bias", shape_vector(bias_), span_of(bias_), span_of(dbias_)});
+    return p;
+  }
+
+  Tensor<T, WeightRank>& weight() { return weight_; }
+  Tensor<T, 1>& bias() { return bias_; }
+  const Tensor<T, WeightRank>& weight_grad() const { return dweight_; }
+  const Tensor<T, 1>& bias_grad() const { return dbias_; }
+
+ protected:
+  // Weight of the given shape and, if wanted, a bias of its first dimension, both drawn from
+  // U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's kaiming_uniform_(a = sqrt(5)) and bias init).
+  WeightAndBias(const Dims<WeightRank>& shape, bool bias, Index fan_in) : has_bias_(bias) {
+    weight_.resize(shape);
+    dweight_.resize(shape);
+    init::uniform_fan_in(weight_, fan_in);
+    if (bias) {
+      bias_.resize(shape[0]);
+      dbias_.resize(shape[0]);
+      init::uniform_fan_in(bias_, fan_in);
+    }
+    zero_grad();
+  }
+
+  T* bias_data() { return has_bias_ ? bias_.data() : nullptr; }
+  T* dbias_data() { return has_bias_ ? dbias_.data() : nullptr; }
+
+  Tensor<T, WeightRank> weight_, dweight_;
+  Tensor<T, 1> bias_, dbias_;  // empty without bias
+  bool has_bias_;
+};
+
+// The input of the last training-mode forward: moved in when the caller gave it up (owned is
+// &x), copied otherwise; dropped by an eval-mode forward.
+template <class T, int Rank>
+class InputCache {
+ public:
+  void keep(const Tensor<T, Rank>& x, Tensor<T, Rank>* owned, bool training) {
+    valid_ = training;
+    if (!training) x_ = Tensor<T, Rank>();
+    else if (owned) x_ = std::move(*owned);
+    else x_ = x;
+  }
+  bool valid() const { return valid_; }
+  const Tensor<T, Rank>& get() const { return x_; }
+
+ private:
+  Tensor<T, Rank> x_;
+  bool valid_ = false;
+};
+
+}  // namespace bnrelu::nn::detail
