@@ -42,7 +42,19 @@ struct Config {
   bool eval_only = false;
   std::string log = "train_log.csv";
   Index max_steps = 0;
+  Index train_limit = 0;
+  Index test_limit = 0;
 };
+
+// The first `limit` images of a set (all of them for 0).
+bnrelu::data::Mnist first_images(bnrelu::data::Mnist set, Index limit) {
+  if (limit <= 0 || limit >= set.images.dimension(0)) return set;
+  bnrelu::data::Mnist out;
+  const bnrelu::Dims<4> extent{limit, set.images.dimension(1), set.images.dimension(2), set.images.dimension(3)};
+  out.images = set.images.slice(bnrelu::Dims<4>{0, 0, 0, 0}, extent);
+  out.labels.assign(set.labels.begin(), set.labels.begin() + limit);
+  return out;
+}
 
 const std::vector<std::string> kFashionNames{"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                                              "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
@@ -189,8 +201,8 @@ int run(const Config& cfg) {
   if (cfg.threads > 0) bnrelu::set_num_threads(cfg.threads);
   bnrelu::manual_seed(cfg.seed);
   const auto t_load = Clock::now();
-  const auto train = bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::train);
-  const auto test = bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::test);
+  const auto train = first_images(bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::train), cfg.train_limit);
+  const auto test = first_images(bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::test), cfg.test_limit);
   Index classes = 0;
   for (auto l : train.labels) classes = std::max<Index>(classes, l + 1);
   const auto [mean, stdev] = bnrelu::data::pixel_mean_std(train);
@@ -331,6 +343,8 @@ int main(int argc, char** argv) {
   app.add_flag("--eval-only", cfg.eval_only, "evaluate --resume on the test set and stop");
   app.add_option("--log", cfg.log, "CSV log per epoch; an SVG chart is written next to it (empty: none)")->capture_default_str();
   app.add_option("--max-steps", cfg.max_steps, "stop after this many training steps (0: no limit)")->check(CLI::NonNegativeNumber);
+  app.add_option("--train-limit", cfg.train_limit, "use only the first N training images (0: all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--test-limit", cfg.test_limit, "use only the first N test images (0: all)")->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
   try {
     return run(cfg);

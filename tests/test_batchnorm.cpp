@@ -209,6 +209,10 @@ TEST(BatchNorm, ErrorsLeaveStateUnchanged) {
   // N = 1, one value per channel is fine in eval
   bn.eval();
   EXPECT_NO_THROW(bn.forward(random_tensor<float, 4>({1, 3, 1, 1})));
+  // found by fuzz_layers: an empty batch in eval with batch statistics divided by zero
+  nn::BatchNorm2d<float> no_stats({.num_features = 3, .track_running_stats = false});
+  no_stats.eval();
+  EXPECT_EQ(no_stats.forward(Tensor<float, 4>(0, 3, 2, 2)).size(), 0);
 
   using O = nn::BatchNormOptions;
   EXPECT_THROW(nn::BatchNorm2d<float>(O{.num_features = 0}), bnrelu::shape_error);

@@ -106,6 +106,8 @@ TEST(Conv2d, ErrorsLeaveStateUnchanged) {
 
   nn::Conv2d<float> big({.in_channels = 1, .out_channels = 1, .kernel_size = 5});
   EXPECT_THROW(big.forward(Tensor<float, 4>(1, 1, 4, 8)), bnrelu::shape_error);
+  nn::Conv2d<float> padded({.in_channels = 1, .out_channels = 1, .kernel_size = 3, .padding = 2});
+  EXPECT_THROW(padded.forward(Tensor<float, 4>(1, 1, 0, 5)), bnrelu::shape_error);
   using O = nn::Conv2dOptions;
   EXPECT_THROW(nn::Conv2d<float>(O{.in_channels = 1, .out_channels = 1, .kernel_size = 3, .stride = 0}), bnrelu::shape_error);
   EXPECT_THROW(nn::Conv2d<float>(O{.in_channels = 0, .out_channels = 1, .kernel_size = 3}), bnrelu::shape_error);

@@ -70,3 +70,12 @@ TEST(Linear, ErrorsLeaveStateUnchanged) {
   EXPECT_EQ(state_of(fc), before);
   EXPECT_THROW(nn::Linear<float>({.in_features = 0, .out_features = 2}), bnrelu::shape_error);
 }
+
+TEST(Linear, EmptyBatch) {
+  // found by fuzz_layers: N = 0 gave Eigen null pointers to offset (undefined behaviour)
+  nn::Linear<float> fc({.in_features = 3, .out_features = 2});
+  EXPECT_EQ(fc.forward(Tensor<float, 2>(0, 3)).dimension(0), 0);
+  EXPECT_EQ(fc.backward(Tensor<float, 2>(0, 2)).dimension(0), 0);
+  for (auto& p : fc.named_parameters())
+    for (float g : p.grad) EXPECT_EQ(g, 0.0f);
+}

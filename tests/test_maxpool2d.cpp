@@ -75,6 +75,10 @@ TEST(MaxPool2d, Errors) {
     EXPECT_NE(std::string(e.what()).find("MaxPool2d"), std::string::npos);
     EXPECT_NE(std::string(e.what()).find("1 x 1 x 2 x 5"), std::string::npos);
   }
+  // found by fuzz_layers: an empty map with padding made windows of padding alone, whose
+  // argmax pointed outside the input
+  nn::MaxPool2d<float> padded({.kernel_size = 4, .stride = 1, .padding = 2});
+  EXPECT_THROW(padded.forward(Tensor<float, 4>(2, 3, 0, 6)), bnrelu::shape_error);
   pool.forward(Tensor<float, 4>(1, 1, 6, 6).setZero());
   EXPECT_THROW(pool.backward(Tensor<float, 4>(1, 1, 3, 2)), bnrelu::shape_error);
   EXPECT_NO_THROW(pool.backward(Tensor<float, 4>(1, 1, 2, 2).setZero()));

@@ -1,8 +1,13 @@
 #include <bnrelu/bnrelu.hpp>
 #include <bnrelu/io/safetensors.hpp>
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "golden.hpp"
 
@@ -128,4 +133,38 @@ TEST(Safetensors, ReadsPyTorchWrittenFixtures) {
   Fixture f("linear_basic");
   EXPECT_EQ(f.raw("weight").dtype, "F64");
   EXPECT_EQ(f.raw("weight").shape, (std::vector<bnrelu::Index>{3, 7}));
+}
+
+TEST(Safetensors, KilledSaverNeverLosesTheCheckpoint) {
+  // A child process saves two different models over one path in a loop; the parent kills it
+  // with SIGKILL at a random moment, then the file must load and be one model or the other.
+  bnrelu::manual_seed(1);
+  auto a = small_net();
+  bnrelu::manual_seed(2);
+  auto b = small_net();
+  const auto dir = std::filesystem::path(temp_path("kill_dir"));
+  std::filesystem::create_directories(dir);
+  const auto path = (dir / "ckpt.safetensors").string();
+  io::save_safetensors(a, path);
+  const auto state_a = state_of(a), state_b = state_of(b);
+  std::mt19937 gen(7);
+  int saw_a = 0, saw_b = 0;
+  for (int round = 0; round < 25; ++round) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      for (unsigned i = 0;; ++i) io::save_safetensors(i % 2 ? a : b, path);
+    }
+    ::usleep(std::uniform_int_distribution<unsigned>(0, 20000)(gen));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    auto c = small_net();
+    ASSERT_NO_THROW(io::load_safetensors(c, path)) << "round " << round;
+    const auto got = state_of(c);
+    ASSERT_TRUE(got == state_a || got == state_b) << "round " << round << ": a mix of two saves";
+    (got == state_a ? saw_a : saw_b)++;
+  }
+  EXPECT_GT(saw_a + saw_b, 0);
+  std::filesystem::remove_all(dir);  // including temporaries a killed saver left behind
 }

@@ -1,7 +1,11 @@
 // Thread-count control: one knob for bnrelu's OpenMP loops and Eigen's GEMM.
 #pragma once
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#include <string>
 
 #include <Eigen/Core>
 
@@ -9,13 +13,33 @@
 
 namespace bnrelu {
 
-// Threads used by kernels and products. Defaults to OMP_NUM_THREADS where set, else the cores.
-inline int num_threads() { return omp_get_max_threads(); }
+// Threads used by kernels and products. Defaults to OMP_NUM_THREADS where set, else the
+// cores; 1 in a build without OpenMP.
+inline int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 inline void set_num_threads(int n) {
   if (n < 1) throw shape_error("set_num_threads: expected n >= 1, got " + std::to_string(n));
+#ifdef _OPENMP
   omp_set_num_threads(n);
+#endif
   Eigen::setNbThreads(n);
 }
+
+namespace detail {
+// The calling thread's index inside a parallel region (0 outside one).
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+}  // namespace detail
 
 }  // namespace bnrelu

@@ -283,7 +283,8 @@ void load_state_dict(Model& model, const SafetensorsFile& file, const std::strin
       values[i] = raw.as<T>();
     }
   }
-  for (const auto& [name, raw] : file.tensors) {
+  for (const auto& entry : file.tensors) {
+    const std::string& name = entry.first;
     const bool known = std::any_of(targets.begin(), targets.end(), [&](const Target& t) { return t.name == name; });
     if (!known) throw bad("unexpected tensor " + name);
   }

@@ -87,7 +87,7 @@ void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bi
   ConstMatrixMap<T> w(weight, g.O, K);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (Index n = 0; n < g.N; ++n) {
-    T* col = workspace + static_cast<Index>(omp_get_thread_num()) * K * P;
+    T* col = workspace + static_cast<Index>(bnrelu::detail::thread_index()) * K * P;
     im2col(col, x + n * g.C * g.H * g.W, g);
     MatrixMap<T> yn(y + n * g.O * P, g.O, P);
     yn.noalias() = w * ConstMatrixMap<T>(col, K, P);
@@ -108,7 +108,7 @@ void conv2d_backward(T* dx, T* dweight, T* dbias, T* workspace, const T* dy, con
   if (threads > 1) std::fill(partials, partials + (threads - 1) * O * (K + 1), T(0));
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    const Index t = omp_get_thread_num();
+    const Index t = bnrelu::detail::thread_index();
     T* col = workspace + 2 * t * K * P;
     T* dcol = col + K * P;
     // thread 0 adds straight into dweight/dbias; the others into their own partials

@@ -11,6 +11,7 @@ namespace bnrelu::kernels {
 // y = x * weight^T + bias.  x: [N, I]; weight: [O, I]; bias: [O] or null; y: [N, O]
 template <class T>
 void linear_forward(T* y, const T* x, const T* weight, const T* bias, Index N, Index I, Index O) {
+  if (N == 0) return;  // an empty batch has null data pointers, which Eigen must not offset
   MatrixMap<T> ym(y, N, O);
   ym.noalias() = ConstMatrixMap<T>(x, N, I) * ConstMatrixMap<T>(weight, O, I).transpose();
   if (bias) ym.rowwise() += Eigen::Map<const Eigen::RowVector<T, Eigen::Dynamic>>(bias, O);
@@ -20,6 +21,7 @@ void linear_forward(T* y, const T* x, const T* weight, const T* bias, Index N, I
 template <class T>
 void linear_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* weight,
                      Index N, Index I, Index O) {
+  if (N == 0) return;  // nothing to add, and null data pointers
   ConstMatrixMap<T> dym(dy, N, O);
   MatrixMap<T>(dx, N, I).noalias() = dym * ConstMatrixMap<T>(weight, O, I);
   MatrixMap<T>(dweight, O, I).noalias() += dym.transpose() * ConstMatrixMap<T>(x, N, I);

@@ -114,6 +114,10 @@ class BatchNormBase : public Module {
       throw shape_error(std::string(name_) + ": expected more than 1 value per channel when " +
                         "training, got input " + shape_string(d));
     Tensor<T, Rank> y(x.dimensions());
+    if (x.size() == 0) {  // eval on an empty batch (training rejected it above): nothing to do
+      drop_cache();
+      return y;
+    }
     const T* w = opt_.affine ? weight_.data() : nullptr;
     const T* b = opt_.affine ? bias_.data() : nullptr;
     if (!batch_stats) {
@@ -121,8 +125,7 @@ class BatchNormBase : public Module {
       for (Index c = 0; c < C; ++c)
         kernels::bn_scale_shift(scale[c], shift[c], static_cast<double>(running_mean_(c)),
                                 1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps), w, b, c);
-      if (N * C * S > 0)
-        kernels::batchnorm_forward_eval(y.data(), x.data(), scale.data(), shift.data(), N, C, S, relu);
+      kernels::batchnorm_forward_eval(y.data(), x.data(), scale.data(), shift.data(), N, C, S, relu);
       drop_cache();
       return y;
     }

@@ -53,10 +53,10 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   Dims<4> output_dims(const Dims<4>& in) const {
     detail::check_rank_dims("Conv2d", in);
     const Index k = opt_.kernel_size, span = opt_.dilation * (k - 1) + 1;
-    if (in[1] != opt_.in_channels || in[2] + 2 * opt_.padding < span ||
+    if (in[1] != opt_.in_channels || in[2] < 1 || in[3] < 1 || in[2] + 2 * opt_.padding < span ||
         in[3] + 2 * opt_.padding < span)
       throw shape_error("Conv2d: expected input N x " + std::to_string(opt_.in_channels) +
-                        " x H x W with H, W + 2*padding >= " + std::to_string(span) + ", got " +
+                        " x H x W with H, W >= 1 and H, W + 2*padding >= " + std::to_string(span) + ", got " +
                         shape_string(in));
     return {in[0], opt_.out_channels, (in[2] + 2 * opt_.padding - span) / opt_.stride + 1,
             (in[3] + 2 * opt_.padding - span) / opt_.stride + 1};

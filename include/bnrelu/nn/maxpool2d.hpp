@@ -37,8 +37,9 @@ class MaxPool2d : public Module {
 
   Dims<4> output_dims(const Dims<4>& in) const {
     detail::check_rank_dims("MaxPool2d", in);
-    if (in[2] + 2 * pad_ < kernel_ || in[3] + 2 * pad_ < kernel_)
-      throw shape_error("MaxPool2d: expected input N x C x H x W with H, W + 2*padding >= " +
+    // H, W >= 1 so that no window holds padding alone (padding <= kernel_size / 2)
+    if (in[2] < 1 || in[3] < 1 || in[2] + 2 * pad_ < kernel_ || in[3] + 2 * pad_ < kernel_)
+      throw shape_error("MaxPool2d: expected input N x C x H x W with H, W >= 1 and H, W + 2*padding >= " +
                         std::to_string(kernel_) + ", got " + shape_string(in));
     return {in[0], in[1], (in[2] + 2 * pad_ - kernel_) / stride_ + 1,
             (in[3] + 2 * pad_ - kernel_) / stride_ + 1};

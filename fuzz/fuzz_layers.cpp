@@ -1,0 +1,139 @@
+// libFuzzer target: the layer API fed arbitrary options, shapes and values. Every call either
+// works or throws shape_error / logic_error; a throw changes no state; finite inputs give
+// finite outputs and gradients.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <bnrelu/bnrelu.hpp>
+
+namespace nn = bnrelu::nn;
+using bnrelu::Index;
+using bnrelu::Tensor;
+
+namespace {
+
+// Reads the fuzz input as a stream of small numbers.
+struct Bytes {
+  const std::uint8_t* p;
+  std::size_t n;
+  int next(int lo, int hi) {  // in [lo, hi]
+    const int v = n ? *p++ : 0;
+    if (n) --n;
+    return lo + v % (hi - lo + 1);
+  }
+  float value() { return static_cast<float>(next(0, 255) - 128) / 16.0f; }
+};
+
+template <class L>
+std::vector<float> state_of(L& l) {
+  std::vector<float> s;
+  for (auto& p : l.named_parameters()) {
+    s.insert(s.end(), p.value.begin(), p.value.end());
+    s.insert(s.end(), p.grad.begin(), p.grad.end());
+  }
+  for (auto& b : l.named_buffers()) s.insert(s.end(), b.value.begin(), b.value.end());
+  return s;
+}
+
+bool same(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+}
+
+template <int R>
+Tensor<float, R> tensor(Bytes& in, const bnrelu::Dims<R>& d) {
+  Tensor<float, R> t(d);
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = in.value();
+  return t;
+}
+
+template <int R>
+bool finite(const Tensor<float, R>& t) {
+  for (Index i = 0; i < t.size(); ++i)
+    if (!std::isfinite(t.data()[i])) return false;
+  return true;
+}
+
+// forward, then backward with a gradient of the right shape or (sometimes) a wrong one.
+template <class L, int RI, int RO>
+void exercise(L& layer, Bytes& in, const bnrelu::Dims<RI>& dims) {
+  if (in.next(0, 3) == 0) layer.eval();
+  const auto x = tensor<RI>(in, dims);
+  auto before = state_of(layer);
+  Tensor<float, RO> y;
+  try {
+    y = layer.forward(x);
+  } catch (const bnrelu::shape_error&) {
+    if (!same(before, state_of(layer))) __builtin_trap();
+    return;
+  }
+  if (!finite(y)) __builtin_trap();
+  auto dd = bnrelu::dims_of(y);
+  if (in.next(0, 4) == 0) dd[static_cast<std::size_t>(in.next(0, RO - 1))] += 1;
+  const auto dy = tensor<RO>(in, dd);
+  before = state_of(layer);
+  try {
+    const auto dx = layer.backward(dy);
+    if (!finite(dx)) __builtin_trap();
+  } catch (const bnrelu::shape_error&) {
+    if (!same(before, state_of(layer))) __builtin_trap();
+  } catch (const std::logic_error&) {
+    if (layer.is_training()) __builtin_trap();  // only eval-mode forwards leave nothing to backward
+    if (!same(before, state_of(layer))) __builtin_trap();
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  Bytes in{data, size};
+  bnrelu::set_num_threads(1);
+  const bnrelu::Dims<4> d4{in.next(0, 3), in.next(0, 4), in.next(0, 7), in.next(0, 7)};
+  const bnrelu::Dims<2> d2{in.next(0, 5), in.next(0, 9)};
+  try {
+    switch (in.next(0, 6)) {
+      case 0: {
+        nn::Conv2d<float> l({.in_channels = in.next(-1, 4), .out_channels = in.next(-1, 4), .kernel_size = in.next(-1, 4),
+                             .stride = in.next(-1, 3), .padding = in.next(-1, 3), .dilation = in.next(-1, 3),
+                             .bias = in.next(0, 1) == 1});
+        exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      case 1: {
+        nn::BatchNorm2d<float> l({.num_features = in.next(-1, 4), .eps = in.next(-1, 2) * 1e-3,
+                                  .momentum = in.next(-1, 11) / 10.0, .affine = in.next(0, 1) == 1,
+                                  .track_running_stats = in.next(0, 1) == 1});
+        exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      case 2: {
+        nn::BatchNormReLU1d<float> l({.num_features = in.next(-1, 9), .affine = in.next(0, 1) == 1});
+        exercise<decltype(l), 2, 2>(l, in, d2);
+        break;
+      }
+      case 3: {
+        nn::MaxPool2d<float> l({.kernel_size = in.next(-1, 4), .stride = in.next(-1, 3), .padding = in.next(-1, 2)});
+        exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      case 4: {
+        nn::Linear<float> l({.in_features = in.next(-1, 9), .out_features = in.next(-1, 4), .bias = in.next(0, 1) == 1});
+        exercise<decltype(l), 2, 2>(l, in, d2);
+        break;
+      }
+      case 5: {
+        nn::BatchNormReLU2d<float> l({.num_features = in.next(-1, 4), .momentum = in.next(0, 10) / 10.0});
+        exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      default: {
+        nn::ReLU<float> l;
+        exercise<decltype(l), 2, 2>(l, in, d2);
+        break;
+      }
+    }
+  } catch (const bnrelu::shape_error&) {  // rejected options
+  }
+  return 0;
+}
