@@ -167,23 +167,37 @@ void print_confusion(const Config& cfg, const Evaluation& ev, Index classes) {
 
 std::string state_path(const std::string& checkpoint) { return checkpoint + ".train-state"; }
 
-// Optimizer state and the position in training, saved next to the model checkpoint.
-void save_train_state(bnrelu::optim::Optimizer<float>& opt, const std::string& path, int next_epoch, std::int64_t steps,
+// Where training stands: the epoch under way and the next batch of it.
+struct Position {
+  int epoch = 0;
+  Index batch = 0;
+};
+
+// Optimizer state and the position in training, saved next to the model checkpoint (whose
+// metadata repeats the step count, so a pair from different moments is detected).
+void save_train_state(bnrelu::optim::Optimizer<float>& opt, const std::string& path, Position at, std::int64_t steps,
                       const Config& cfg) {
   std::vector<std::pair<std::string, bnrelu::io::RawTensor>> tensors;
   for (auto& [name, values] : opt.state())
     tensors.emplace_back(name, bnrelu::io::RawTensor::from<float>(std::span<const float>(*values), {static_cast<Index>(values->size())}));
   bnrelu::io::write_safetensors(path, tensors,
-                                {{"next_epoch", std::to_string(next_epoch)},
+                                {{"epoch", std::to_string(at.epoch)},
+                                 {"batch", std::to_string(at.batch)},
                                  {"steps", std::to_string(steps)},
                                  {"optimizer", cfg.optimizer},
                                  {"seed", std::to_string(cfg.seed)}});
 }
 
-void load_train_state(bnrelu::optim::Optimizer<float>& opt, const std::string& path, int& next_epoch, const Config& cfg) {
+Position load_train_state(bnrelu::optim::Optimizer<float>& opt, const std::string& path, const std::string& model_steps,
+                          const Config& cfg) {
   const auto file = bnrelu::io::read_safetensors(path);
-  if (file.metadata.count("optimizer") == 0 || file.metadata.at("optimizer") != cfg.optimizer)
-    throw bnrelu::format_error(path + " was written for another optimizer");
+  for (const char* key : {"optimizer", "epoch", "batch", "steps"})
+    if (file.metadata.count(key) == 0) throw bnrelu::format_error(path + " lacks the metadata entry " + key);
+  if (file.metadata.at("optimizer") != cfg.optimizer)
+    throw bnrelu::format_error(path + " was written for optimizer " + file.metadata.at("optimizer") + ", not " + cfg.optimizer);
+  if (file.metadata.at("steps") != model_steps)
+    throw bnrelu::format_error(path + " is from step " + file.metadata.at("steps") + " but the checkpoint from step " +
+                               model_steps + ": a save was interrupted between the two files");
   auto state = opt.state();
   std::vector<std::vector<float>> values;
   for (auto& [name, vec] : state) {
@@ -194,7 +208,24 @@ void load_train_state(bnrelu::optim::Optimizer<float>& opt, const std::string& p
   }
   for (std::size_t i = 0; i < state.size(); ++i) *state[i].second = std::move(values[i]);
   opt.set_steps(std::stoll(file.metadata.at("steps")));
-  next_epoch = std::stoi(file.metadata.at("next_epoch"));
+  return {std::stoi(file.metadata.at("epoch")), std::stol(file.metadata.at("batch"))};
+}
+
+// The rows of an earlier run's CSV log for epochs before `before`, so a resumed run's log
+// and chart cover the whole training.
+std::vector<EpochRecord> read_log(const std::string& path, int before) {
+  std::vector<EpochRecord> rows;
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return rows;
+  char line[512];
+  while (std::fgets(line, sizeof line, f)) {
+    EpochRecord r{};
+    if (std::sscanf(line, "%d,%lf,%lf,%lf,%lf,%lf", &r.epoch, &r.train_loss, &r.train_acc, &r.test_loss, &r.test_acc,
+                    &r.seconds) == 6 && r.epoch <= before)
+      rows.push_back(r);
+  }
+  std::fclose(f);
+  return rows;
 }
 
 int run(const Config& cfg) {
@@ -234,12 +265,16 @@ int run(const Config& cfg) {
     if (cfg.scheduler == "cosine") cosine_lr.set_epoch(step);
   };
 
-  int first_epoch = 0;
+  Position start;
   if (!cfg.resume.empty()) {
-    bnrelu::io::load_safetensors(model, cfg.resume);
-    if (!cfg.eval_only) load_train_state(*opt, state_path(cfg.resume), first_epoch, cfg);
-    std::printf("resumed from %s%s\n", cfg.resume.c_str(),
-                cfg.eval_only ? "" : (" at epoch " + std::to_string(first_epoch + 1)).c_str());
+    const auto file = bnrelu::io::read_safetensors(cfg.resume);
+    bnrelu::io::load_state_dict(model, file, cfg.resume);
+    if (!cfg.eval_only) {
+      const auto it = file.metadata.find("steps");
+      start = load_train_state(*opt, state_path(cfg.resume), it == file.metadata.end() ? "?" : it->second, cfg);
+      std::printf("resumed from %s at epoch %d, step %ld of it\n", cfg.resume.c_str(), start.epoch + 1,
+                  static_cast<long>(start.batch));
+    }
   }
   if (cfg.eval_only) {
     if (cfg.resume.empty()) throw std::invalid_argument("--eval-only needs --resume CHECKPOINT");
@@ -252,14 +287,16 @@ int run(const Config& cfg) {
               model.named_parameters().size(), cfg.no_fuse ? "without" : "with", cfg.optimizer.c_str(), cfg.lr,
               cfg.scheduler.c_str(), cfg.momentum, static_cast<long>(cfg.batch_size), bnrelu::num_threads());
 
-  bnrelu::data::DataLoader<float> loader(train, loader_opt);
+  auto train_opt = loader_opt;
+  train_opt.drop_last = train.images.dimension(0) % cfg.batch_size == 1;  // batch norm needs 2 images
+  bnrelu::data::DataLoader<float> loader(train, train_opt);
   bnrelu::data::Batch<float> batch;
   nn::CrossEntropyLoss<float> ce;
-  std::vector<EpochRecord> history;
+  std::vector<EpochRecord> history = cfg.resume.empty() || cfg.log.empty() ? std::vector<EpochRecord>{} : read_log(cfg.log, start.epoch);
   Evaluation last_eval;
   Index steps = 0;
-  for (int epoch = first_epoch; epoch < cfg.epochs; ++epoch) {
-    loader.start_epoch(epoch);
+  for (int epoch = start.epoch; epoch < cfg.epochs; ++epoch) {
+    loader.seek(epoch, epoch == start.epoch ? start.batch : 0);
     Progress progress(epoch + 1, cfg.epochs, loader.num_batches());
     const auto t0 = Clock::now();
     double loss_sum = 0;
@@ -304,10 +341,12 @@ int run(const Config& cfg) {
                 cfg.epochs, history.back().train_loss, 100 * history.back().train_acc, last_eval.loss,
                 100 * last_eval.accuracy, seconds, static_cast<double>(seen) / seconds);
     if (!cfg.save.empty()) {
+      const Position at = loader.batch_index() >= loader.num_batches() ? Position{epoch + 1, 0}
+                                                                       : Position{epoch, loader.batch_index()};
       bnrelu::io::save_safetensors(model, cfg.save,
                                    {{"pixel_mean", std::to_string(mean)}, {"pixel_std", std::to_string(stdev)},
-                                    {"classes", std::to_string(classes)}, {"epoch", std::to_string(epoch + 1)}});
-      save_train_state(*opt, state_path(cfg.save), epoch + 1, opt->steps(), cfg);
+                                    {"classes", std::to_string(classes)}, {"steps", std::to_string(opt->steps())}});
+      save_train_state(*opt, state_path(cfg.save), at, opt->steps(), cfg);
     }
     if (!cfg.log.empty()) write_reports(cfg.log, history, "bnrelu seed_cnn on " + std::filesystem::path(cfg.data).filename().string());
     if (cfg.max_steps > 0 && steps >= cfg.max_steps) break;

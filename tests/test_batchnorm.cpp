@@ -213,6 +213,7 @@ TEST(BatchNorm, ErrorsLeaveStateUnchanged) {
   nn::BatchNorm2d<float> no_stats({.num_features = 3, .track_running_stats = false});
   no_stats.eval();
   EXPECT_EQ(no_stats.forward(Tensor<float, 4>(0, 3, 2, 2)).size(), 0);
+  EXPECT_THROW(no_stats.forward(Tensor<float, 4>(1, 3, 1, 1)), bnrelu::shape_error);  // as PyTorch
 
   using O = nn::BatchNormOptions;
   EXPECT_THROW(nn::BatchNorm2d<float>(O{.num_features = 0}), bnrelu::shape_error);

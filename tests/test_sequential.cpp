@@ -105,4 +105,11 @@ TEST(Sequential, ShapeErrorBeforeAnyLayerRuns) {
   EXPECT_EQ(net.get<1>().num_batches_tracked(), 1);
   EXPECT_THROW(net.backward(Tensor<double, 2>(3, 2)), bnrelu::shape_error);
   EXPECT_EQ(state_of(net), before);
+  // found in review: one image in training passes the 2-D batch norms (16 values per channel)
+  // but not the 1-D one; the whole chain must refuse it before the 2-D layers update their
+  // running statistics
+  EXPECT_THROW(net.forward(random_tensor<double, 4>({1, 2, 4, 4})), bnrelu::shape_error);
+  EXPECT_EQ(state_of(net), before);
+  EXPECT_EQ(net.get<1>().num_batches_tracked(), 1);
+  EXPECT_NO_THROW(net.backward(random_tensor<double, 2>({2, 2})));  // the last good forward's caches
 }

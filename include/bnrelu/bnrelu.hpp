@@ -26,3 +26,4 @@
 #include "optim/adam.hpp"
 #include "optim/scheduler.hpp"
 #include "optim/sgd.hpp"
+#include "testing/gradcheck.hpp"

@@ -39,8 +39,18 @@ struct IdxArray {
   }
 };
 
-// Files larger than this (decompressed) are refused rather than allocated.
+// Files whose data would exceed this many bytes (decompressed) are refused, not allocated.
 inline constexpr std::uint64_t kMaxIdxBytes = std::uint64_t{8} << 30;
+
+inline std::size_t idx_element_size(unsigned char type) {
+  switch (type) {
+    case 0x08: case 0x09: return 1;
+    case 0x0B: return 2;
+    case 0x0C: case 0x0D: return 4;
+    case 0x0E: return 8;
+    default: return 0;
+  }
+}
 
 namespace detail {
 
@@ -120,14 +130,18 @@ inline IdxArray read_idx(const std::string& path) {
   std::vector<unsigned char> dim_bytes(4 * static_cast<std::size_t>(ndims));
   if (in.read(dim_bytes.data(), dim_bytes.size()) != dim_bytes.size())
     throw format_error("read_idx: " + path + " is truncated inside its dimensions");
+  const std::size_t esize = idx_element_size(magic[2]);
   IdxArray out;
   std::uint64_t count = 1;
+  bool too_big = false;
   for (int d = 0; d < ndims; ++d) {
     const auto v = detail::from_big_endian<std::uint32_t>(dim_bytes.data() + 4 * d);
     out.dims.push_back(static_cast<Index>(v));
-    count *= v;
-    if (count > kMaxIdxBytes) throw format_error("read_idx: " + path + " declares more than 8 GiB of data");
+    if (v != 0 && count > kMaxIdxBytes / v) too_big = true;  // checked before it can overflow
+    else count *= v;
   }
+  if (esize && (too_big || count > kMaxIdxBytes / esize))
+    throw format_error("read_idx: " + path + " declares more than 8 GiB of data (" + shape_string(out.dims) + ")");
   switch (magic[2]) {
     case 0x08: out.data = detail::read_elements<std::uint8_t>(in, path, count); break;
     case 0x09: out.data = detail::read_elements<std::int8_t>(in, path, count); break;

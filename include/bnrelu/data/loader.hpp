@@ -32,6 +32,7 @@ template <class T = float>
 class DataLoader {
  public:
   // Keeps a reference to the data set, which must outlive the loader.
+  DataLoader(const Mnist&&, const LoaderOptions&) = delete;  // a temporary would dangle
   DataLoader(const Mnist& set, const LoaderOptions& opt) : set_(&set), opt_(opt) {
     if (opt.batch_size < 1) throw shape_error("DataLoader: batch_size must be >= 1, got " + std::to_string(opt.batch_size));
     if (!(opt.std > 0)) throw shape_error("DataLoader: std must be > 0");

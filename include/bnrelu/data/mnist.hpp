@@ -44,6 +44,9 @@ inline Mnist load_mnist(const std::string& dir, Split split) {
                        shape_string(images.dims));
   if (labels.dims.size() != 1 || !std::holds_alternative<std::vector<std::uint8_t>>(labels.data))
     throw format_error("load_mnist: " + label_path + " must hold N u8 labels, got " + shape_string(labels.dims));
+  if (images.dims[1] < 1 || images.dims[2] < 1 || images.dims[1] > 4096 || images.dims[2] > 4096)
+    throw format_error("load_mnist: " + image_path + " has images of " + std::to_string(images.dims[1]) + " x " +
+                       std::to_string(images.dims[2]) + "; expected 1 to 4096 pixels a side");
   if (labels.dims[0] != images.dims[0])
     throw format_error("load_mnist: " + std::to_string(images.dims[0]) + " images but " +
                        std::to_string(labels.dims[0]) + " labels");

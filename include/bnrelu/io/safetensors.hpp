@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../error.hpp"
+#include "../nn/layer.hpp"
 #include "../tensor.hpp"
 #include "atomic_file.hpp"
 
@@ -91,6 +92,10 @@ inline std::size_t dtype_size(const std::string& dtype) {
   return it == sizes.end() ? 0 : it->second;
 }
 
+// The format's own limit on the JSON header, and a bound on tensor rank.
+inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
+inline constexpr std::size_t kMaxRank = 32;
+
 struct SafetensorsFile {
   std::map<std::string, RawTensor> tensors;
   std::map<std::string, std::string> metadata;
@@ -105,6 +110,7 @@ inline SafetensorsFile parse_safetensors(std::string_view data, const std::strin
   std::uint64_t n = 0;
   std::memcpy(&n, data.data(), 8);
   if (n > data.size() - 8) throw bad("header length " + std::to_string(n) + " exceeds the file");
+  if (n > kMaxHeaderBytes) throw bad("header length " + std::to_string(n) + " exceeds the format's 100 MB limit");
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(data.substr(8, n));
@@ -133,16 +139,18 @@ inline SafetensorsFile parse_safetensors(std::string_view data, const std::strin
     t.dtype = entry["dtype"].get<std::string>();
     const std::size_t esize = dtype_size(t.dtype);
     if (esize == 0) throw bad("tensor " + name + " has unknown dtype " + t.dtype);
+    if (entry["shape"].size() > kMaxRank) throw bad("tensor " + name + " has more than 32 dimensions");
     std::uint64_t count = 1;
+    bool too_big = false;
     for (auto& d : entry["shape"]) {
       if (!d.is_number_unsigned()) throw bad("tensor " + name + " has a bad dimension");
       const auto v = d.get<std::uint64_t>();
-      if (v > static_cast<std::uint64_t>(std::numeric_limits<Index>::max()) ||
-          (v != 0 && count > buffer.size() / v))
-        throw bad("tensor " + name + " is larger than the file");
-      count *= v;
+      if (v > static_cast<std::uint64_t>(std::numeric_limits<Index>::max())) throw bad("tensor " + name + " has a bad dimension");
+      if (v != 0 && count > std::numeric_limits<std::uint64_t>::max() / esize / v) too_big = true;
+      else count *= v;
       t.shape.push_back(static_cast<Index>(v));
     }
+    if (too_big || count * esize > buffer.size()) throw bad("tensor " + name + " is larger than the file");
     const auto& off = entry["data_offsets"];
     if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned())
       throw bad("tensor " + name + " has bad data_offsets");
@@ -207,21 +215,6 @@ inline void write_safetensors(const std::string& path,
   write_file_atomic(path, serialize_safetensors(tensors, metadata));
 }
 
-namespace detail {
-
-// Visits every num_batches_tracked counter of a model with its state_dict name.
-template <class M, class F>
-void for_each_counter(M& m, const std::string& prefix, F&& f) {
-  if constexpr (requires { m.for_each_indexed([](std::size_t, auto&) {}); }) {
-    m.for_each_indexed([&](std::size_t i, auto& layer) {
-      for_each_counter(layer, prefix + std::to_string(i) + ".", f);
-    });
-  } else if constexpr (requires { m.num_batches_tracked() = 0; m.options().track_running_stats; }) {
-    if (m.options().track_running_stats) f(prefix + "num_batches_tracked", m.num_batches_tracked());
-  }
-}
-
-}  // namespace detail
 
 // The model's state_dict: parameters, running buffers and num_batches_tracked (I64).
 template <class Model>
@@ -232,7 +225,7 @@ std::vector<std::pair<std::string, RawTensor>> state_dict(Model& model) {
     out.emplace_back(p.name, RawTensor::from<T>(p.value, p.shape));
   for (auto& b : model.named_buffers())
     out.emplace_back(b.name, RawTensor::from<T>(b.value, b.shape));
-  detail::for_each_counter(model, "", [&](const std::string& name, std::int64_t& v) {
+  nn::for_each_batch_counter(model, "", [&](const std::string& name, std::int64_t& v) {
     out.emplace_back(name, RawTensor::from<std::int64_t>(std::span<const std::int64_t>(&v, 1), {}));
   });
   return out;
@@ -260,7 +253,7 @@ void load_state_dict(Model& model, const SafetensorsFile& file, const std::strin
   std::vector<Target> targets;
   for (auto& p : model.named_parameters()) targets.push_back({p.name, p.shape, p.value, nullptr});
   for (auto& b : model.named_buffers()) targets.push_back({b.name, b.shape, b.value, nullptr});
-  detail::for_each_counter(model, "", [&](const std::string& name, std::int64_t& v) {
+  nn::for_each_batch_counter(model, "", [&](const std::string& name, std::int64_t& v) {
     targets.push_back({name, {}, {}, &v});
   });
   std::vector<std::vector<T>> values(targets.size());

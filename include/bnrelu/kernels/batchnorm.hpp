@@ -45,13 +45,14 @@ inline T relu_value(T v) {
   return v < T(0) ? T(0) : v;
 }
 
-// dy where the forward's pre-activation was positive, else +0 (PyTorch's threshold_backward).
+// +0 where the forward's pre-activation was <= 0, else dy: PyTorch's threshold_backward, which
+// passes the gradient of a NaN output through.
 // A bit mask rather than `pre > 0 ? dy : 0`, which GCC 12 compiles to a branch in loops that
 // also reduce in double (~5 ns an element on a random mask).
 template <class T>
 inline T relu_grad(T pre, T dy) {
   using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
-  return std::bit_cast<T>(std::bit_cast<U>(dy) & (U(0) - U(pre > T(0))));
+  return std::bit_cast<T>(std::bit_cast<U>(dy) & (U(0) - U(!(pre <= T(0)))));
 }
 
 // scale and shift of channel c from its statistics, rounded once from double; forward, eval

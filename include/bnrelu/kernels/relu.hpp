@@ -9,14 +9,14 @@
 
 namespace bnrelu::kernels {
 
-// x, y: [n]; mask[i] = 1 where y[i] > 0 (the elements that pass gradient), as PyTorch's
-// threshold_backward decides.
+// x, y: [n]; mask[i] = 1 where !(y[i] <= 0) (the elements that pass gradient, NaN included),
+// as PyTorch's threshold_backward decides.
 template <class T>
 void relu_forward(T* y, std::uint8_t* mask, const T* x, Index n) {
 #pragma omp parallel for simd schedule(static) if (n > (1 << 16))
   for (Index i = 0; i < n; ++i) {
     y[i] = relu_value(x[i]);
-    if (mask) mask[i] = y[i] > T(0);
+    if (mask) mask[i] = !(y[i] <= T(0));
   }
 }
 

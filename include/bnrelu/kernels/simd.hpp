@@ -34,10 +34,10 @@ inline P relu(const P& v) {
   return Eigen::internal::pandnot(v, Eigen::internal::pcmp_lt(v, Eigen::internal::pzero(v)));
 }
 
-// dy where pre > 0, else +0.
+// +0 where pre <= 0, else dy (NaN passes the gradient, as in PyTorch).
 template <class P>
 inline P relu_grad(const P& pre, const P& dy) {
-  return Eigen::internal::pand(dy, Eigen::internal::pcmp_lt(Eigen::internal::pzero(pre), pre));
+  return Eigen::internal::pandnot(dy, Eigen::internal::pcmp_le(pre, Eigen::internal::pzero(pre)));
 }
 
 }  // namespace bnrelu::kernels::simd

@@ -61,6 +61,14 @@ class BatchNormBase : public Module {
       throw shape_error(std::string(name_) + ": expected input N x " +
                         std::to_string(opt_.num_features) + (Rank == 4 ? " x H x W" : "") +
                         ", got " + shape_string(in));
+    // Batch statistics need more than one value per channel (PyTorch raises for exactly one;
+    // training on an empty batch is refused too, as its statistics do not exist).
+    Index M = in[0];
+    for (std::size_t i = 2; i < Rank; ++i) M *= in[i];
+    const bool batch_stats = is_training() || !opt_.track_running_stats;
+    if (batch_stats && (M == 1 || (is_training() && M == 0)))
+      throw shape_error(std::string(name_) + ": expected more than 1 value per channel when using batch " +
+                        "statistics, got input " + shape_string(in));
     return in;
   }
 
@@ -110,9 +118,6 @@ class BatchNormBase : public Module {
     const auto d = output_dims(dims_of(x));
     const Index N = d[0], C = d[1], S = x.size() / std::max<Index>(N * C, 1);
     const bool batch_stats = is_training() || !opt_.track_running_stats;
-    if (is_training() && N * S <= 1)
-      throw shape_error(std::string(name_) + ": expected more than 1 value per channel when " +
-                        "training, got input " + shape_string(d));
     Tensor<T, Rank> y(x.dimensions());
     if (x.size() == 0) {  // eval on an empty batch (training rejected it above): nothing to do
       drop_cache();

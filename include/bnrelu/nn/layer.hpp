@@ -44,6 +44,19 @@ class Module {
   bool training_ = true;
 };
 
+// Calls f(name, counter) for every num_batches_tracked counter of a layer or Sequential
+// (nested ones included), with its PyTorch state_dict name.
+template <class M, class F>
+void for_each_batch_counter(M& m, const std::string& prefix, F&& f) {
+  if constexpr (requires { m.for_each_indexed([](std::size_t, auto&) {}); }) {
+    m.for_each_indexed([&](std::size_t i, auto& layer) {
+      for_each_batch_counter(layer, prefix + std::to_string(i) + ".", f);
+    });
+  } else if constexpr (requires { m.num_batches_tracked() = 0; m.options().track_running_stats; }) {
+    if (m.options().track_running_stats) f(prefix + "num_batches_tracked", m.num_batches_tracked());
+  }
+}
+
 namespace detail {
 
 template <std::size_t Rank>

@@ -6,6 +6,7 @@
 #include <iterator>
 #include <ranges>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "layer.hpp"
@@ -29,7 +30,7 @@ class CrossEntropyLoss {
       throw shape_error("CrossEntropyLoss: expected non-empty logits, got " + shape_string(logits));
     const auto* lab = std::ranges::data(labels);
     for (Index n = 0; n < N; ++n)
-      if (lab[n] < 0 || static_cast<Index>(lab[n]) >= K)
+      if (std::cmp_less(lab[n], 0) || std::cmp_greater_equal(lab[n], K))
         throw shape_error("CrossEntropyLoss: label " + std::to_string(lab[n]) + " at row " +
                           std::to_string(n) + " is outside [0, " + std::to_string(K) + ")");
     // probs = softmax(logits) row by row, shifted by the row maximum for stability

@@ -97,17 +97,14 @@ class Sequential : public Module {
   }
 
   // Shapes are checked through the whole chain before any layer runs.
-  output_type forward(const input_type& x) {
-    output_dims(dims_of(x));
-    last_fused_ = fusion_;
-    ran_training_ = is_training();
-    return forward_from<0>(input_type(x));
-  }
+  output_type forward(const input_type& x) { return forward(input_type(x)); }
   output_type forward(input_type&& x) {
     output_dims(dims_of(x));
+    ran_training_ = false;  // until the whole chain has run
+    auto y = forward_from<0>(std::move(x));
     last_fused_ = fusion_;
     ran_training_ = is_training();
-    return forward_from<0>(std::move(x));
+    return y;
   }
 
   input_type backward(const output_type& dy) {
@@ -184,7 +181,7 @@ class Sequential : public Module {
   auto forward_from(X&& x) {
     if constexpr (I == size) {
       return std::move(x);
-    } else if constexpr (fused_pair<I>()) {
+    } else if constexpr (fused_pair<I>()) {  // fusion_ is read here and saved as last_fused_
       if (fusion_) return forward_from<I + 2>(std::get<I>(layers_).forward_fused_relu(std::move(x)));
       auto y = std::get<I>(layers_).forward(std::move(x));
       return forward_from<I + 2>(std::get<I + 1>(layers_).forward(std::move(y)));

@@ -5,8 +5,8 @@
 // parameter element (up to max_checks per tensor, evenly spread) is perturbed by +-eps and
 // the central difference compared with the analytic value:
 //   |numeric - analytic| <= atol + rtol * |analytic|.
-// Running buffers are restored after every forward, so the layer ends as it started apart
-// from its parameter grads, which hold the analytic gradient.
+// Running buffers and num_batches_tracked are restored after every forward, so the layer
+// ends as it started apart from its parameter grads, which hold the analytic gradient.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "../nn/layer.hpp"
 #include "../random.hpp"
 #include "../tensor.hpp"
 
@@ -40,9 +41,12 @@ GradcheckResult gradcheck(LayerT& layer, const X& x, const GradcheckOptions& opt
   auto buffers = layer.named_buffers();
   std::vector<std::vector<T>> saved;
   for (auto& b : buffers) saved.emplace_back(b.value.begin(), b.value.end());
+  std::vector<std::pair<std::int64_t*, std::int64_t>> counters;
+  nn::for_each_batch_counter(layer, "", [&](const std::string&, std::int64_t& c) { counters.emplace_back(&c, c); });
   auto restore = [&] {
     for (std::size_t i = 0; i < buffers.size(); ++i)
       std::copy(saved[i].begin(), saved[i].end(), buffers[i].value.begin());
+    for (auto& [counter, value] : counters) *counter = value;
   };
 
   auto y0 = layer.forward(x);
