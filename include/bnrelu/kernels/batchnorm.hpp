@@ -5,8 +5,9 @@
 //
 // The fused training kernels work one channel at a time: its N*S values (200 KiB for
 // 64x64x28x28) are read from memory once and stay in L2 for the following passes. The
-// backward recomputes the ReLU mask from x with the forward's own arithmetic (same code path
-// for the same element), so nothing but x is kept between the two.
+// backward recomputes the ReLU mask from x with the forward's own arithmetic (one rounding,
+// fused multiply-add, in vector and scalar paths alike), so nothing but x is kept between
+// the two.
 #pragma once
 
 #include <algorithm>
