@@ -28,10 +28,8 @@ int main(int argc, char** argv) {
     bnrelu::io::load_state_dict(model, file, checkpoint);
     model.eval();
     const auto test = bnrelu::data::load_mnist(data, bnrelu::data::Split::test);
-    bnrelu::data::Mnist first;
     count = std::min(count, test.images.dimension(0));
-    first.images = test.images.slice(bnrelu::Dims<4>{0, 0, 0, 0}, bnrelu::Dims<4>{count, 1, test.images.dimension(2), test.images.dimension(3)});
-    first.labels.assign(test.labels.begin(), test.labels.begin() + count);
+    const auto first = bnrelu::data::first_n(test, count);
     bnrelu::data::DataLoader<float> loader(first, {.batch_size = count, .shuffle = false,
                                                    .mean = std::stof(meta("pixel_mean", "0")), .std = std::stof(meta("pixel_std", "1"))});
     bnrelu::data::Batch<float> batch;

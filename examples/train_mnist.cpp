@@ -46,15 +46,6 @@ struct Config {
   Index test_limit = 0;
 };
 
-// The first `limit` images of a set (all of them for 0).
-bnrelu::data::Mnist first_images(bnrelu::data::Mnist set, Index limit) {
-  if (limit <= 0 || limit >= set.images.dimension(0)) return set;
-  bnrelu::data::Mnist out;
-  const bnrelu::Dims<4> extent{limit, set.images.dimension(1), set.images.dimension(2), set.images.dimension(3)};
-  out.images = set.images.slice(bnrelu::Dims<4>{0, 0, 0, 0}, extent);
-  out.labels.assign(set.labels.begin(), set.labels.begin() + limit);
-  return out;
-}
 
 const std::vector<std::string> kFashionNames{"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                                              "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
@@ -113,6 +104,14 @@ class Progress {
   Clock::time_point start_ = Clock::now(), shown_ = Clock::time_point{};
 };
 
+// The class with the largest logit in row i.
+Index predicted(const bnrelu::Tensor<float, 2>& logits, Index i) {
+  Index best = 0;
+  for (Index k = 1; k < logits.dimension(1); ++k)
+    if (logits(i, k) > logits(i, best)) best = k;
+  return best;
+}
+
 struct Evaluation {
   double loss = 0, accuracy = 0;
   std::vector<std::vector<Index>> confusion;  // [true][predicted]
@@ -137,9 +136,7 @@ Evaluation evaluate(Model& model, const bnrelu::data::Mnist& set, const bnrelu::
     const Index n = logits.dimension(0);
     total_loss += static_cast<double>(ce.forward(logits, batch.labels)) * static_cast<double>(n);
     for (Index i = 0; i < n; ++i) {
-      Index best = 0;
-      for (Index k = 1; k < classes; ++k)
-        if (logits(i, k) > logits(i, best)) best = k;
+      const Index best = predicted(logits, i);
       const auto truth = batch.labels[static_cast<std::size_t>(i)];
       ++ev.confusion[static_cast<std::size_t>(truth)][static_cast<std::size_t>(best)];
       correct += best == truth;
@@ -232,8 +229,8 @@ int run(const Config& cfg) {
   if (cfg.threads > 0) bnrelu::set_num_threads(cfg.threads);
   bnrelu::manual_seed(cfg.seed);
   const auto t_load = Clock::now();
-  const auto train = first_images(bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::train), cfg.train_limit);
-  const auto test = first_images(bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::test), cfg.test_limit);
+  const auto train = bnrelu::data::first_n(bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::train), cfg.train_limit);
+  const auto test = bnrelu::data::first_n(bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::test), cfg.test_limit);
   Index classes = 0;
   for (auto l : train.labels) classes = std::max<Index>(classes, l + 1);
   const auto [mean, stdev] = bnrelu::data::pixel_mean_std(train);
@@ -319,12 +316,7 @@ int run(const Config& cfg) {
       opt->step();
       const Index n = logits.dimension(0);
       loss_sum += static_cast<double>(loss) * static_cast<double>(n);
-      for (Index i = 0; i < n; ++i) {
-        Index best = 0;
-        for (Index k = 1; k < classes; ++k)
-          if (logits(i, k) > logits(i, best)) best = k;
-        correct += best == labels[static_cast<std::size_t>(i)];
-      }
+      for (Index i = 0; i < n; ++i) correct += predicted(logits, i) == labels[static_cast<std::size_t>(i)];
       seen += n;
       ++steps;
       progress.update(loader.batch_index(), loss_sum / static_cast<double>(seen),

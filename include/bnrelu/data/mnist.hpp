@@ -59,4 +59,14 @@ inline Mnist load_mnist(const std::string& dir, Split split) {
   return out;
 }
 
+// The first n images of a set and their labels (all of them when n <= 0 or n >= its size).
+inline Mnist first_n(const Mnist& set, Index n) {
+  if (n <= 0 || n >= set.images.dimension(0)) return set;
+  Mnist out;
+  const Dims<4> extent{n, set.images.dimension(1), set.images.dimension(2), set.images.dimension(3)};
+  out.images = set.images.slice(Dims<4>{0, 0, 0, 0}, extent);
+  out.labels.assign(set.labels.begin(), set.labels.begin() + n);
+  return out;
+}
+
 }  // namespace bnrelu::data
