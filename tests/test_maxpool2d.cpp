@@ -13,7 +13,8 @@ TYPED_TEST_SUITE(MaxPoolGolden, FloatTypes);
 
 TYPED_TEST(MaxPoolGolden, MatchesPyTorchIncludingTiesAndPadding) {
   using T = TypeParam;
-  for (const char* name : {"maxpool_2x2", "maxpool_3s2p1_ties", "maxpool_3s1p1_ties", "maxpool_odd_floor"}) {
+  for (const char* name : {"maxpool_2x2", "maxpool_3s2p1_ties", "maxpool_3s1p1_ties", "maxpool_odd_floor",
+                           "maxpool_3s3_tiles_ties"}) {
     SCOPED_TRACE(name);
     Fixture f(name);
     const auto& o = f.options;

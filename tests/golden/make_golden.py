@@ -263,3 +263,5 @@ if __name__ == "__main__":
     optimizer_case("adamw", lambda ps: optim.AdamW(ps, lr=0.01, weight_decay=0.05),
                    dict(kind="adamw", lr=0.01, weight_decay=0.05))
     scheduler_case("schedulers")
+    # added later, at the end so that earlier fixtures keep their random draws
+    maxpool_case("maxpool_3s3_tiles_ties", (2, 2, 8, 10), 3, 3, 0, True)

@@ -1,0 +1,192 @@
+// The seed CNN's whole training step (forward, loss, backward, SGD with momentum) and its eval
+// forward, at batch 64 and 256 on 1 and 2 threads, reported as images/s; a per-layer time
+// breakdown of the training step; and Conv2d's GFLOP/s next to a plain GEMM's measured in the
+// same binary.
+//
+// bench/torch_training.py runs the same model and steps in PyTorch; bench/training_table.py
+// prints both side by side.
+#include <bnrelu/models/seed_cnn.hpp>
+#include <bnrelu/nn/loss.hpp>
+#include <bnrelu/optim/sgd.hpp>
+
+#include <Eigen/Core>
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.hpp"
+
+namespace {
+
+using bnrelu::Index;
+using bnrelu::Tensor;
+using Clock = std::chrono::steady_clock;
+
+struct Batch {
+  Tensor<float, 4> x;
+  std::vector<std::int64_t> labels;
+};
+
+Batch random_batch(Index n) {
+  bnrelu::manual_seed(1);
+  Batch b{bnrelu::bench::random_tensor<4>({n, 1, 28, 28}), std::vector<std::int64_t>(static_cast<std::size_t>(n))};
+  for (Index i = 0; i < n; ++i) b.labels[static_cast<std::size_t>(i)] = i % 10;
+  return b;
+}
+
+void training_step(benchmark::State& state) {
+  const Index batch = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  bnrelu::set_num_threads(threads);
+  bnrelu::manual_seed(0);
+  auto model = bnrelu::models::seed_cnn<float>(1, 10);
+  bnrelu::nn::CrossEntropyLoss<float> loss;
+  bnrelu::optim::SGD<float> opt(model.named_parameters(), {.lr = 0.01, .momentum = 0.9});
+  const Batch b = random_batch(batch);
+  for (auto _ : state) {
+    opt.zero_grad();
+    auto logits = model.forward(b.x);
+    benchmark::DoNotOptimize(loss.forward(logits, b.labels));
+    model.backward(loss.backward());
+    opt.step();
+  }
+  state.counters["images/s"] = benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = threads;
+}
+
+void eval_forward(benchmark::State& state) {
+  const Index batch = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  bnrelu::set_num_threads(threads);
+  bnrelu::manual_seed(0);
+  auto model = bnrelu::models::seed_cnn<float>(1, 10);
+  model.eval();
+  const Batch b = random_batch(batch);
+  for (auto _ : state) benchmark::DoNotOptimize(model.forward(b.x).data());
+  state.counters["images/s"] = benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = threads;
+}
+
+// The training step layer by layer, each forward and backward timed on its own; counters are
+// milliseconds per step. Runs the same calls as Sequential (BatchNorm+ReLU fused).
+void step_breakdown(benchmark::State& state) {
+  const Index batch = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  bnrelu::set_num_threads(threads);
+  bnrelu::manual_seed(0);
+  auto m = bnrelu::models::seed_cnn<float>(1, 10);
+  bnrelu::nn::CrossEntropyLoss<float> loss;
+  bnrelu::optim::SGD<float> opt(m.named_parameters(), {.lr = 0.01, .momentum = 0.9});
+  const Batch b = random_batch(batch);
+
+  enum Part { conv1_f, bnrelu1_f, pool1_f, conv2_f, bnrelu2_f, pool2_f, fc1_f, bnrelu3_f, fc2_f, loss_fb,
+              fc2_b, bnrelu3_b, fc1_b, pool2_b, bnrelu2_b, conv2_b, pool1_b, bnrelu1_b, conv1_b, sgd, parts };
+  static constexpr std::array<const char*, parts> names = {
+      "conv1_fwd", "bnrelu1_fwd", "pool1_fwd", "conv2_fwd", "bnrelu2_fwd", "pool2_fwd", "fc1_fwd", "bnrelu3_fwd",
+      "fc2_fwd",   "loss",        "fc2_bwd",   "bnrelu3_bwd", "fc1_bwd", "pool2_bwd", "bnrelu2_bwd", "conv2_bwd",
+      "pool1_bwd", "bnrelu1_bwd", "conv1_bwd", "sgd"};
+  std::array<double, parts> seconds{};
+  auto t = Clock::now();
+  auto lap = [&](Part p) {
+    const auto now = Clock::now();
+    seconds[p] += std::chrono::duration<double>(now - t).count();
+    t = now;
+  };
+  for (auto _ : state) {
+    opt.zero_grad();
+    t = Clock::now();
+    auto a1 = m.get<0>().forward(b.x);                 lap(conv1_f);
+    auto r1 = m.get<1>().forward_fused_relu(std::move(a1)); lap(bnrelu1_f);
+    auto p1 = m.get<3>().forward(std::move(r1));        lap(pool1_f);
+    auto a2 = m.get<4>().forward(std::move(p1));        lap(conv2_f);
+    auto r2 = m.get<5>().forward_fused_relu(std::move(a2)); lap(bnrelu2_f);
+    auto p2 = m.get<7>().forward(std::move(r2));        lap(pool2_f);
+    auto f = m.get<8>().forward(std::move(p2));
+    auto h1 = m.get<9>().forward(std::move(f));         lap(fc1_f);
+    auto r3 = m.get<10>().forward_fused_relu(std::move(h1)); lap(bnrelu3_f);
+    auto logits = m.get<12>().forward(std::move(r3));   lap(fc2_f);
+    benchmark::DoNotOptimize(loss.forward(logits, b.labels));
+    auto dlogits = loss.backward();                     lap(loss_fb);
+    auto d3 = m.get<12>().backward(dlogits);            lap(fc2_b);
+    auto dh1 = m.get<10>().backward_fused_relu(d3);     lap(bnrelu3_b);
+    auto df = m.get<9>().backward(dh1);                 lap(fc1_b);
+    auto dp2 = m.get<7>().backward(m.get<8>().backward(df)); lap(pool2_b);
+    auto da2 = m.get<5>().backward_fused_relu(dp2);     lap(bnrelu2_b);
+    auto dp1 = m.get<4>().backward(da2);                lap(conv2_b);
+    auto dr1 = m.get<3>().backward(dp1);                lap(pool1_b);
+    auto da1 = m.get<1>().backward_fused_relu(dr1);     lap(bnrelu1_b);
+    benchmark::DoNotOptimize(m.get<0>().backward(da1).data()); lap(conv1_b);
+    opt.step();                                         lap(sgd);
+  }
+  const double n = static_cast<double>(state.iterations());
+  for (int p = 0; p < parts; ++p) state.counters[names[static_cast<std::size_t>(p)]] = 1e3 * seconds[static_cast<std::size_t>(p)] / n;
+  state.counters["threads"] = threads;
+}
+
+// conv2 of the seed CNN (64 -> 128, 3x3, pad 1, 14x14) forward, and Eigen's GEMM at the same
+// total size, both as GFLOP/s.
+constexpr Index kConvN = 64, kConvC = 64, kConvO = 128, kConvHW = 14;
+constexpr double kConvFlop = 2.0 * kConvN * kConvO * (kConvC * 9) * (kConvHW * kConvHW);
+
+void conv2_forward(benchmark::State& state) {
+  bnrelu::set_num_threads(static_cast<int>(state.range(0)));
+  bnrelu::manual_seed(0);
+  bnrelu::nn::Conv2d<float> conv({.in_channels = kConvC, .out_channels = kConvO, .kernel_size = 3, .padding = 1});
+  conv.eval();
+  const auto x = bnrelu::bench::random_tensor<4>({kConvN, kConvC, kConvHW, kConvHW});
+  for (auto _ : state) benchmark::DoNotOptimize(conv.forward(x).data());
+  state.counters["GFLOP/s"] = benchmark::Counter(kConvFlop * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = static_cast<double>(state.range(0));
+}
+
+void conv2_backward(benchmark::State& state) {
+  bnrelu::set_num_threads(static_cast<int>(state.range(0)));
+  bnrelu::manual_seed(0);
+  bnrelu::nn::Conv2d<float> conv({.in_channels = kConvC, .out_channels = kConvO, .kernel_size = 3, .padding = 1});
+  const auto x = bnrelu::bench::random_tensor<4>({kConvN, kConvC, kConvHW, kConvHW});
+  const auto dy = bnrelu::bench::random_tensor<4>({kConvN, kConvO, kConvHW, kConvHW});
+  conv.forward(x);
+  for (auto _ : state) benchmark::DoNotOptimize(conv.backward(dy).data());
+  // input gradient and weight gradient: two GEMMs of the forward's size
+  state.counters["GFLOP/s"] = benchmark::Counter(2 * kConvFlop * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = static_cast<double>(state.range(0));
+}
+
+// The machine's GEMM rate for this library: [O x K] * [K x N*P] row-major, Eigen.
+void gemm(benchmark::State& state) {
+  bnrelu::set_num_threads(static_cast<int>(state.range(0)));
+  using M = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Index K = kConvC * 9, P = kConvN * kConvHW * kConvHW;
+  M a = M::Random(kConvO, K), b = M::Random(K, P), c(kConvO, P);
+  for (auto _ : state) {
+    c.noalias() = a * b;
+    benchmark::DoNotOptimize(c.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(kConvFlop * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = static_cast<double>(state.range(0));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using benchmark::RegisterBenchmark;
+  using Fn = void (*)(benchmark::State&);
+  for (auto [name, fn] : {std::pair<const char*, Fn>{"training_step", training_step}, {"eval_forward", eval_forward},
+                          {"step_breakdown", step_breakdown}})
+    RegisterBenchmark(name, fn)
+        ->ArgNames({"batch", "threads"})
+        ->ArgsProduct({{64, 256}, {1, 2}})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  for (auto [name, fn] : {std::pair<const char*, Fn>{"gemm_128x576x12544", gemm}, {"conv2_forward_64x64x14x14", conv2_forward},
+                          {"conv2_backward_64x64x14x14", conv2_backward}})
+    RegisterBenchmark(name, fn)->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
