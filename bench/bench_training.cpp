@@ -50,7 +50,7 @@ void training_step(benchmark::State& state) {
     opt.zero_grad();
     auto logits = model.forward(b.x);
     benchmark::DoNotOptimize(loss.forward(logits, b.labels));
-    model.backward(loss.backward());
+    model.backward_params(loss.backward());
     opt.step();
   }
   state.counters["images/s"] = benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
@@ -71,7 +71,8 @@ void eval_forward(benchmark::State& state) {
 }
 
 // The training step layer by layer, each forward and backward timed on its own; counters are
-// milliseconds per step. Runs the same calls as Sequential (BatchNorm+ReLU fused).
+// milliseconds per step. Runs the same calls as Sequential's forward and backward_params
+// (BatchNorm+ReLU fused).
 void step_breakdown(benchmark::State& state) {
   const Index batch = state.range(0);
   const int threads = static_cast<int>(state.range(1));
@@ -110,15 +111,15 @@ void step_breakdown(benchmark::State& state) {
     auto logits = m.get<12>().forward(std::move(r3));   lap(fc2_f);
     benchmark::DoNotOptimize(loss.forward(logits, b.labels));
     auto dlogits = loss.backward();                     lap(loss_fb);
-    auto d3 = m.get<12>().backward(dlogits);            lap(fc2_b);
-    auto dh1 = m.get<10>().backward_fused_relu(d3);     lap(bnrelu3_b);
-    auto df = m.get<9>().backward(dh1);                 lap(fc1_b);
-    auto dp2 = m.get<7>().backward(m.get<8>().backward(df)); lap(pool2_b);
-    auto da2 = m.get<5>().backward_fused_relu(dp2);     lap(bnrelu2_b);
-    auto dp1 = m.get<4>().backward(da2);                lap(conv2_b);
-    auto dr1 = m.get<3>().backward(dp1);                lap(pool1_b);
-    auto da1 = m.get<1>().backward_fused_relu(dr1);     lap(bnrelu1_b);
-    benchmark::DoNotOptimize(m.get<0>().backward(da1).data()); lap(conv1_b);
+    auto d3 = m.get<12>().backward(std::move(dlogits)); lap(fc2_b);
+    auto dh1 = m.get<10>().backward_fused_relu(std::move(d3)); lap(bnrelu3_b);
+    auto df = m.get<9>().backward(std::move(dh1));      lap(fc1_b);
+    auto dp2 = m.get<7>().backward(m.get<8>().backward(std::move(df))); lap(pool2_b);
+    auto da2 = m.get<5>().backward_fused_relu(std::move(dp2)); lap(bnrelu2_b);
+    auto dp1 = m.get<4>().backward(std::move(da2));     lap(conv2_b);
+    auto dr1 = m.get<3>().backward(std::move(dp1));     lap(pool1_b);
+    auto da1 = m.get<1>().backward_fused_relu(std::move(dr1)); lap(bnrelu1_b);
+    m.get<0>().backward_params(std::move(da1));         lap(conv1_b);
     opt.step();                                         lap(sgd);
   }
   const double n = static_cast<double>(state.iterations());

@@ -312,7 +312,7 @@ int run(const Config& cfg) {
                      static_cast<double>(loss), epoch + 1, static_cast<long>(loader.batch_index()), cfg.save.c_str());
         return 3;
       }
-      model.backward(ce.backward());
+      model.backward_params(ce.backward());  // no gradient for the images themselves
       opt->step();
       const Index n = logits.dimension(0);
       loss_sum += static_cast<double>(loss) * static_cast<double>(n);

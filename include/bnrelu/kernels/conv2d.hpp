@@ -27,6 +27,14 @@ using MatrixMap = Eigen::Map<RowMatrix<T>>;
 template <class T>
 using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
 
+// The output columns [first, last) of a kernel tap at column offset off (kw * dil - pad) whose
+// input column ow * stride + off lies inside the image; outside them the tap reads padding.
+inline void valid_columns(Index& first, Index& last, Index off, const Conv2dGeometry& g) {
+  first = off >= 0 ? 0 : (-off + g.stride - 1) / g.stride;
+  last = g.W - off <= 0 ? 0 : std::min(g.WO, (g.W - off + g.stride - 1) / g.stride);
+  first = std::min(first, last);
+}
+
 // x: [C, H, W] one image -> col: [C*KH*KW, HO*WO]; out-of-image taps are 0.
 template <class T>
 void im2col(T* col, const T* x, const Conv2dGeometry& g) {
@@ -43,10 +51,14 @@ void im2col(T* col, const T* x, const Conv2dGeometry& g) {
           }
           const T* in = x + (c * g.H + ih) * g.W;
           const Index off = kw * g.dil - g.pad;
-          for (Index ow = 0; ow < g.WO; ++ow) {
-            const Index iw = ow * g.stride + off;
-            out[ow] = (iw >= 0 && iw < g.W) ? in[iw] : T(0);
-          }
+          Index first, last;
+          valid_columns(first, last, off, g);
+          std::fill(out, out + first, T(0));
+          if (g.stride == 1)
+            std::copy(in + first + off, in + last + off, out + first);
+          else
+            for (Index ow = first; ow < last; ++ow) out[ow] = in[ow * g.stride + off];
+          std::fill(out + last, out + g.WO, T(0));
         }
       }
 }
@@ -64,9 +76,12 @@ void col2im_add(T* dx, const T* col, const Conv2dGeometry& g) {
           T* out = dx + (c * g.H + ih) * g.W;
           const T* in = row + oh * g.WO;
           const Index off = kw * g.dil - g.pad;
-          for (Index ow = 0; ow < g.WO; ++ow) {
-            const Index iw = ow * g.stride + off;
-            if (iw >= 0 && iw < g.W) out[iw] += in[ow];
+          Index first, last;
+          valid_columns(first, last, off, g);
+          if (g.stride == 1) {
+            for (Index ow = first; ow < last; ++ow) out[ow + off] += in[ow];
+          } else {
+            for (Index ow = first; ow < last; ++ow) out[ow * g.stride + off] += in[ow];
           }
         }
       }

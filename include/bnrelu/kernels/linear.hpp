@@ -17,13 +17,13 @@ void linear_forward(T* y, const T* x, const T* weight, const T* bias, Index N, I
   if (bias) ym.rowwise() += Eigen::Map<const Eigen::RowVector<T, Eigen::Dynamic>>(bias, O);
 }
 
-// dx = dy * weight;  dweight += dy^T * x;  dbias += column sums of dy.
+// dx = dy * weight (skipped when dx is null);  dweight += dy^T * x;  dbias += column sums of dy.
 template <class T>
 void linear_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* weight,
                      Index N, Index I, Index O) {
   if (N == 0) return;  // nothing to add, and null data pointers
   ConstMatrixMap<T> dym(dy, N, O);
-  MatrixMap<T>(dx, N, I).noalias() = dym * ConstMatrixMap<T>(weight, O, I);
+  if (dx) MatrixMap<T>(dx, N, I).noalias() = dym * ConstMatrixMap<T>(weight, O, I);
   MatrixMap<T>(dweight, O, I).noalias() += dym.transpose() * ConstMatrixMap<T>(x, N, I);
   if (dbias) Eigen::Map<Eigen::RowVector<T, Eigen::Dynamic>>(dbias, O) += dym.colwise().sum();
 }

@@ -67,6 +67,34 @@ inline void maxpool2x2_avx2(float* y, std::int32_t* argmax, const float* r0, con
     _mm256_maskstore_epi32(argmax, m, at);
   }
 }
+
+// The adjoint for eight windows: each input element gets dy where it was its window's argmax,
+// else 0; even and odd columns are interleaved back into the two rows.
+inline void maxpool2x2_backward_avx2(float* r0, float* r1, const float* dy, const std::int32_t* argmax,
+                                     std::int32_t first, std::int32_t W, int count) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  auto mask = [&](int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane); };
+  const __m256 d = count == 8 ? _mm256_loadu_ps(dy) : _mm256_maskload_ps(dy, mask(count));
+  const __m256i at = count == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(argmax))
+                                : _mm256_maskload_epi32(argmax, mask(count));
+  const __m256i off = _mm256_sub_epi32(at, _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_add_epi32(lane, lane)));
+  auto pick = [&](std::int32_t k) {
+    return _mm256_and_ps(d, _mm256_castsi256_ps(_mm256_cmpeq_epi32(off, _mm256_set1_epi32(k))));
+  };
+  auto store_row = [&](float* row, __m256 even, __m256 odd) {
+    const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+    const __m256 first8 = _mm256_permute2f128_ps(lo, hi, 0x20), last8 = _mm256_permute2f128_ps(lo, hi, 0x31);
+    if (count == 8) {
+      _mm256_storeu_ps(row, first8);
+      _mm256_storeu_ps(row + 8, last8);
+    } else {
+      _mm256_maskstore_ps(row, mask(2 * count), first8);
+      _mm256_maskstore_ps(row + 8, mask(2 * count - 8), last8);
+    }
+  };
+  store_row(r0, pick(0), pick(1));
+  store_row(r1, pick(W), pick(W + 1));
+}
 #endif
 
 // One plane of a 2x2, stride-2 pool: two input rows per output row.
@@ -110,7 +138,14 @@ void maxpool2x2_plane_backward(T* dx, const T* dy, const std::int32_t* argmax, c
     const std::int32_t* ar = argmax + oh * g.WO;
     const auto base = static_cast<std::int32_t>(2 * oh * g.W);
     const auto W = static_cast<std::int32_t>(g.W);
-    for (Index ow = 0; ow < g.WO; ++ow) {
+    Index ow = 0;
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<T, float>)
+      for (; ow < g.WO; ow += 8)
+        maxpool2x2_backward_avx2(r0 + 2 * ow, r1 + 2 * ow, dyr + ow, ar + ow, base + static_cast<std::int32_t>(2 * ow),
+                                 W, static_cast<int>(std::min<Index>(8, g.WO - ow)));
+#endif
+    for (; ow < g.WO; ++ow) {
       const std::int32_t at = ar[ow] - base - static_cast<std::int32_t>(2 * ow);
       const T d = dyr[ow];
       r0[2 * ow] = at == 0 ? d : T(0);

@@ -118,7 +118,7 @@ class BatchNormBase : public Module {
     const auto d = output_dims(dims_of(x));
     const Index N = d[0], C = d[1], S = x.size() / std::max<Index>(N * C, 1);
     const bool batch_stats = is_training() || !opt_.track_running_stats;
-    Tensor<T, Rank> y(x.dimensions());
+    Tensor<T, Rank> y = y_.take(d);
     if (x.size() == 0) {  // eval on an empty batch (training rejected it above): nothing to do
       drop_cache();
       return y;
@@ -126,32 +126,36 @@ class BatchNormBase : public Module {
     const T* w = opt_.affine ? weight_.data() : nullptr;
     const T* b = opt_.affine ? bias_.data() : nullptr;
     if (!batch_stats) {
-      std::vector<T> scale(C), shift(C);
+      scale_.resize(static_cast<std::size_t>(C));
+      shift_.resize(static_cast<std::size_t>(C));
       for (Index c = 0; c < C; ++c)
-        kernels::bn_scale_shift(scale[c], shift[c], static_cast<double>(running_mean_(c)),
+        kernels::bn_scale_shift(scale_[c], shift_[c], static_cast<double>(running_mean_(c)),
                                 1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps), w, b, c);
-      kernels::batchnorm_forward_eval(y.data(), x.data(), scale.data(), shift.data(), N, C, S, relu);
+      kernels::batchnorm_forward_eval(y.data(), x.data(), scale_.data(), shift_.data(), N, C, S, relu);
       drop_cache();
       return y;
     }
-    std::vector<double> mean(C), var(C), invstd(C);
-    Tensor<T, Rank> kept;
+    // the statistics go straight into the cache: nothing below can fail
+    mean_.resize(static_cast<std::size_t>(C));
+    var_.resize(static_cast<std::size_t>(C));
+    invstd_.resize(static_cast<std::size_t>(C));
     const bool keep = is_training();
-    if (keep && owned) {
-      kept = std::move(*owned);  // compute from the buffer backward will read
-      kernels::batchnorm_forward_train(y.data(), static_cast<T*>(nullptr), mean.data(), var.data(),
-                                       invstd.data(), kept.data(), w, b, N, C, S, opt_.eps, relu);
-    } else {
-      if (keep) kept.resize(x.dimensions());
-      kernels::batchnorm_forward_train(y.data(), keep ? kept.data() : nullptr, mean.data(),
-                                       var.data(), invstd.data(), x.data(), w, b, N, C, S,
-                                       opt_.eps, relu);
+    if (keep) {
+      if (owned) {  // compute from the buffer backward will read; the old one stores the next dx
+        dx_.give(std::move(x_));
+        x_ = std::move(*owned);
+      } else {
+        x_.resize(x.dimensions());  // the kernel copies x into it
+      }
     }
+    kernels::batchnorm_forward_train(y.data(), keep && !owned ? x_.data() : nullptr, mean_.data(), var_.data(),
+                                     invstd_.data(), keep && owned ? x_.data() : x.data(), w, b, N, C, S,
+                                     opt_.eps, relu);
     if (is_training() && opt_.track_running_stats) {
       const double m = opt_.momentum, M = static_cast<double>(N * S);
       for (Index c = 0; c < C; ++c) {
-        running_mean_(c) = static_cast<T>((1 - m) * running_mean_(c) + m * mean[c]);
-        running_var_(c) = static_cast<T>((1 - m) * running_var_(c) + m * var[c] * M / (M - 1));
+        running_mean_(c) = static_cast<T>((1 - m) * running_mean_(c) + m * mean_[c]);
+        running_var_(c) = static_cast<T>((1 - m) * running_var_(c) + m * var_[c] * M / (M - 1));
       }
       ++num_batches_tracked_;
     }
@@ -159,9 +163,6 @@ class BatchNormBase : public Module {
       drop_cache();
       return y;
     }
-    x_ = std::move(kept);
-    mean_ = std::move(mean);
-    invstd_ = std::move(invstd);
     has_cache_ = true;
     cached_relu_ = relu;
     return y;
@@ -175,7 +176,7 @@ class BatchNormBase : public Module {
                              " it");
     check_grad_dims(name_, dims_of(x_), dims_of(dy));
     const Index N = x_.dimension(0), C = x_.dimension(1), S = x_.size() / (N * C);
-    Tensor<T, Rank> dx(x_.dimensions());
+    Tensor<T, Rank> dx = dx_.take(dims_of(x_));
     kernels::batchnorm_backward(dx.data(), opt_.affine ? dweight_.data() : nullptr,
                                 opt_.affine ? dbias_.data() : nullptr, dy.data(), x_.data(),
                                 mean_.data(), invstd_.data(),
@@ -184,10 +185,18 @@ class BatchNormBase : public Module {
     return dx;
   }
 
+  // Gives dy's storage to the next forward's output.
+  Tensor<T, Rank> backward_impl(Tensor<T, Rank>&& dy, bool relu) {
+    auto dx = backward_impl(std::as_const(dy), relu);
+    y_.give(std::move(dy));
+    return dx;
+  }
+
  private:
   void drop_cache() {
     has_cache_ = false;
     x_ = Tensor<T, Rank>();
+    dx_.clear();
   }
 
   BatchNormOptions opt_;
@@ -196,7 +205,9 @@ class BatchNormBase : public Module {
   Tensor<T, 1> running_mean_, running_var_;       // buffers, empty when !track_running_stats
   std::int64_t num_batches_tracked_ = 0;
   Tensor<T, Rank> x_;  // cache for backward: the input, from which the ReLU mask is recomputed
-  std::vector<double> mean_, invstd_;  // batch statistics of the cached forward
+  std::vector<double> mean_, var_, invstd_;  // batch statistics of the cached forward
+  std::vector<T> scale_, shift_;             // eval's per-channel affine map
+  Recycler<T, Rank> y_, dx_;                 // storage for the next output and input gradient
   bool has_cache_ = false;
   bool cached_relu_ = false;
 };
@@ -214,9 +225,11 @@ class BatchNorm2d : public detail::BatchNormBase<T, 4> {
   Tensor<T, 4> forward(const Tensor<T, 4>& x) { return this->forward_impl(x, nullptr, false); }
   Tensor<T, 4> forward(Tensor<T, 4>&& x) { return this->forward_impl(x, &x, false); }
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) { return this->backward_impl(dy, false); }
+  Tensor<T, 4> backward(Tensor<T, 4>&& dy) { return this->backward_impl(std::move(dy), false); }
   // BatchNorm then ReLU in one pass; Sequential uses these when fusion is on.
   Tensor<T, 4> forward_fused_relu(Tensor<T, 4>&& x) { return this->forward_impl(x, &x, true); }
   Tensor<T, 4> backward_fused_relu(const Tensor<T, 4>& dy) { return this->backward_impl(dy, true); }
+  Tensor<T, 4> backward_fused_relu(Tensor<T, 4>&& dy) { return this->backward_impl(std::move(dy), true); }
 };
 
 // Batch norm over N x C, per feature.
@@ -230,8 +243,10 @@ class BatchNorm1d : public detail::BatchNormBase<T, 2> {
   Tensor<T, 2> forward(const Tensor<T, 2>& x) { return this->forward_impl(x, nullptr, false); }
   Tensor<T, 2> forward(Tensor<T, 2>&& x) { return this->forward_impl(x, &x, false); }
   Tensor<T, 2> backward(const Tensor<T, 2>& dy) { return this->backward_impl(dy, false); }
+  Tensor<T, 2> backward(Tensor<T, 2>&& dy) { return this->backward_impl(std::move(dy), false); }
   Tensor<T, 2> forward_fused_relu(Tensor<T, 2>&& x) { return this->forward_impl(x, &x, true); }
   Tensor<T, 2> backward_fused_relu(const Tensor<T, 2>& dy) { return this->backward_impl(dy, true); }
+  Tensor<T, 2> backward_fused_relu(Tensor<T, 2>&& dy) { return this->backward_impl(std::move(dy), true); }
 };
 
 }  // namespace bnrelu::nn

@@ -15,6 +15,7 @@ class BatchNormReLU2d : public detail::BatchNormBase<T, 4> {
   Tensor<T, 4> forward(const Tensor<T, 4>& x) { return this->forward_impl(x, nullptr, true); }
   Tensor<T, 4> forward(Tensor<T, 4>&& x) { return this->forward_impl(x, &x, true); }
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) { return this->backward_impl(dy, true); }
+  Tensor<T, 4> backward(Tensor<T, 4>&& dy) { return this->backward_impl(std::move(dy), true); }
 };
 
 template <class T>
@@ -26,6 +27,7 @@ class BatchNormReLU1d : public detail::BatchNormBase<T, 2> {
   Tensor<T, 2> forward(const Tensor<T, 2>& x) { return this->forward_impl(x, nullptr, true); }
   Tensor<T, 2> forward(Tensor<T, 2>&& x) { return this->forward_impl(x, &x, true); }
   Tensor<T, 2> backward(const Tensor<T, 2>& dy) { return this->backward_impl(dy, true); }
+  Tensor<T, 2> backward(Tensor<T, 2>&& dy) { return this->backward_impl(std::move(dy), true); }
 };
 
 }  // namespace bnrelu::nn

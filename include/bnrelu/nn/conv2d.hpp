@@ -1,6 +1,7 @@
 // 2-D convolution layer (square kernel, stride, zero padding, dilation).
 #pragma once
 
+#include <utility>
 #include <vector>
 
 #include "../kernels/conv2d.hpp"
@@ -67,15 +68,21 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   Tensor<T, 4> forward(Tensor<T, 4>&& x) { return forward_impl(x, &x); }
 
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) {
-    if (!x_.valid()) detail::no_forward("Conv2d");
-    const auto& x = x_.get();
-    const auto g = geometry(dims_of(x));
-    detail::check_grad_dims("Conv2d", Dims<4>{g.N, g.O, g.HO, g.WO}, dims_of(dy));
-    Tensor<T, 4> dx(x.dimensions());
-    workspace_.resize(static_cast<std::size_t>(kernels::conv2d_backward_workspace(g)));
-    kernels::conv2d_backward(dx.data(), this->dweight_.data(), this->dbias_data(), workspace_.data(), dy.data(),
-                             x.data(), this->weight_.data(), g);
+    const auto g = backward_geometry(dy);
+    Tensor<T, 4> dx = x_.take_grad_storage();
+    backward_impl(dx.data(), dy, g);
     return dx;
+  }
+  // Gives dy's storage to the next forward's output.
+  Tensor<T, 4> backward(Tensor<T, 4>&& dy) {
+    auto dx = backward(std::as_const(dy));
+    y_.give(std::move(dy));
+    return dx;
+  }
+  // Parameter gradients only, without dLoss/dx (for a first layer whose input needs none).
+  void backward_params(Tensor<T, 4>&& dy) {
+    backward_impl(nullptr, dy, backward_geometry(dy));
+    y_.give(std::move(dy));
   }
 
   std::vector<BufferRef<T>> named_buffers() { return {}; }
@@ -88,9 +95,22 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
             out[2],       out[3]};
   }
 
+  kernels::Conv2dGeometry backward_geometry(const Tensor<T, 4>& dy) const {
+    if (!x_.valid()) detail::no_forward("Conv2d");
+    const auto g = geometry(dims_of(x_.get()));
+    detail::check_grad_dims("Conv2d", Dims<4>{g.N, g.O, g.HO, g.WO}, dims_of(dy));
+    return g;
+  }
+
+  void backward_impl(T* dx, const Tensor<T, 4>& dy, const kernels::Conv2dGeometry& g) {
+    workspace_.resize(static_cast<std::size_t>(kernels::conv2d_backward_workspace(g)));
+    kernels::conv2d_backward(dx, this->dweight_.data(), this->dbias_data(), workspace_.data(), dy.data(),
+                             x_.get().data(), this->weight_.data(), g);
+  }
+
   Tensor<T, 4> forward_impl(const Tensor<T, 4>& x, Tensor<T, 4>* owned) {
     const auto g = geometry(dims_of(x));  // throws before any change
-    Tensor<T, 4> y(g.N, g.O, g.HO, g.WO);
+    Tensor<T, 4> y = y_.take({g.N, g.O, g.HO, g.WO});
     workspace_.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace(g)));
     kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), this->weight_.data(), this->bias_data(), g);
     x_.keep(x, owned, is_training());
@@ -99,6 +119,7 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
 
   Conv2dOptions opt_;
   detail::InputCache<T, 4> x_;  // cache for backward
+  detail::Recycler<T, 4> y_;    // storage for the next output
   std::vector<T> workspace_;    // im2col columns, reused across calls
 };
 

@@ -1,6 +1,8 @@
-// N x C x H x W -> N x (C*H*W), same memory.
+// N x C x H x W -> N x (C*H*W), same element order.
 #pragma once
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "layer.hpp"
@@ -20,15 +22,31 @@ class Flatten : public Module {
   }
 
   Tensor<T, 2> forward(const Tensor<T, 4>& x) {
-    const auto out = output_dims(dims_of(x));
+    Tensor<T, 2> y = y_.take(output_dims(dims_of(x)));
+    std::copy_n(x.data(), x.size(), y.data());
     in_dims_ = dims_of(x);
     has_cache_ = is_training();
-    return x.reshape(out);
+    return y;
   }
+  // Keeps x's storage for the input gradient.
+  Tensor<T, 2> forward(Tensor<T, 4>&& x) {
+    auto y = forward(std::as_const(x));
+    if (has_cache_) dx_.give(std::move(x));
+    return y;
+  }
+
   Tensor<T, 4> backward(const Tensor<T, 2>& dy) {
     if (!has_cache_) detail::no_forward("Flatten");
     detail::check_grad_dims("Flatten", output_dims(in_dims_), dims_of(dy));
-    return dy.reshape(in_dims_);
+    Tensor<T, 4> dx = dx_.take(in_dims_);
+    std::copy_n(dy.data(), dy.size(), dx.data());
+    return dx;
+  }
+  // Gives dy's storage to the next forward's output.
+  Tensor<T, 4> backward(Tensor<T, 2>&& dy) {
+    auto dx = backward(std::as_const(dy));
+    y_.give(std::move(dy));
+    return dx;
   }
 
   void zero_grad() {}
@@ -37,6 +55,8 @@ class Flatten : public Module {
 
  private:
   Dims<4> in_dims_{};
+  detail::Recycler<T, 2> y_;   // storage for the next output
+  detail::Recycler<T, 4> dx_;  // storage for the next input gradient
   bool has_cache_ = false;
 };
 

@@ -59,6 +59,28 @@ void for_each_batch_counter(M& m, const std::string& prefix, F&& f) {
 
 namespace detail {
 
+// One tensor's storage kept from one call to the next: a layer hands back the gradient it was
+// given, or the input it no longer needs, and takes it again for a later output of the same
+// element count. This is how a steady-state training step reuses every activation-sized buffer
+// instead of allocating (and page-faulting) it anew.
+template <class T, int Rank>
+class Recycler {
+ public:
+  // A tensor of dims d: the kept storage when its element count matches, else a new one.
+  Tensor<T, Rank> take(const Dims<Rank>& d) {
+    Tensor<T, Rank> t = std::move(spare_);
+    t.resize(d);  // Eigen keeps the storage when the element count is unchanged
+    return t;
+  }
+  void give(Tensor<T, Rank>&& t) {
+    if (t.size() > 0) spare_ = std::move(t);
+  }
+  void clear() { spare_ = Tensor<T, Rank>(); }
+
+ private:
+  Tensor<T, Rank> spare_;
+};
+
 template <std::size_t Rank>
 void check_rank_dims(const char* layer, const Dims<Rank>& d) {
   for (auto v : d)

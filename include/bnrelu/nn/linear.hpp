@@ -1,6 +1,7 @@
 // Fully-connected layer: y = x * weight^T + bias.
 #pragma once
 
+#include <utility>
 #include <vector>
 
 #include "../kernels/linear.hpp"
@@ -51,22 +52,40 @@ class Linear : public Module, public detail::WeightAndBias<T, 2> {
   Tensor<T, 2> forward(Tensor<T, 2>&& x) { return forward_impl(x, &x); }
 
   Tensor<T, 2> backward(const Tensor<T, 2>& dy) {
-    if (!x_.valid()) detail::no_forward("Linear");
-    const auto& x = x_.get();
-    const Index N = x.dimension(0);
-    detail::check_grad_dims("Linear", Dims<2>{N, opt_.out_features}, dims_of(dy));
-    Tensor<T, 2> dx(N, opt_.in_features);
-    kernels::linear_backward(dx.data(), this->dweight_.data(), this->dbias_data(), dy.data(), x.data(),
-                             this->weight_.data(), N, opt_.in_features, opt_.out_features);
+    check_backward(dy);
+    Tensor<T, 2> dx = x_.take_grad_storage();
+    backward_impl(dx.data(), dy);
     return dx;
+  }
+  // Gives dy's storage to the next forward's output.
+  Tensor<T, 2> backward(Tensor<T, 2>&& dy) {
+    auto dx = backward(std::as_const(dy));
+    y_.give(std::move(dy));
+    return dx;
+  }
+  // Parameter gradients only, without dLoss/dx (for a first layer whose input needs none).
+  void backward_params(Tensor<T, 2>&& dy) {
+    check_backward(dy);
+    backward_impl(nullptr, dy);
+    y_.give(std::move(dy));
   }
 
   std::vector<BufferRef<T>> named_buffers() { return {}; }
 
  private:
+  void check_backward(const Tensor<T, 2>& dy) const {
+    if (!x_.valid()) detail::no_forward("Linear");
+    detail::check_grad_dims("Linear", Dims<2>{x_.get().dimension(0), opt_.out_features}, dims_of(dy));
+  }
+
+  void backward_impl(T* dx, const Tensor<T, 2>& dy) {
+    kernels::linear_backward(dx, this->dweight_.data(), this->dbias_data(), dy.data(), x_.get().data(),
+                             this->weight_.data(), dy.dimension(0), opt_.in_features, opt_.out_features);
+  }
+
   Tensor<T, 2> forward_impl(const Tensor<T, 2>& x, Tensor<T, 2>* owned) {
     const auto out = output_dims(dims_of(x));  // throws before any change
-    Tensor<T, 2> y(out[0], out[1]);
+    Tensor<T, 2> y = y_.take(out);
     kernels::linear_forward(y.data(), x.data(), this->weight_.data(), this->bias_data(), out[0],
                             opt_.in_features, opt_.out_features);
     x_.keep(x, owned, is_training());
@@ -75,6 +94,7 @@ class Linear : public Module, public detail::WeightAndBias<T, 2> {
 
   LinearOptions opt_;
   detail::InputCache<T, 2> x_;  // cache for backward
+  detail::Recycler<T, 2> y_;    // storage for the next output
 };
 
 }  // namespace bnrelu::nn

@@ -54,12 +54,19 @@ class CrossEntropyLoss {
 
   // dLoss/dlogits = (softmax - onehot) / N, N x K.
   Tensor<T, 2> backward() const {
+    Tensor<T, 2> dlogits;
+    backward(dlogits);
+    return dlogits;
+  }
+  // The same into dlogits, whose storage is reused when it already holds N x K elements.
+  void backward(Tensor<T, 2>& dlogits) const {
     if (!has_cache_) detail::no_forward("CrossEntropyLoss");
     const Index N = probs_.dimension(0);
-    Tensor<T, 2> dlogits = probs_;
+    dlogits.resize(probs_.dimensions());
+    const T scale = static_cast<T>(1.0 / static_cast<double>(N));
+    for (Index i = 0; i < probs_.size(); ++i) dlogits.data()[i] = probs_.data()[i];
     for (Index n = 0; n < N; ++n) dlogits(n, labels_[n]) -= T(1);
-    dlogits = dlogits * static_cast<T>(1.0 / static_cast<double>(N));
-    return dlogits;
+    for (Index i = 0; i < dlogits.size(); ++i) dlogits.data()[i] *= scale;
   }
 
   // Softmax of the last forward's logits.

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../kernels/pool.hpp"
@@ -47,7 +48,7 @@ class MaxPool2d : public Module {
 
   Tensor<T, 4> forward(const Tensor<T, 4>& x) {
     const auto g = geometry(dims_of(x));
-    Tensor<T, 4> y(g.N, g.C, g.HO, g.WO);
+    Tensor<T, 4> y = y_.take({g.N, g.C, g.HO, g.WO});
     argmax_.resize(static_cast<std::size_t>(y.size()));
     kernels::maxpool2d_forward(y.data(), argmax_.data(), x.data(), g);
     has_cache_ = is_training();
@@ -56,12 +57,25 @@ class MaxPool2d : public Module {
     return y;
   }
 
+  // Keeps x's storage (not needed for backward) for the input gradient.
+  Tensor<T, 4> forward(Tensor<T, 4>&& x) {
+    auto y = forward(std::as_const(x));
+    if (has_cache_) dx_.give(std::move(x));
+    return y;
+  }
+
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) {
     if (!has_cache_) detail::no_forward("MaxPool2d");
     const auto& g = geometry_;
     detail::check_grad_dims("MaxPool2d", Dims<4>{g.N, g.C, g.HO, g.WO}, dims_of(dy));
-    Tensor<T, 4> dx(g.N, g.C, g.H, g.W);
+    Tensor<T, 4> dx = dx_.take({g.N, g.C, g.H, g.W});
     kernels::maxpool2d_backward(dx.data(), dy.data(), argmax_.data(), g);
+    return dx;
+  }
+  // Gives dy's storage to the next forward's output.
+  Tensor<T, 4> backward(Tensor<T, 4>&& dy) {
+    auto dx = backward(std::as_const(dy));
+    y_.give(std::move(dy));
     return dx;
   }
 
@@ -78,6 +92,7 @@ class MaxPool2d : public Module {
   Index kernel_, stride_, pad_;
   std::vector<std::int32_t> argmax_;  // cache: index of each output's maximum in its H*W plane
   kernels::Pool2dGeometry geometry_{};
+  detail::Recycler<T, 4> y_, dx_;  // storage for the next output and input gradient
   bool has_cache_ = false;
 };
 

@@ -25,25 +25,29 @@ class ReLU : public Module {
   template <int Rank>
   Tensor<T, Rank> forward(const Tensor<T, Rank>& x) {
     Tensor<T, Rank> y(x.dimensions());
-    const bool keep = is_training();
-    mask_.resize(keep ? static_cast<std::size_t>(x.size()) : 0);
-    kernels::relu_forward(y.data(), keep ? mask_.data() : nullptr, x.data(), x.size());
-    dims_.assign(x.dimensions().begin(), x.dimensions().end());
-    has_cache_ = keep;
+    forward_into(y.data(), x);
     return y;
+  }
+  // In place: the output takes x's storage.
+  template <int Rank>
+  Tensor<T, Rank> forward(Tensor<T, Rank>&& x) {
+    forward_into(x.data(), x);
+    return std::move(x);
   }
 
   template <int Rank>
   Tensor<T, Rank> backward(const Tensor<T, Rank>& dy) {
-    if (!has_cache_) detail::no_forward("ReLU");
-    const auto got = dims_of(dy);
-    if (static_cast<std::size_t>(Rank) != dims_.size() ||
-        !std::equal(got.begin(), got.end(), dims_.begin()))
-      throw shape_error("ReLU: backward expected gradient of shape " + shape_string(dims_) +
-                        " (the last forward's output), got " + shape_string(got));
+    check_backward(dy);
     Tensor<T, Rank> dx(dy.dimensions());
     kernels::relu_backward(dx.data(), dy.data(), mask_.data(), dy.size());
     return dx;
+  }
+  // In place: the input gradient takes dy's storage.
+  template <int Rank>
+  Tensor<T, Rank> backward(Tensor<T, Rank>&& dy) {
+    check_backward(dy);
+    kernels::relu_backward(dy.data(), dy.data(), mask_.data(), dy.size());
+    return std::move(dy);
   }
 
   void zero_grad() {}
@@ -51,6 +55,25 @@ class ReLU : public Module {
   std::vector<BufferRef<T>> named_buffers() { return {}; }
 
  private:
+  template <int Rank>
+  void forward_into(T* y, const Tensor<T, Rank>& x) {
+    const bool keep = is_training();
+    mask_.resize(keep ? static_cast<std::size_t>(x.size()) : 0);
+    dims_.assign(x.dimensions().begin(), x.dimensions().end());
+    kernels::relu_forward(y, keep ? mask_.data() : nullptr, x.data(), x.size());
+    has_cache_ = keep;
+  }
+
+  template <int Rank>
+  void check_backward(const Tensor<T, Rank>& dy) const {
+    if (!has_cache_) detail::no_forward("ReLU");
+    const auto got = dims_of(dy);
+    if (static_cast<std::size_t>(Rank) != dims_.size() ||
+        !std::equal(got.begin(), got.end(), dims_.begin()))
+      throw shape_error("ReLU: backward expected gradient of shape " + shape_string(dims_) +
+                        " (the last forward's output), got " + shape_string(got));
+  }
+
   std::vector<std::uint8_t> mask_;  // cache: 1 where the output was > 0
   std::vector<Index> dims_;
   bool has_cache_ = false;

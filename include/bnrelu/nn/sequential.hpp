@@ -96,21 +96,32 @@ class Sequential : public Module {
     return dims_from<0>(in);
   }
 
-  // Shapes are checked through the whole chain before any layer runs.
-  output_type forward(const input_type& x) { return forward(input_type(x)); }
-  output_type forward(input_type&& x) {
-    output_dims(dims_of(x));
-    ran_training_ = false;  // until the whole chain has run
-    auto y = forward_from<0>(std::move(x));
-    last_fused_ = fusion_;
-    ran_training_ = is_training();
-    return y;
+  // Shapes are checked through the whole chain before any layer runs. Given an rvalue, the first
+  // layer may keep x's storage instead of copying it.
+  output_type forward(const input_type& x) { return forward_checked(x); }
+  output_type forward(input_type&& x) { return forward_checked(std::move(x)); }
+
+  // dLoss/dx. Given an rvalue, the last layer keeps dy's storage for its next output.
+  input_type backward(const output_type& dy) {
+    check_backward();
+    return backward_to<size, 0>(dy);
+  }
+  input_type backward(output_type&& dy) {
+    check_backward();
+    return backward_to<size, 0>(std::move(dy));
   }
 
-  input_type backward(const output_type& dy) {
-    if (!ran_training_)
-      throw std::logic_error("Sequential: backward called without a preceding training-mode forward");
-    return backward_to<size>(output_type(dy));
+  // Accumulates the parameter gradients as backward does, but does not compute dLoss/dx for the
+  // model's input (PyTorch skips it too when the input does not require grad): the first
+  // Conv2d's input-gradient product is the one saved.
+  void backward_params(output_type dy) {
+    check_backward();
+    using first_output = decltype(std::declval<layer_t<0>&>().forward(std::declval<input_type>()));
+    if constexpr (fused_pair<0>() || !requires(layer_t<0>& l, first_output&& d) { l.backward_params(std::move(d)); }) {
+      backward_to<size, 0>(std::move(dy));
+    } else {
+      std::get<0>(layers_).backward_params(backward_to<size, 1>(std::move(dy)));
+    }
   }
 
   // "<index>.<name>" for every layer's parameters, in layer order (PyTorch's state_dict order).
@@ -177,30 +188,48 @@ class Sequential : public Module {
     }
   }
 
+  template <class X>
+  output_type forward_checked(X&& x) {
+    output_dims(dims_of(x));
+    ran_training_ = false;  // until the whole chain has run
+    auto y = forward_from<0>(std::forward<X>(x));
+    last_fused_ = fusion_;
+    ran_training_ = is_training();
+    return y;
+  }
+
+  void check_backward() const {
+    if (!ran_training_)
+      throw std::logic_error("Sequential: backward called without a preceding training-mode forward");
+  }
+
+  // Every layer after the first gets its input as an rvalue, so it may keep the storage.
   template <std::size_t I, class X>
   auto forward_from(X&& x) {
     if constexpr (I == size) {
-      return std::move(x);
+      return std::remove_cvref_t<X>(std::forward<X>(x));
     } else if constexpr (fused_pair<I>()) {  // fusion_ is read here and saved as last_fused_
-      if (fusion_) return forward_from<I + 2>(std::get<I>(layers_).forward_fused_relu(std::move(x)));
-      auto y = std::get<I>(layers_).forward(std::move(x));
+      if (fusion_)
+        return forward_from<I + 2>(std::get<I>(layers_).forward_fused_relu(std::remove_cvref_t<X>(std::forward<X>(x))));
+      auto y = std::get<I>(layers_).forward(std::forward<X>(x));
       return forward_from<I + 2>(std::get<I + 1>(layers_).forward(std::move(y)));
     } else {
-      return forward_from<I + 1>(std::get<I>(layers_).forward(std::move(x)));
+      return forward_from<I + 1>(std::get<I>(layers_).forward(std::forward<X>(x)));
     }
   }
 
-  // Runs backward through layers I-1 .. 0.
-  template <std::size_t I, class D>
+  // Runs backward through layers I-1 .. Stop; every layer but the last gets dy as an rvalue.
+  template <std::size_t I, std::size_t Stop, class D>
   auto backward_to(D&& dy) {
-    if constexpr (I == 0) {
-      return std::move(dy);
-    } else if constexpr (ends_fused_pair<I>()) {
-      if (last_fused_) return backward_to<I - 2>(std::get<I - 2>(layers_).backward_fused_relu(dy));
-      auto d = std::get<I - 1>(layers_).backward(dy);
-      return backward_to<I - 2>(std::get<I - 2>(layers_).backward(d));
+    if constexpr (I == Stop) {
+      return std::remove_cvref_t<D>(std::forward<D>(dy));
+    } else if constexpr (ends_fused_pair<I>() && I - 2 >= Stop) {
+      if (last_fused_)
+        return backward_to<I - 2, Stop>(std::get<I - 2>(layers_).backward_fused_relu(std::forward<D>(dy)));
+      auto d = std::get<I - 1>(layers_).backward(std::forward<D>(dy));
+      return backward_to<I - 2, Stop>(std::get<I - 2>(layers_).backward(std::move(d)));
     } else {
-      return backward_to<I - 1>(std::get<I - 1>(layers_).backward(dy));
+      return backward_to<I - 1, Stop>(std::get<I - 1>(layers_).backward(std::forward<D>(dy)));
     }
   }
 

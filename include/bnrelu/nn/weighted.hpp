@@ -53,21 +53,31 @@ class WeightAndBias {
 };
 
 // The input of the last training-mode forward: moved in when the caller gave it up (owned is
-// &x), copied otherwise; dropped by an eval-mode forward.
+// &x), copied into the kept storage otherwise; dropped by an eval-mode forward. The input it
+// replaces is recycled as the storage of the next input gradient (same shape).
 template <class T, int Rank>
 class InputCache {
  public:
   void keep(const Tensor<T, Rank>& x, Tensor<T, Rank>* owned, bool training) {
     valid_ = training;
-    if (!training) x_ = Tensor<T, Rank>();
-    else if (owned) x_ = std::move(*owned);
-    else x_ = x;
+    if (!training) {
+      x_ = Tensor<T, Rank>();
+      spare_.clear();
+    } else if (owned) {
+      spare_.give(std::move(x_));
+      x_ = std::move(*owned);
+    } else {
+      x_ = x;  // reuses x_'s storage when the size is unchanged
+    }
   }
   bool valid() const { return valid_; }
   const Tensor<T, Rank>& get() const { return x_; }
+  // Storage for the input gradient.
+  Tensor<T, Rank> take_grad_storage() { return spare_.take(dims_of(x_)); }
 
  private:
   Tensor<T, Rank> x_;
+  Recycler<T, Rank> spare_;
   bool valid_ = false;
 };
 
