@@ -1,5 +1,5 @@
 // The seed CNN's whole training step (forward, loss, backward, SGD with momentum) and its eval
-// forward, at batch 64 and 256 on 1 and 2 threads, reported as images/s; a per-layer time
+// forward (as is, and after fuse_for_inference), at batch 64 and 256 on 1 and 2 threads, reported as images/s; a per-layer time
 // breakdown of the training step; and Conv2d's GFLOP/s next to a plain GEMM's measured in the
 // same binary.
 //
@@ -57,6 +57,7 @@ void training_step(benchmark::State& state) {
   state.counters["threads"] = threads;
 }
 
+template <bool Folded>
 void eval_forward(benchmark::State& state) {
   const Index batch = state.range(0);
   const int threads = static_cast<int>(state.range(1));
@@ -64,6 +65,7 @@ void eval_forward(benchmark::State& state) {
   bnrelu::manual_seed(0);
   auto model = bnrelu::models::seed_cnn<float>(1, 10);
   model.eval();
+  if (Folded) model.fuse_for_inference();
   const Batch b = random_batch(batch);
   for (auto _ : state) benchmark::DoNotOptimize(model.forward(b.x).data());
   state.counters["images/s"] = benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
@@ -175,7 +177,8 @@ void gemm(benchmark::State& state) {
 int main(int argc, char** argv) {
   using benchmark::RegisterBenchmark;
   using Fn = void (*)(benchmark::State&);
-  for (auto [name, fn] : {std::pair<const char*, Fn>{"training_step", training_step}, {"eval_forward", eval_forward},
+  for (auto [name, fn] : {std::pair<const char*, Fn>{"training_step", training_step}, {"eval_forward", eval_forward<false>},
+                          {"eval_forward_folded", eval_forward<true>},
                           {"step_breakdown", step_breakdown}})
     RegisterBenchmark(name, fn)
         ->ArgNames({"batch", "threads"})

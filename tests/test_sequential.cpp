@@ -160,3 +160,51 @@ TEST(Sequential, BackwardParamsGivesBackwardsGradients) {
   nn::Sequential untrained{nn::Linear<double>({.in_features = 3, .out_features = 2})};
   EXPECT_THROW(untrained.backward_params(Tensor<double, 2>(1, 2)), std::logic_error);
 }
+
+// fuse_for_inference folds each eval-mode batch norm (and its ReLU) into the layer before it.
+template <class T>
+void expect_folded_equals_eval(double tol) {
+  bnrelu::manual_seed(6);
+  auto model = bnrelu::models::seed_cnn<T>(1, 10);
+  bnrelu::nn::CrossEntropyLoss<T> loss;
+  bnrelu::optim::SGD<T> opt(model.named_parameters(), {.lr = 0.05, .momentum = 0.9});
+  std::vector<std::int64_t> labels{1, 2, 3, 4, 5, 6};
+  for (int step = 0; step < 3; ++step) {  // running statistics and weights away from their init
+    opt.zero_grad();
+    loss.forward(model.forward(random_tensor<T, 4>({6, 1, 28, 28})), labels);
+    model.backward_params(loss.backward());
+    opt.step();
+  }
+  const auto x = random_tensor<T, 4>({5, 1, 28, 28});
+  model.eval();
+  const Tensor<T, 2> want = model.forward(x);
+  model.fuse_for_inference();
+  const Tensor<T, 2> got = model.forward(x);
+  EXPECT_TRUE(close_to(got, want, tol));
+  EXPECT_THROW(model.train(), std::logic_error);
+  auto& conv = model.template get<0>();
+  conv.train();
+  EXPECT_THROW(conv.forward(x), std::logic_error);
+}
+
+TEST(Sequential, FuseForInferenceEqualsEvalFloat) { expect_folded_equals_eval<float>(2e-5); }
+TEST(Sequential, FuseForInferenceEqualsEvalDouble) { expect_folded_equals_eval<double>(1e-12); }
+
+TEST(Sequential, FuseForInferenceFoldsOnlyWhatItCan) {
+  bnrelu::manual_seed(7);
+  // conv without bias + fused BatchNormReLU2d; linear + BatchNorm1d without running stats
+  nn::Sequential model{nn::Conv2d<double>({.in_channels = 1, .out_channels = 2, .kernel_size = 3, .bias = false}),
+                       nn::BatchNormReLU2d<double>({.num_features = 2}), nn::Flatten<double>{},
+                       nn::Linear<double>({.in_features = 8, .out_features = 3}),
+                       nn::BatchNorm1d<double>({.num_features = 3, .track_running_stats = false}),
+                       nn::ReLU<double>{}};
+  for (int step = 0; step < 2; ++step) model.forward(random_tensor<double, 4>({4, 1, 4, 4}));
+  const auto x = random_tensor<double, 4>({3, 1, 4, 4});
+  model.eval();
+  const auto want = model.forward(x);
+  model.fuse_for_inference();
+  EXPECT_TRUE(close_to(model.forward(x), want, 1e-12));
+  EXPECT_EQ(model.get<0>().named_parameters().size(), 2u);  // gained the folded bias
+  EXPECT_TRUE(model.get<0>().folded_relu());
+  EXPECT_FALSE(model.get<3>().folded_relu());  // batch statistics: not folded
+}

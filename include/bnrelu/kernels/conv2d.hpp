@@ -9,6 +9,7 @@
 
 #include "../tensor.hpp"
 #include "../threads.hpp"
+#include "batchnorm.hpp"  // relu_value
 
 namespace bnrelu::kernels {
 
@@ -91,12 +92,12 @@ void col2im_add(T* dx, const T* col, const Conv2dGeometry& g) {
 // time with Eigen threading the GEMM.
 inline int conv_image_threads(Index N) { return N >= num_threads() ? num_threads() : 1; }
 
-// y[n] = weight * im2col(x[n]) + bias
+// y[n] = weight * im2col(x[n]) + bias, then max(0, .) when relu (while the image is in cache)
 // x: [N, C, H, W]; weight: [O, C*KH*KW]; bias: [O] or null; y: [N, O, HO, WO]
 // workspace: at least conv_image_threads(N) * col_rows * col_cols elements.
 template <class T>
 void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bias,
-                    const Conv2dGeometry& g) {
+                    const Conv2dGeometry& g, bool relu = false) {
   const Index K = g.col_rows(), P = g.col_cols();
   const int threads = conv_image_threads(g.N);
   ConstMatrixMap<T> w(weight, g.O, K);
@@ -107,6 +108,10 @@ void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bi
     MatrixMap<T> yn(y + n * g.O * P, g.O, P);
     yn.noalias() = w * ConstMatrixMap<T>(col, K, P);
     if (bias) yn.colwise() += Eigen::Map<const Eigen::Vector<T, Eigen::Dynamic>>(bias, g.O);
+    if (relu) {
+      T* out = y + n * g.O * P;
+      for (Index i = 0; i < g.O * P; ++i) out[i] = relu_value(out[i]);
+    }
   }
 }
 

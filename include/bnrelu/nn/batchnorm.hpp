@@ -107,6 +107,25 @@ class BatchNormBase : public Module {
   std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
   std::int64_t num_batches_tracked() const { return num_batches_tracked_; }
 
+  // The eval-mode map y = x * scale + shift per channel, in double; false when eval uses batch
+  // statistics (track_running_stats off), which no fixed map reproduces.
+  bool eval_affine(std::vector<double>& scale, std::vector<double>& shift) const {
+    if (!opt_.track_running_stats) return false;
+    const Index C = opt_.num_features;
+    scale.resize(static_cast<std::size_t>(C));
+    shift.resize(static_cast<std::size_t>(C));
+    for (Index c = 0; c < C; ++c) {
+      const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps);
+      const double s = (opt_.affine ? static_cast<double>(weight_(c)) : 1.0) * invstd;
+      scale[c] = s;
+      shift[c] = (opt_.affine ? static_cast<double>(bias_(c)) : 0.0) - static_cast<double>(running_mean_(c)) * s;
+    }
+    return true;
+  }
+
+  // Takes back an output of this layer that is no longer needed, for the next output.
+  void recycle_output(Tensor<T, Rank>&& y) { y_.give(std::move(y)); }
+
   // Bytes this layer holds for backward after a training-mode forward.
   std::size_t cache_bytes() const {
     return sizeof(T) * static_cast<std::size_t>(x_.size()) + sizeof(double) * (mean_.size() + invstd_.size());
@@ -228,6 +247,7 @@ class BatchNorm2d : public detail::BatchNormBase<T, 4> {
   Tensor<T, 4> backward(Tensor<T, 4>&& dy) { return this->backward_impl(std::move(dy), false); }
   // BatchNorm then ReLU in one pass; Sequential uses these when fusion is on.
   Tensor<T, 4> forward_fused_relu(Tensor<T, 4>&& x) { return this->forward_impl(x, &x, true); }
+  Tensor<T, 4> forward_fused_relu(const Tensor<T, 4>& x) { return this->forward_impl(x, nullptr, true); }
   Tensor<T, 4> backward_fused_relu(const Tensor<T, 4>& dy) { return this->backward_impl(dy, true); }
   Tensor<T, 4> backward_fused_relu(Tensor<T, 4>&& dy) { return this->backward_impl(std::move(dy), true); }
 };
@@ -245,6 +265,7 @@ class BatchNorm1d : public detail::BatchNormBase<T, 2> {
   Tensor<T, 2> backward(const Tensor<T, 2>& dy) { return this->backward_impl(dy, false); }
   Tensor<T, 2> backward(Tensor<T, 2>&& dy) { return this->backward_impl(std::move(dy), false); }
   Tensor<T, 2> forward_fused_relu(Tensor<T, 2>&& x) { return this->forward_impl(x, &x, true); }
+  Tensor<T, 2> forward_fused_relu(const Tensor<T, 2>& x) { return this->forward_impl(x, nullptr, true); }
   Tensor<T, 2> backward_fused_relu(const Tensor<T, 2>& dy) { return this->backward_impl(dy, true); }
   Tensor<T, 2> backward_fused_relu(Tensor<T, 2>&& dy) { return this->backward_impl(std::move(dy), true); }
 };

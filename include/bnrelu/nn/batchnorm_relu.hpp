@@ -11,6 +11,7 @@ class BatchNormReLU2d : public detail::BatchNormBase<T, 4> {
   using Base = detail::BatchNormBase<T, 4>;
 
  public:
+  static constexpr bool applies_relu = true;
   explicit BatchNormReLU2d(const BatchNormOptions& opt) : Base(opt, "BatchNormReLU2d") {}
   Tensor<T, 4> forward(const Tensor<T, 4>& x) { return this->forward_impl(x, nullptr, true); }
   Tensor<T, 4> forward(Tensor<T, 4>&& x) { return this->forward_impl(x, &x, true); }
@@ -23,6 +24,7 @@ class BatchNormReLU1d : public detail::BatchNormBase<T, 2> {
   using Base = detail::BatchNormBase<T, 2>;
 
  public:
+  static constexpr bool applies_relu = true;
   explicit BatchNormReLU1d(const BatchNormOptions& opt) : Base(opt, "BatchNormReLU1d") {}
   Tensor<T, 2> forward(const Tensor<T, 2>& x) { return this->forward_impl(x, nullptr, true); }
   Tensor<T, 2> forward(Tensor<T, 2>&& x) { return this->forward_impl(x, &x, true); }

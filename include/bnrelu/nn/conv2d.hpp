@@ -85,6 +85,9 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
     y_.give(std::move(dy));
   }
 
+  // Takes back an output of this layer that is no longer needed, for the next output.
+  void recycle_output(Tensor<T, 4>&& y) { y_.give(std::move(y)); }
+
   std::vector<BufferRef<T>> named_buffers() { return {}; }
 
  private:
@@ -110,9 +113,11 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
 
   Tensor<T, 4> forward_impl(const Tensor<T, 4>& x, Tensor<T, 4>* owned) {
     const auto g = geometry(dims_of(x));  // throws before any change
+    if (this->relu_ && is_training()) detail::inference_only("Conv2d");
     Tensor<T, 4> y = y_.take({g.N, g.O, g.HO, g.WO});
     workspace_.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace(g)));
-    kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), this->weight_.data(), this->bias_data(), g);
+    kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), this->weight_.data(), this->bias_data(), g,
+                            this->relu_);
     x_.keep(x, owned, is_training());
     return y;
   }

@@ -51,6 +51,9 @@ class Flatten : public Module {
 
   void zero_grad() {}
   std::vector<ParamRef<T>> named_parameters() { return {}; }
+  // Takes back an output of this layer that is no longer needed, for the next output.
+  void recycle_output(Tensor<T, 2>&& y) { y_.give(std::move(y)); }
+
   std::vector<BufferRef<T>> named_buffers() { return {}; }
 
  private:

@@ -87,6 +87,11 @@ void check_rank_dims(const char* layer, const Dims<Rank>& d) {
     if (v < 0) throw shape_error(std::string(layer) + ": negative dimension in " + shape_string(d));
 }
 
+[[noreturn]] inline void inference_only(const char* layer) {
+  throw std::logic_error(std::string(layer) +
+                         ": a BatchNorm was folded into this layer for inference; it cannot train");
+}
+
 [[noreturn]] inline void no_forward(const char* layer) {
   throw std::logic_error(std::string(layer) +
                          ": backward called without a preceding training-mode forward");

@@ -70,6 +70,9 @@ class Linear : public Module, public detail::WeightAndBias<T, 2> {
     y_.give(std::move(dy));
   }
 
+  // Takes back an output of this layer that is no longer needed, for the next output.
+  void recycle_output(Tensor<T, 2>&& y) { y_.give(std::move(y)); }
+
   std::vector<BufferRef<T>> named_buffers() { return {}; }
 
  private:
@@ -85,9 +88,11 @@ class Linear : public Module, public detail::WeightAndBias<T, 2> {
 
   Tensor<T, 2> forward_impl(const Tensor<T, 2>& x, Tensor<T, 2>* owned) {
     const auto out = output_dims(dims_of(x));  // throws before any change
+    if (this->relu_ && is_training()) detail::inference_only("Linear");
     Tensor<T, 2> y = y_.take(out);
     kernels::linear_forward(y.data(), x.data(), this->weight_.data(), this->bias_data(), out[0],
                             opt_.in_features, opt_.out_features);
+    if (this->relu_) kernels::relu_forward(y.data(), static_cast<std::uint8_t*>(nullptr), y.data(), y.size());
     x_.keep(x, owned, is_training());
     return y;
   }

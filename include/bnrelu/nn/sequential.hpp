@@ -1,6 +1,7 @@
 // A compile-time chain of layers; runs each BatchNorm followed by ReLU as one fused pass.
 #pragma once
 
+#include <array>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -22,6 +23,14 @@ concept FusableBatchNorm = requires { requires L::fusable_with_relu; };
 
 template <class L>
 concept IsReLU = requires { requires L::is_relu; };
+
+// A layer an eval-mode batch norm can be folded into, and a batch norm that can be folded.
+template <class L>
+concept FoldTarget = requires(L& l, const std::vector<double>& v) { l.fold_affine(v, v, true); };
+template <class L>
+concept Foldable = requires(const L& l, std::vector<double>& v) { l.eval_affine(v, v); };
+template <class L>
+concept AppliesReLU = requires { requires L::applies_relu; };
 
 // The input type of a chain: the first layer's, skipping rank-agnostic layers (ReLU).
 template <class T, class... L>
@@ -82,6 +91,8 @@ class Sequential : public Module {
   bool fusion() const { return fusion_; }
 
   void train(bool on = true) {
+    if (on && inference_only_)
+      throw std::logic_error("Sequential: fuse_for_inference made this model inference-only; it cannot train");
     Module::train(on);
     std::apply([on](auto&... l) { (l.train(on), ...); }, layers_);
   }
@@ -122,6 +133,18 @@ class Sequential : public Module {
     } else {
       std::get<0>(layers_).backward_params(backward_to<size, 1>(std::move(dy)));
     }
+  }
+
+  // For inference: switches to eval mode and folds every batch norm that follows a Conv2d or
+  // Linear into that layer's weight and bias, with the ReLU after it (if any) applied in the
+  // same pass over the output. Results equal the eval-mode model's up to rounding. The model is
+  // inference-only afterwards (train() throws std::logic_error); its parameters are the folded
+  // ones, and a folded layer without bias gains one. A batch norm without running statistics
+  // (which uses batch statistics in eval) is left as it is.
+  void fuse_for_inference() {
+    eval();
+    fold_from<0>();
+    inference_only_ = true;
   }
 
   // "<index>.<name>" for every layer's parameters, in layer order (PyTorch's state_dict order).
@@ -167,6 +190,41 @@ class Sequential : public Module {
       return false;
   }
 
+  // Layer I is a Conv2d or Linear followed by a foldable batch norm.
+  template <std::size_t I>
+  static constexpr bool fold_site() {
+    if constexpr (I + 1 < size)
+      return detail::FoldTarget<layer_t<I>> && detail::Foldable<layer_t<I + 1>>;
+    else
+      return false;
+  }
+
+  // How many layers a folded layer I replaces: itself, the batch norm, and a ReLU after it.
+  template <std::size_t I>
+  static constexpr std::size_t fold_span() {
+    if constexpr (detail::AppliesReLU<layer_t<I + 1>>)
+      return 2;
+    else if constexpr (I + 2 < size)
+      return detail::IsReLU<layer_t<I + 2>> ? 3 : 2;
+    else
+      return 2;
+  }
+
+  template <std::size_t I>
+  void fold_from() {
+    if constexpr (I < size) {
+      if constexpr (fold_site<I>()) {
+        std::vector<double> scale, shift;
+        if (std::get<I + 1>(layers_).eval_affine(scale, shift)) {
+          const bool relu = detail::AppliesReLU<layer_t<I + 1>> || fold_span<I>() == 3;
+          std::get<I>(layers_).fold_affine(scale, shift, relu);
+          folded_[I] = true;
+        }
+      }
+      fold_from<I + 1>();
+    }
+  }
+
   // Layers I-2 and I-1 are BatchNorm then ReLU.
   template <std::size_t I>
   static constexpr bool ends_fused_pair() {
@@ -203,18 +261,45 @@ class Sequential : public Module {
       throw std::logic_error("Sequential: backward called without a preceding training-mode forward");
   }
 
-  // Every layer after the first gets its input as an rvalue, so it may keep the storage.
-  template <std::size_t I, class X>
+  static constexpr std::size_t kNoProducer = static_cast<std::size_t>(-1);
+
+  // Runs f (a layer's forward) on x, which layer P produced (kNoProducer: the caller's input).
+  // Training: x goes in as an rvalue, so the layer may keep its storage for backward. Eval: the
+  // layer reads x, and x's storage goes back to layer P for its next output, so a steady-state
+  // eval forward reuses every activation buffer too.
+  template <std::size_t P, class X, class F>
+  auto consume(X&& x, F&& f) {
+    if constexpr (P != kNoProducer && std::is_rvalue_reference_v<X&&> &&
+                  requires(layer_t<P == kNoProducer ? 0 : P>& l) { l.recycle_output(std::move(x)); }) {
+      if (!is_training()) {
+        auto y = f(std::as_const(x));
+        std::get<P>(layers_).recycle_output(std::move(x));
+        return y;
+      }
+    }
+    return f(std::forward<X>(x));
+  }
+
+  // Runs layers I.. on x, which layer P produced.
+  template <std::size_t I, std::size_t P = kNoProducer, class X>
   auto forward_from(X&& x) {
     if constexpr (I == size) {
       return std::remove_cvref_t<X>(std::forward<X>(x));
+    } else if constexpr (fold_site<I>()) {
+      auto y = consume<P>(std::forward<X>(x), [&](auto&& in) { return std::get<I>(layers_).forward(std::forward<decltype(in)>(in)); });
+      if (folded_[I]) return forward_from<I + fold_span<I>(), I>(std::move(y));
+      return forward_from<I + 1, I>(std::move(y));
     } else if constexpr (fused_pair<I>()) {  // fusion_ is read here and saved as last_fused_
       if (fusion_)
-        return forward_from<I + 2>(std::get<I>(layers_).forward_fused_relu(std::remove_cvref_t<X>(std::forward<X>(x))));
-      auto y = std::get<I>(layers_).forward(std::forward<X>(x));
-      return forward_from<I + 2>(std::get<I + 1>(layers_).forward(std::move(y)));
+        return forward_from<I + 2, I>(consume<P>(std::forward<X>(x), [&](auto&& in) {
+          return std::get<I>(layers_).forward_fused_relu(std::forward<decltype(in)>(in));
+        }));
+      auto y = consume<P>(std::forward<X>(x), [&](auto&& in) { return std::get<I>(layers_).forward(std::forward<decltype(in)>(in)); });
+      return forward_from<I + 2, I>(std::get<I + 1>(layers_).forward(std::move(y)));  // ReLU: in place
     } else {
-      return forward_from<I + 1>(std::get<I>(layers_).forward(std::forward<X>(x)));
+      return forward_from<I + 1, I>(consume<P>(std::forward<X>(x), [&](auto&& in) {
+        return std::get<I>(layers_).forward(std::forward<decltype(in)>(in));
+      }));
     }
   }
 
@@ -237,6 +322,8 @@ class Sequential : public Module {
   bool fusion_ = true;
   bool last_fused_ = true;
   bool ran_training_ = false;
+  bool inference_only_ = false;
+  std::array<bool, size> folded_{};  // layer I carries the batch norm after it
 };
 
 template <class... L>

@@ -4,6 +4,8 @@
 
 #include <vector>
 
+#include "../kernels/relu.hpp"
+
 #include "init.hpp"
 #include "layer.hpp"
 
@@ -23,6 +25,29 @@ class WeightAndBias {
     if (has_bias_) p.push_back({"bias", shape_vector(bias_), span_of(bias_), span_of(dbias_)});
     return p;
   }
+
+  // Makes the layer compute relu?(scale * (W x + b) + shift) per output channel, by scaling
+  // W's rows and b (a bias is added if there was none). For inference: Sequential's
+  // fuse_for_inference folds an eval-mode BatchNorm (and the ReLU after it) this way.
+  void fold_affine(const std::vector<double>& scale, const std::vector<double>& shift, bool relu) {
+    const Index O = weight_.dimension(0), per_row = weight_.size() / O;
+    if (!has_bias_) {
+      bias_.resize(O);
+      dbias_.resize(O);
+      bias_.setZero();
+      dbias_.setZero();
+      has_bias_ = true;
+    }
+    for (Index o = 0; o < O; ++o) {
+      const double s = scale[static_cast<std::size_t>(o)];
+      T* row = weight_.data() + o * per_row;
+      for (Index i = 0; i < per_row; ++i) row[i] = static_cast<T>(s * static_cast<double>(row[i]));
+      bias_(o) = static_cast<T>(s * static_cast<double>(bias_(o)) + shift[static_cast<std::size_t>(o)]);
+    }
+    relu_ = relu_ || relu;
+  }
+  // Whether the output goes through a folded ReLU.
+  bool folded_relu() const { return relu_; }
 
   Tensor<T, WeightRank>& weight() { return weight_; }
   Tensor<T, 1>& bias() { return bias_; }
@@ -50,6 +75,7 @@ class WeightAndBias {
   Tensor<T, WeightRank> weight_, dweight_;
   Tensor<T, 1> bias_, dbias_;  // empty without bias
   bool has_bias_;
+  bool relu_ = false;  // a folded ReLU on the output
 };
 
 // The input of the last training-mode forward: moved in when the caller gave it up (owned is
