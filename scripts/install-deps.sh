@@ -9,5 +9,5 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake ninja-build pkg-config \
   libeigen3-dev nlohmann-json3-dev libcli11-dev zlib1g-dev \
-  libgtest-dev libbenchmark-dev clang-14 libclang-rt-14-dev \
+  libgtest-dev libbenchmark-dev clang-14 libclang-rt-14-dev libopenmpi-dev openmpi-bin \
   dataset-fashion-mnist >/dev/null

@@ -20,6 +20,13 @@ struct LoaderOptions {
   std::uint64_t seed = 0;  // shuffling depends only on (seed, epoch)
   float mean = 0.0f;       // images become (x - mean) / std
   float std = 1.0f;
+  // Data parallelism: this process is replica `rank` of `world_size`. Every replica shuffles
+  // alike, and batch k of replica r is the r-th of world_size equal parts of global batch k
+  // (batch_size * world_size images of the epoch order), so the replicas see disjoint shards
+  // and together exactly what one process with the global batch sees. A last partial global
+  // batch is split evenly, or dropped if it has fewer images than replicas (or drop_last).
+  int rank = 0;
+  int world_size = 1;
 };
 
 template <class T>
@@ -36,15 +43,21 @@ class DataLoader {
   DataLoader(const Mnist& set, const LoaderOptions& opt) : set_(&set), opt_(opt) {
     if (opt.batch_size < 1) throw shape_error("DataLoader: batch_size must be >= 1, got " + std::to_string(opt.batch_size));
     if (!(opt.std > 0)) throw shape_error("DataLoader: std must be > 0");
+    if (opt.world_size < 1 || opt.rank < 0 || opt.rank >= opt.world_size)
+      throw shape_error("DataLoader: expected 0 <= rank < world_size, got rank " + std::to_string(opt.rank) +
+                        " of " + std::to_string(opt.world_size));
     if (static_cast<Index>(set.labels.size()) != set.images.dimension(0))
       throw shape_error("DataLoader: " + std::to_string(set.images.dimension(0)) + " images but " +
                         std::to_string(set.labels.size()) + " labels");
     start_epoch(0);
   }
 
+  // Images in the whole set (every replica's shard together).
   Index size() const { return static_cast<Index>(order_.size()); }
+  // Batches of this replica per epoch.
   Index num_batches() const {
-    return opt_.drop_last ? size() / opt_.batch_size : (size() + opt_.batch_size - 1) / opt_.batch_size;
+    const Index global = opt_.batch_size * opt_.world_size, full = size() / global, rest = size() % global;
+    return full + (!opt_.drop_last && rest >= opt_.world_size ? 1 : 0);
   }
 
   // Begins epoch e: the order is a function of (seed, e) alone.
@@ -73,8 +86,10 @@ class DataLoader {
   // Fills the next batch of this epoch; false when the epoch is over.
   bool next(Batch<T>& out) {
     if (next_ >= num_batches()) return false;
-    const Index begin = next_ * opt_.batch_size;
-    const Index count = std::min(opt_.batch_size, size() - begin);
+    const Index global = opt_.batch_size * opt_.world_size;
+    const Index in_batch = std::min(global, size() - next_ * global);  // this global batch's images
+    const Index begin = next_ * global + opt_.rank * in_batch / opt_.world_size;
+    const Index count = next_ * global + (opt_.rank + 1) * in_batch / opt_.world_size - begin;
     const Index C = set_->images.dimension(1), H = set_->images.dimension(2), W = set_->images.dimension(3);
     const Index plane = C * H * W;
     out.images.resize(count, C, H, W);

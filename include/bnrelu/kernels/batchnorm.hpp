@@ -238,6 +238,67 @@ void affine(T* y, const T* x, Index n, T scale, T shift, bool relu) {
   }
 }
 
+// Pass 1 of the backward for channels [c0, c1): sum[c - c0] += sum(g), dot[c - c0] +=
+// sum(g * (x - mean)), reading x and dy once.
+template <class T>
+void backward_sums(double* sum, double* dot, const T* dy, const T* x, const double* mean, const double* invstd,
+                   const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1, bool relu) {
+  for (Index n = 0; n < N; ++n) {
+    const Index run = (n * C + c0) * S;
+    if (n + kAhead < N) {
+      prefetch_chunk(x + run + kAhead * C * S, (c1 - c0) * S);
+      prefetch_chunk(dy + run + kAhead * C * S, (c1 - c0) * S);
+    }
+    for (Index c = c0; c < c1; ++c) {
+      const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
+      const T* xc = x + (n * C + c) * S;
+      const T* dyc = dy + (n * C + c) * S;
+      const auto part = reduce2<T>(
+          S,
+          [&](Index i, simd::Packet<T>& g, simd::Packet<T>& gx) {
+            const auto xv = simd::load(xc + i);
+            g = ch.grad(xv, simd::load(dyc + i));
+            gx = simd::pmul(g, ch.mu.centre(xv));
+          },
+          [&](Index i, T& g, T& gx) {
+            g = ch.grad(xc[i], dyc[i]);
+            gx = g * ch.mu.centre(xc[i]);
+          });
+      sum[c - c0] += part.first;
+      dot[c - c0] += part.second;
+    }
+  }
+}
+
+// Pass 2 for channels [c0, c1): dx = weight * invstd * (g - sum/M - (x - mean) * invstd^2 * dot/M).
+template <class T>
+void backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x, const double* mean,
+                 const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1,
+                 bool relu) {
+  constexpr Index L = simd::width<T>;
+  for (Index n = 0; n < N; ++n) {
+    if (n + 1 < N) prefetch_chunk(dx + (n + 1) * C * S + c0 * S, (c1 - c0) * S, true);
+    for (Index c = c0; c < c1; ++c) {
+      const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
+      const double is = invstd[c];
+      const T k = static_cast<T>(dot[c - c0] * is * is / M);
+      const T mean_g = static_cast<T>(sum[c - c0] / M);
+      const T gs = static_cast<T>(is * (weight ? static_cast<double>(weight[c]) : 1.0));
+      const auto pk = simd::set1(k), pm = simd::set1(mean_g), pg = simd::set1(gs);
+      const T* xc = x + (n * C + c) * S;
+      const T* dyc = dy + (n * C + c) * S;
+      T* dxc = dx + (n * C + c) * S;
+      Index i = 0;
+      for (; i + L <= S; i += L) {
+        const auto xv = simd::load(xc + i);
+        const auto g = ch.grad(xv, simd::load(dyc + i));
+        simd::store(dxc + i, simd::pmul(simd::psub(simd::psub(g, simd::pmul(ch.mu.centre(xv), pk)), pm), pg));
+      }
+      for (; i < S; ++i) dxc[i] = (ch.grad(xc[i], dyc[i]) - ch.mu.centre(xc[i]) * k - mean_g) * gs;
+    }
+  }
+}
+
 }  // namespace detail
 
 // Training forward: batch statistics, then y = [relu](gamma * (x - mean) * invstd + beta),
@@ -409,66 +470,65 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
     }
     return;
   }
-  constexpr Index L = simd::width<T>;
   const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());  // x and dy
   const Index nblocks = (C + G - 1) / G;
 #pragma omp parallel for schedule(static)
   for (Index blk = 0; blk < nblocks; ++blk) {
     const Index c0 = blk * G, c1 = std::min(C, c0 + G);
     double sum[detail::kMaxBlock] = {}, dot[detail::kMaxBlock] = {};
-    // pass 1 (x and dy from memory): the two sums of every channel in the block
-    for (Index n = 0; n < N; ++n) {
-      const Index run = (n * C + c0) * S;
-      if (n + detail::kAhead < N) {
-        detail::prefetch_chunk(x + run + detail::kAhead * C * S, (c1 - c0) * S);
-        detail::prefetch_chunk(dy + run + detail::kAhead * C * S, (c1 - c0) * S);
-      }
-      for (Index c = c0; c < c1; ++c) {
-        const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
-        const T* xc = x + (n * C + c) * S;
-        const T* dyc = dy + (n * C + c) * S;
-        const auto part = detail::reduce2<T>(
-            S,
-            [&](Index i, simd::Packet<T>& g, simd::Packet<T>& gx) {
-              const auto xv = simd::load(xc + i);
-              g = ch.grad(xv, simd::load(dyc + i));
-              gx = simd::pmul(g, ch.mu.centre(xv));
-            },
-            [&](Index i, T& g, T& gx) {
-              g = ch.grad(xc[i], dyc[i]);
-              gx = g * ch.mu.centre(xc[i]);
-            });
-        sum[c - c0] += part.first;
-        dot[c - c0] += part.second;
-      }
-    }
-    // pass 2 (x and dy from cache): dx
+    // pass 1 (x and dy from memory), pass 2 (x and dy from cache)
+    detail::backward_sums(sum, dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu);
     for (Index c = c0; c < c1; ++c) {
-      const double is = invstd[c];
       if (dbias) dbias[c] += static_cast<T>(sum[c - c0]);
-      if (dweight) dweight[c] += static_cast<T>(dot[c - c0] * is);
+      if (dweight) dweight[c] += static_cast<T>(dot[c - c0] * invstd[c]);
     }
-    for (Index n = 0; n < N; ++n) {
-      if (n + 1 < N) detail::prefetch_chunk(dx + (n + 1) * C * S + c0 * S, (c1 - c0) * S, true);
-      for (Index c = c0; c < c1; ++c) {
-        const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
-        const double is = invstd[c];
-        const T k = static_cast<T>(dot[c - c0] * is * is / M);
-        const T mean_g = static_cast<T>(sum[c - c0] / M);
-        const T gs = static_cast<T>(is * (weight ? static_cast<double>(weight[c]) : 1.0));
-        const auto pk = simd::set1(k), pm = simd::set1(mean_g), pg = simd::set1(gs);
-        const T* xc = x + (n * C + c) * S;
-        const T* dyc = dy + (n * C + c) * S;
-        T* dxc = dx + (n * C + c) * S;
-        Index i = 0;
-        for (; i + L <= S; i += L) {
-          const auto xv = simd::load(xc + i);
-          const auto g = ch.grad(xv, simd::load(dyc + i));
-          simd::store(dxc + i, simd::pmul(simd::psub(simd::psub(g, simd::pmul(ch.mu.centre(xv), pk)), pm), pg));
-        }
-        for (; i < S; ++i) dxc[i] = (ch.grad(xc[i], dyc[i]) - ch.mu.centre(xc[i]) * k - mean_g) * gs;
-      }
-    }
+    detail::backward_dx(dx, sum, dot, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu);
+  }
+}
+
+// The two halves of batchnorm_forward_train and batchnorm_backward with a cross-replica
+// reduction between them (SyncBatchNorm): every channel is read from memory in each half.
+
+// Per-channel mean and biased variance of x: [N, C, S].
+template <class T>
+void batchnorm_statistics(double* mean, double* var, const T* x, Index N, Index C, Index S) {
+  const Index G = detail::channel_block(N, C, S, sizeof(T), num_threads());
+  const Index nblocks = (C + G - 1) / G;
+#pragma omp parallel for schedule(static)
+  for (Index blk = 0; blk < nblocks; ++blk) {
+    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
+    detail::block_mean_var(mean + c0, var + c0, x, N, C, S, c0, c1);
+  }
+}
+
+// Per-channel sum(g) and sum(g * (x - mean)), g the ReLU-masked (or plain) dy, as in
+// batchnorm_backward.
+template <class T>
+void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, const double* mean,
+                             const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S,
+                             bool relu) {
+  const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());
+  const Index nblocks = (C + G - 1) / G;
+#pragma omp parallel for schedule(static)
+  for (Index blk = 0; blk < nblocks; ++blk) {
+    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
+    std::fill(sum + c0, sum + c1, 0.0);
+    std::fill(dot + c0, dot + c1, 0.0);
+    detail::backward_sums(sum + c0, dot + c0, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu);
+  }
+}
+
+// dx from given per-channel sums over M values (all replicas' for SyncBatchNorm).
+template <class T>
+void batchnorm_backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x,
+                           const double* mean, const double* invstd, const T* weight, const T* bias, Index N,
+                           Index C, Index S, bool relu) {
+  const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());
+  const Index nblocks = (C + G - 1) / G;
+#pragma omp parallel for schedule(static)
+  for (Index blk = 0; blk < nblocks; ++blk) {
+    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
+    detail::backward_dx(dx, sum + c0, dot + c0, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu);
   }
 }
 

@@ -1,9 +1,13 @@
 // Batch normalisation: one shared base, thin 1d/2d variants that fix the rank.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../kernels/batchnorm.hpp"
@@ -17,6 +21,19 @@ struct BatchNormOptions {
   double momentum = 0.1;
   bool affine = true;
   bool track_running_stats = true;
+};
+
+// Combines batch-norm statistics across data-parallel replicas, which makes a batch norm a
+// SyncBatchNorm. The core library has no communication of its own: bnrelu::dist implements
+// this over MPI (dist::MpiBatchNormReducer), and tests implement it in process.
+class BatchNormReducer {
+ public:
+  virtual ~BatchNormReducer() = default;
+  // In: this replica's value count and per-channel mean and M2 (sum of squared deviations from
+  // the mean). Out: the same over all replicas, identical on every replica.
+  virtual void combine_statistics(double& count, std::span<double> mean, std::span<double> m2) = 0;
+  // Element-wise sum over all replicas, in place.
+  virtual void sum(std::span<double> values) = 0;
 };
 
 namespace detail {
@@ -126,6 +143,12 @@ class BatchNormBase : public Module {
   // Takes back an output of this layer that is no longer needed, for the next output.
   void recycle_output(Tensor<T, Rank>&& y) { y_.give(std::move(y)); }
 
+  // With a reducer, training-mode statistics and the backward's per-channel sums are combined
+  // across replicas (SyncBatchNorm): each replica normalises with the statistics of the whole
+  // global batch. Null (the default) makes the layer local again.
+  void set_reducer(std::shared_ptr<BatchNormReducer> r) { reducer_ = std::move(r); }
+  const std::shared_ptr<BatchNormReducer>& reducer() const { return reducer_; }
+
   // Bytes this layer holds for backward after a training-mode forward.
   std::size_t cache_bytes() const {
     return sizeof(T) * static_cast<std::size_t>(x_.size()) + sizeof(double) * (mean_.size() + invstd_.size());
@@ -167,11 +190,18 @@ class BatchNormBase : public Module {
         x_.resize(x.dimensions());  // the kernel copies x into it
       }
     }
-    kernels::batchnorm_forward_train(y.data(), keep && !owned ? x_.data() : nullptr, mean_.data(), var_.data(),
-                                     invstd_.data(), keep && owned ? x_.data() : x.data(), w, b, N, C, S,
-                                     opt_.eps, relu);
+    double M = static_cast<double>(N * S);
+    if (reducer_ && is_training()) {
+      if (keep && !owned) std::copy_n(x.data(), x.size(), x_.data());
+      M = forward_synced(y.data(), keep ? x_.data() : x.data(), M, w, b, N, C, S, relu);
+    } else {
+      kernels::batchnorm_forward_train(y.data(), keep && !owned ? x_.data() : nullptr, mean_.data(), var_.data(),
+                                       invstd_.data(), keep && owned ? x_.data() : x.data(), w, b, N, C, S,
+                                       opt_.eps, relu);
+    }
+    count_ = M;
     if (is_training() && opt_.track_running_stats) {
-      const double m = opt_.momentum, M = static_cast<double>(N * S);
+      const double m = opt_.momentum;
       for (Index c = 0; c < C; ++c) {
         running_mean_(c) = static_cast<T>((1 - m) * running_mean_(c) + m * mean_[c]);
         running_var_(c) = static_cast<T>((1 - m) * running_var_(c) + m * var_[c] * M / (M - 1));
@@ -196,6 +226,10 @@ class BatchNormBase : public Module {
     check_grad_dims(name_, dims_of(x_), dims_of(dy));
     const Index N = x_.dimension(0), C = x_.dimension(1), S = x_.size() / (N * C);
     Tensor<T, Rank> dx = dx_.take(dims_of(x_));
+    if (reducer_) {
+      backward_synced(dx, dy, N, C, S, relu);
+      return dx;
+    }
     kernels::batchnorm_backward(dx.data(), opt_.affine ? dweight_.data() : nullptr,
                                 opt_.affine ? dbias_.data() : nullptr, dy.data(), x_.data(),
                                 mean_.data(), invstd_.data(),
@@ -212,6 +246,44 @@ class BatchNormBase : public Module {
   }
 
  private:
+  // SyncBatchNorm forward: local statistics, combined across replicas, then the normalising
+  // pass (x read from memory twice, as the reduction sits between). Returns the global count.
+  double forward_synced(T* y, const T* x, double count, const T* w, const T* b, Index N, Index C, Index S,
+                        bool relu) {
+    kernels::batchnorm_statistics(mean_.data(), var_.data(), x, N, C, S);
+    for (Index c = 0; c < C; ++c) var_[c] *= count;  // M2
+    reducer_->combine_statistics(count, mean_, var_);
+    scale_.resize(static_cast<std::size_t>(C));
+    shift_.resize(static_cast<std::size_t>(C));
+    for (Index c = 0; c < C; ++c) {
+      var_[c] /= count;
+      invstd_[c] = 1.0 / std::sqrt(var_[c] + opt_.eps);
+      kernels::bn_scale_shift(scale_[c], shift_[c], mean_[c], invstd_[c], w, b, c);
+    }
+    kernels::batchnorm_forward_eval(y, x, scale_.data(), shift_.data(), N, C, S, relu);
+    return count;
+  }
+
+  // SyncBatchNorm backward: the parameter gradients from this replica's sums (data-parallel
+  // gradient averaging combines them), the input gradient from the sums of all replicas.
+  void backward_synced(Tensor<T, Rank>& dx, const Tensor<T, Rank>& dy, Index N, Index C, Index S, bool relu) {
+    const T* w = opt_.affine ? weight_.data() : nullptr;
+    const T* b = opt_.affine ? bias_.data() : nullptr;
+    sums_.resize(2 * static_cast<std::size_t>(C));
+    double* sum = sums_.data();
+    double* dot = sum + C;
+    kernels::batchnorm_backward_sums(sum, dot, dy.data(), x_.data(), mean_.data(), invstd_.data(), w, b, N, C, S,
+                                     relu);
+    if (opt_.affine)
+      for (Index c = 0; c < C; ++c) {
+        dbias_(c) += static_cast<T>(sum[c]);
+        dweight_(c) += static_cast<T>(dot[c] * invstd_[c]);
+      }
+    reducer_->sum(sums_);
+    kernels::batchnorm_backward_dx(dx.data(), sum, dot, count_, dy.data(), x_.data(), mean_.data(), invstd_.data(),
+                                   w, b, N, C, S, relu);
+  }
+
   void drop_cache() {
     has_cache_ = false;
     x_ = Tensor<T, Rank>();
@@ -226,6 +298,9 @@ class BatchNormBase : public Module {
   Tensor<T, Rank> x_;  // cache for backward: the input, from which the ReLU mask is recomputed
   std::vector<double> mean_, var_, invstd_;  // batch statistics of the cached forward
   std::vector<T> scale_, shift_;             // eval's per-channel affine map
+  std::vector<double> sums_;                 // SyncBatchNorm backward: sum(g), sum(g * (x - mean))
+  double count_ = 0;                         // values per channel in the cached forward (all replicas)
+  std::shared_ptr<BatchNormReducer> reducer_;
   Recycler<T, Rank> y_, dx_;                 // storage for the next output and input gradient
   bool has_cache_ = false;
   bool cached_relu_ = false;

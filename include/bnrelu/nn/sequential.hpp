@@ -2,6 +2,7 @@
 #pragma once
 
 #include <array>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -12,6 +13,8 @@
 #include "layer.hpp"
 
 namespace bnrelu::nn {
+
+class BatchNormReducer;  // batchnorm.hpp
 
 namespace detail {
 
@@ -133,6 +136,18 @@ class Sequential : public Module {
     } else {
       std::get<0>(layers_).backward_params(backward_to<size, 1>(std::move(dy)));
     }
+  }
+
+  // Makes every batch norm of the model (nested Sequentials included) a SyncBatchNorm whose
+  // statistics and gradient sums are combined by r across data-parallel replicas; null makes
+  // them local again. bnrelu::dist::DataParallel sets this.
+  void set_batchnorm_reducer(const std::shared_ptr<BatchNormReducer>& r) {
+    for_each_indexed([&](std::size_t, auto& l) {
+      if constexpr (requires { l.set_reducer(r); })
+        l.set_reducer(r);
+      else if constexpr (requires { l.set_batchnorm_reducer(r); })
+        l.set_batchnorm_reducer(r);
+    });
   }
 
   // For inference: switches to eval mode and folds every batch norm that follows a Conv2d or

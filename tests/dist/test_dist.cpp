@@ -1,0 +1,130 @@
+// Data parallelism over MPI, run by ctest as `mpiexec -np 2`: two ranks with batch 32 each
+// must reproduce one process with batch 64 (same seed, same data) in loss, gradients,
+// parameters and running statistics over 20 steps. Every rank also trains the one-process
+// reference itself, locally, so the comparison needs no extra communication.
+#include <bnrelu/bnrelu.hpp>
+#include <bnrelu/dist/mpi.hpp>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using bnrelu::Index;
+using bnrelu::Tensor;
+namespace dist = bnrelu::dist;
+
+// Largest |a - b| relative to the largest |b|, or to floor if larger (so that a tensor that is
+// zero up to rounding is not judged by its rounding alone).
+template <class A, class B>
+double rel_diff(const A& a, const B& b, double floor = 1e-3) {
+  double diff = 0, scale = floor;
+  for (std::size_t i = 0; i < std::size(b); ++i) {
+    diff = std::max(diff, std::abs(static_cast<double>(a[i]) - static_cast<double>(b[i])));
+    scale = std::max(scale, std::abs(static_cast<double>(b[i])));
+  }
+  return diff / scale;
+}
+
+template <class T>
+void two_ranks_equal_one_process(double tol) {
+  ASSERT_EQ(dist::size(), 2) << "run with mpiexec -np 2";
+  const int rank = dist::rank();
+  const Index global = 64, local = global / 2;
+  bnrelu::manual_seed(11);
+  auto reference = bnrelu::models::seed_cnn<T>(1, 10);
+  bnrelu::manual_seed(11 + static_cast<std::uint64_t>(rank));  // rank 1 starts different: broadcast must fix it
+  auto model = bnrelu::models::seed_cnn<T>(1, 10);
+  dist::DataParallel ddp(model);
+  bnrelu::optim::SGD<T> opt_ref(reference.named_parameters(), {.lr = 0.05, .momentum = 0.9});
+  bnrelu::optim::SGD<T> opt(model.named_parameters(), {.lr = 0.05, .momentum = 0.9});
+  bnrelu::nn::CrossEntropyLoss<T> loss_ref, loss;
+  bnrelu::manual_seed(99);  // the data: the same on every rank
+  for (int step = 0; step < 20; ++step) {
+    SCOPED_TRACE(::testing::Message() << "rank " << rank << " step " << step);
+    Tensor<T, 4> x(global, 1, 28, 28);
+    for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<T>(bnrelu::uniform(-1, 2));
+    std::vector<std::int64_t> labels(global);
+    for (auto& l : labels) l = static_cast<std::int64_t>(bnrelu::uniform(0, 10)) % 10;
+    // this rank's half of the batch
+    Tensor<T, 4> xs(local, 1, 28, 28);
+    std::copy_n(x.data() + rank * local * 28 * 28, xs.size(), xs.data());
+    const std::vector<std::int64_t> ls(labels.begin() + rank * local, labels.begin() + (rank + 1) * local);
+
+    opt_ref.zero_grad();
+    const double want = loss_ref.forward(reference.forward(x), labels);
+    reference.backward_params(loss_ref.backward());
+    opt.zero_grad();
+    const double got = dist::DataParallel<decltype(model)>::mean_over_ranks(loss.forward(model.forward(xs), ls));
+    model.backward_params(loss.backward());
+    ddp.average_gradients();
+    EXPECT_LE(std::abs(got - want) / std::max(1e-3, std::abs(want)), tol) << got << " vs " << want;
+    auto p = model.named_parameters(), q = reference.named_parameters();
+    // gradients relative to the largest gradient of the model: a convolution's bias before a
+    // batch norm has a gradient of exactly 0 in exact arithmetic, so only rounding is left of it
+    double grad_scale = 0;
+    for (auto& g : q)
+      for (auto v : g.grad) grad_scale = std::max(grad_scale, std::abs(static_cast<double>(v)));
+    for (std::size_t i = 0; i < p.size(); ++i)
+      EXPECT_LE(rel_diff(p[i].grad, q[i].grad, grad_scale), tol) << p[i].name << " grad";
+    opt_ref.step();
+    opt.step();
+    for (std::size_t i = 0; i < p.size(); ++i) EXPECT_LE(rel_diff(p[i].value, q[i].value), tol) << p[i].name;
+    auto b = model.named_buffers(), c = reference.named_buffers();
+    for (std::size_t i = 0; i < b.size(); ++i) EXPECT_LE(rel_diff(b[i].value, c[i].value), tol) << b[i].name;
+  }
+  // the model is a plain model again: eval and checkpoints behave as for one process
+  EXPECT_EQ(model.template get<1>().num_batches_tracked(), 20);
+}
+
+TEST(DataParallel, TwoRanksOfBatch32EqualOneProcessOfBatch64Double) { two_ranks_equal_one_process<double>(1e-9); }
+TEST(DataParallel, TwoRanksOfBatch32EqualOneProcessOfBatch64Float) { two_ranks_equal_one_process<float>(1e-5); }
+
+TEST(DataParallel, ShardsAreDisjointAndMakeTheGlobalBatch) {
+  bnrelu::data::Mnist set;
+  set.images = Tensor<float, 4>(103, 1, 2, 2);
+  for (Index i = 0; i < set.images.size(); ++i) set.images.data()[i] = static_cast<float>(i / 4);  // image id
+  set.labels.assign(103, 0);
+  bnrelu::data::DataLoader<float> one(set, {.batch_size = 16, .seed = 3});
+  bnrelu::data::DataLoader<float> mine(set, {.batch_size = 8, .seed = 3, .rank = dist::rank(), .world_size = 2});
+  one.start_epoch(2);
+  mine.start_epoch(2);
+  EXPECT_EQ(mine.num_batches(), one.num_batches());  // 6 full global batches and 7 images split 3 + 4
+  bnrelu::data::Batch<float> a, b;
+  std::vector<float> seen;
+  while (one.next(a)) {
+    ASSERT_TRUE(mine.next(b));
+    std::vector<float> mine_ids, other(static_cast<std::size_t>(a.images.dimension(0) - b.images.dimension(0)));
+    for (Index i = 0; i < b.images.dimension(0); ++i) mine_ids.push_back(b.images(i, 0, 0, 0));
+    // gather both ranks' ids of this batch on every rank
+    std::vector<int> counts(2), displs{0, 0};
+    int n = static_cast<int>(mine_ids.size());
+    MPI_Allgather(&n, 1, MPI_INT, counts.data(), 1, MPI_INT, MPI_COMM_WORLD);
+    displs[1] = counts[0];
+    std::vector<float> all(static_cast<std::size_t>(counts[0] + counts[1]));
+    MPI_Allgatherv(mine_ids.data(), n, MPI_FLOAT, all.data(), counts.data(), displs.data(), MPI_FLOAT, MPI_COMM_WORLD);
+    std::vector<float> want;
+    for (Index i = 0; i < a.images.dimension(0); ++i) want.push_back(a.images(i, 0, 0, 0));
+    EXPECT_EQ(all, want);  // rank 0's part then rank 1's part is the one-process batch, in order
+  }
+  EXPECT_FALSE(mine.next(b));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  dist::Environment mpi(&argc, &argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  if (mpi.rank() != 0) {  // one rank's report is enough; every rank's failures still fail the run
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  const int failed = RUN_ALL_TESTS();
+  int any = failed;
+  MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  return any;
+}
