@@ -4,11 +4,13 @@
 //   train_mnist --epochs 5 --optimizer adam --lr 1e-3 --log run.csv
 //   train_mnist --resume bnrelu_mnist.safetensors --epochs 4    # continue where it stopped
 //   train_mnist --eval-only --resume bnrelu_mnist.safetensors
+//   mpirun -np 2 train_mnist --distributed --threads 1     # data parallel (BNRELU_WITH_MPI builds)
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -16,6 +18,9 @@
 #include <vector>
 
 #include <bnrelu/bnrelu.hpp>
+#ifdef BNRELU_TRAIN_MPI
+#include <bnrelu/dist/mpi.hpp>
+#endif
 
 #include "report.hpp"
 
@@ -44,6 +49,28 @@ struct Config {
   Index max_steps = 0;
   Index train_limit = 0;
   Index test_limit = 0;
+  bool distributed = false;
+};
+
+// Data parallelism: the rank of this process, the number of ranks, and the model wrapper. One
+// process without MPI is rank 0 of 1.
+struct Replicas {
+  int rank = 0, size = 1;
+#ifdef BNRELU_TRAIN_MPI
+  bnrelu::dist::DataParallel<bnrelu::models::SeedCNN<float>>* ddp = nullptr;  // owned next to the model
+#endif
+  void average_gradients() {
+#ifdef BNRELU_TRAIN_MPI
+    if (ddp) ddp->average_gradients();
+#endif
+  }
+  // The sum of v over all ranks.
+  double sum(double v) const {
+#ifdef BNRELU_TRAIN_MPI
+    if (ddp) MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+#endif
+    return v;
+  }
 };
 
 
@@ -225,7 +252,22 @@ std::vector<EpochRecord> read_log(const std::string& path, int before) {
   return rows;
 }
 
-int run(const Config& cfg) {
+int run(Config cfg) {
+  Replicas replicas;
+#ifdef BNRELU_TRAIN_MPI
+  if (cfg.distributed) {
+    replicas.rank = bnrelu::dist::rank();
+    replicas.size = bnrelu::dist::size();
+  }
+#endif
+  if (cfg.batch_size % replicas.size != 0)
+    throw std::invalid_argument("--batch-size " + std::to_string(cfg.batch_size) + " is the global batch and must divide by the " +
+                                std::to_string(replicas.size) + " ranks");
+  if (replicas.rank != 0) {  // rank 0 alone prints, logs and saves
+    if (!std::freopen("/dev/null", "w", stdout)) throw std::runtime_error("cannot silence rank " + std::to_string(replicas.rank));
+    cfg.save.clear();
+    cfg.log.clear();
+  }
   if (cfg.threads > 0) bnrelu::set_num_threads(cfg.threads);
   bnrelu::manual_seed(cfg.seed);
   const auto t_load = Clock::now();
@@ -280,12 +322,27 @@ int run(const Config& cfg) {
     print_confusion(cfg, ev, classes);
     return 0;
   }
-  std::printf("seed_cnn, %zu parameter tensors, %s fused BatchNorm+ReLU, %s lr %g (%s) momentum %g, batch %ld, %d threads\n\n",
+#ifdef BNRELU_TRAIN_MPI
+  std::unique_ptr<bnrelu::dist::DataParallel<decltype(model)>> ddp;  // declared after the model: dies first
+  if (cfg.distributed) {
+    ddp = std::make_unique<bnrelu::dist::DataParallel<decltype(model)>>(model);
+    replicas.ddp = ddp.get();
+  }
+#endif
+  std::printf("seed_cnn, %zu parameter tensors, %s fused BatchNorm+ReLU, %s lr %g (%s) momentum %g, batch %ld, %d threads",
               model.named_parameters().size(), cfg.no_fuse ? "without" : "with", cfg.optimizer.c_str(), cfg.lr,
               cfg.scheduler.c_str(), cfg.momentum, static_cast<long>(cfg.batch_size), bnrelu::num_threads());
+  if (replicas.size > 1)
+    std::printf(" per rank, %d ranks (batch %ld each, SyncBatchNorm)", replicas.size,
+                static_cast<long>(cfg.batch_size / replicas.size));
+  std::printf("\n\n");
 
   auto train_opt = loader_opt;
-  train_opt.drop_last = train.images.dimension(0) % cfg.batch_size == 1;  // batch norm needs 2 images
+  train_opt.batch_size = cfg.batch_size / replicas.size;
+  train_opt.rank = replicas.rank;
+  train_opt.world_size = replicas.size;
+  // batch norm needs 2 images in a batch: drop a last global batch that would give a rank fewer
+  train_opt.drop_last = train.images.dimension(0) % cfg.batch_size < 2 * replicas.size;
   bnrelu::data::DataLoader<float> loader(train, train_opt);
   bnrelu::data::Batch<float> batch;
   nn::CrossEntropyLoss<float> ce;
@@ -313,6 +370,7 @@ int run(const Config& cfg) {
         return 3;
       }
       model.backward_params(ce.backward());  // no gradient for the images themselves
+      replicas.average_gradients();
       opt->step();
       const Index n = logits.dimension(0);
       loss_sum += static_cast<double>(loss) * static_cast<double>(n);
@@ -325,6 +383,11 @@ int run(const Config& cfg) {
     }
     progress.finish();
     const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (replicas.size > 1) {  // the epoch's figures over every rank's shard
+      loss_sum = replicas.sum(loss_sum);
+      correct = static_cast<Index>(replicas.sum(static_cast<double>(correct)));
+      seen = static_cast<Index>(replicas.sum(static_cast<double>(seen)));
+    }
     last_eval = evaluate(model, test, loader_opt, classes);
     history.push_back({epoch + 1, loss_sum / static_cast<double>(std::max<Index>(seen, 1)),
                        static_cast<double>(correct) / static_cast<double>(std::max<Index>(seen, 1)), last_eval.loss,
@@ -376,8 +439,17 @@ int main(int argc, char** argv) {
   app.add_option("--max-steps", cfg.max_steps, "stop after this many training steps (0: no limit)")->check(CLI::NonNegativeNumber);
   app.add_option("--train-limit", cfg.train_limit, "use only the first N training images (0: all)")->check(CLI::NonNegativeNumber);
   app.add_option("--test-limit", cfg.test_limit, "use only the first N test images (0: all)")->check(CLI::NonNegativeNumber);
+  app.add_flag("--distributed", cfg.distributed,
+               "data parallel over MPI ranks (mpirun -np N); --batch-size is the global batch. Detected under mpirun");
   CLI11_PARSE(app, argc, argv);
+  if (std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE")) cfg.distributed = true;
   try {
+#ifdef BNRELU_TRAIN_MPI
+    std::unique_ptr<bnrelu::dist::Environment> mpi;
+    if (cfg.distributed) mpi = std::make_unique<bnrelu::dist::Environment>(&argc, &argv);
+#else
+    if (cfg.distributed) throw std::invalid_argument("--distributed needs a build with -DBNRELU_WITH_MPI=ON");
+#endif
     return run(cfg);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_mnist: %s\n", e.what());
