@@ -377,8 +377,9 @@ int run(Config cfg) {
       for (Index i = 0; i < n; ++i) correct += predicted(logits, i) == labels[static_cast<std::size_t>(i)];
       seen += n;
       ++steps;
+      // live figures are this rank's; the rate counts every rank's images
       progress.update(loader.batch_index(), loss_sum / static_cast<double>(seen),
-                      static_cast<double>(correct) / static_cast<double>(seen), seen);
+                      static_cast<double>(correct) / static_cast<double>(seen), seen * replicas.size);
       if (cfg.max_steps > 0 && steps >= cfg.max_steps) break;
     }
     progress.finish();

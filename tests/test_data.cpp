@@ -189,3 +189,40 @@ TEST(DataLoader, SeededShufflePartialBatchAndNormalisation) {
   EXPECT_THROW(loader.seek(0, 9), bnrelu::shape_error);
   EXPECT_THROW(data::DataLoader<float>(set, {.batch_size = 0}), bnrelu::shape_error);
 }
+
+// Data parallelism: replica r's batch k is the r-th part of the one-process batch k of the
+// global size, so the shards are disjoint and together make every global batch.
+TEST(DataLoader, ReplicaShardsSplitEveryGlobalBatch) {
+  data::Mnist set;
+  set.images.resize(23, 1, 1, 1);
+  for (int i = 0; i < 23; ++i) {
+    set.images(i, 0, 0, 0) = static_cast<float>(i);
+    set.labels.push_back(i);
+  }
+  for (int world : {2, 3}) {
+    SCOPED_TRACE(world);
+    data::DataLoader<float> one(set, {.batch_size = 2 * world, .seed = 8});
+    std::vector<data::DataLoader<float>> shards;
+    for (int r = 0; r < world; ++r) shards.emplace_back(set, data::LoaderOptions{.batch_size = 2, .seed = 8, .rank = r, .world_size = world});
+    for (auto& s : shards) {
+      s.start_epoch(3);
+      EXPECT_EQ(s.num_batches(), one.num_batches());  // a last partial global batch is split, not lost
+    }
+    one.start_epoch(3);
+    data::Batch<float> whole, part;
+    while (one.next(whole)) {
+      std::vector<std::int64_t> joined;
+      for (auto& s : shards) {
+        ASSERT_TRUE(s.next(part));
+        EXPECT_GE(part.labels.size(), 1u);
+        joined.insert(joined.end(), part.labels.begin(), part.labels.end());
+      }
+      EXPECT_EQ(joined, whole.labels);
+    }
+  }
+  // a last global batch with fewer images than replicas is dropped on every replica
+  data::DataLoader<float> few(set, {.batch_size = 11, .seed = 1, .rank = 1, .world_size = 2});
+  EXPECT_EQ(few.num_batches(), 1);  // 22 images in one global batch; the 23rd cannot be split
+  EXPECT_THROW(data::DataLoader<float>(set, {.rank = 2, .world_size = 2}), bnrelu::shape_error);
+  EXPECT_THROW(data::DataLoader<float>(set, {.rank = 0, .world_size = 0}), bnrelu::shape_error);
+}

@@ -147,23 +147,34 @@ void broadcast_state(Model& model, int root = 0) {
 
 // Averages gradients over all ranks: the gradients are packed, in parameter order, into
 // buckets of about bucket_bytes, and each bucket takes one allreduce (small tensors share
-// one; a tensor larger than a bucket gets its own). Reports the time spent in MPI.
+// one; a tensor larger than a bucket gets its own and is reduced in place, without packing).
+// Reports the time spent in MPI.
 template <class T>
 class GradientAverager {
  public:
   explicit GradientAverager(std::vector<ParamRef<T>> params, std::size_t bucket_bytes = 4u << 20)
       : params_(std::move(params)) {
     std::size_t start = 0, elems = 0;
+    auto close = [&](std::size_t end) {
+      if (end > start) buckets_.push_back({start, end, elems});
+      start = end;
+      elems = 0;
+    };
     for (std::size_t i = 0; i < params_.size(); ++i) {
-      elems += params_[i].grad.size();
-      if (elems * sizeof(T) >= bucket_bytes || i + 1 == params_.size()) {
-        buckets_.push_back({start, i + 1, elems});
-        start = i + 1;
-        elems = 0;
+      const std::size_t n = params_[i].grad.size();
+      if (n * sizeof(T) >= bucket_bytes) {  // a bucket of its own
+        close(i);
+        elems = n;
+        close(i + 1);
+        continue;
       }
+      elems += n;
+      if (elems * sizeof(T) >= bucket_bytes) close(i + 1);
     }
+    close(params_.size());
     std::size_t largest = 0;
-    for (const auto& b : buckets_) largest = std::max(largest, b.elems);
+    for (const auto& b : buckets_)
+      if (b.last - b.first > 1) largest = std::max(largest, b.elems);
     buffer_.resize(largest);
   }
 
@@ -172,6 +183,14 @@ class GradientAverager {
     const double t0 = MPI_Wtime();
     const T scale = static_cast<T>(1.0 / dist::size());
     for (const auto& b : buckets_) {
+      if (b.last - b.first == 1) {  // one tensor: in place
+        auto grad = params_[b.first].grad;
+        detail::check(MPI_Allreduce(MPI_IN_PLACE, grad.data(), static_cast<int>(grad.size()), detail::mpi_type<T>(),
+                                    MPI_SUM, MPI_COMM_WORLD),
+                      "MPI_Allreduce of gradients");
+        for (auto& g : grad) g *= scale;
+        continue;
+      }
       T* out = buffer_.data();
       for (std::size_t i = b.first; i < b.last; ++i) out = std::copy(params_[i].grad.begin(), params_[i].grad.end(), out);
       detail::check(MPI_Allreduce(MPI_IN_PLACE, buffer_.data(), static_cast<int>(b.elems), detail::mpi_type<T>(),

@@ -1,0 +1,74 @@
+// Data-parallel training steps of the seed CNN over MPI: global batch 64 split over the ranks
+// (SyncBatchNorm, bucketed gradient averaging), images/s of the whole job and the time each
+// step spends averaging gradients. Run under mpirun; every rank runs the same fixed number of
+// steps (collectives need it), and rank 0 reports. bench/dist_table.py runs the configurations
+// (1 rank x 1 thread, 1 rank x 2 threads, 2 ranks x 1 thread) and prints the README table and
+// the cost model.
+#include <bnrelu/dist/mpi.hpp>
+#include <bnrelu/models/seed_cnn.hpp>
+#include <bnrelu/nn/loss.hpp>
+#include <bnrelu/optim/sgd.hpp>
+
+#include <cstdio>
+#include <cstdint>
+#include <vector>
+
+#include "common.hpp"
+
+namespace {
+
+using bnrelu::Index;
+namespace dist = bnrelu::dist;
+
+void data_parallel_step(benchmark::State& state) {
+  const Index global = state.range(0);
+  const int ranks = dist::size();
+  const Index local = global / ranks;
+  bnrelu::manual_seed(0);
+  auto model = bnrelu::models::seed_cnn<float>(1, 10);
+  dist::DataParallel ddp(model);
+  bnrelu::nn::CrossEntropyLoss<float> loss;
+  bnrelu::optim::SGD<float> opt(model.named_parameters(), {.lr = 0.01, .momentum = 0.9});
+  bnrelu::manual_seed(1 + static_cast<std::uint64_t>(dist::rank()));
+  const auto x = bnrelu::bench::random_tensor<4>({local, 1, 28, 28});
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(local));
+  for (Index i = 0; i < local; ++i) labels[static_cast<std::size_t>(i)] = i % 10;
+  auto step = [&] {
+    opt.zero_grad();
+    loss.forward(model.forward(x), labels);
+    model.backward_params(loss.backward());
+    ddp.average_gradients();
+    opt.step();
+  };
+  for (int i = 0; i < 3; ++i) step();  // warm-up
+  const double mpi_before = ddp.averager().seconds();
+  MPI_Barrier(MPI_COMM_WORLD);
+  for (auto _ : state) step();
+  MPI_Barrier(MPI_COMM_WORLD);
+  const double steps = static_cast<double>(state.iterations());
+  state.counters["images/s"] = benchmark::Counter(static_cast<double>(global), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["allreduce_ms"] = 1e3 * (ddp.averager().seconds() - mpi_before) / steps;
+  state.counters["allreduce_MB"] = ranks > 1 ? static_cast<double>(ddp.averager().bytes()) / 1e6 : 0.0;
+  state.counters["buckets"] = static_cast<double>(ddp.averager().num_buckets());
+  state.counters["ranks"] = ranks;
+  state.counters["threads"] = bnrelu::num_threads();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  dist::Environment mpi(&argc, &argv);
+  if (mpi.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) return 1;  // rank 0 reports
+  benchmark::RegisterBenchmark("data_parallel_step", data_parallel_step)
+      ->ArgName("global_batch")
+      ->Arg(64)
+      ->Arg(32)  // on one rank: the per-rank work of two ranks, without communication
+      ->Iterations(25)  // fixed: every rank must run the same steps
+      ->Repetitions(3)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

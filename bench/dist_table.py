@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Runs bench_dist in three layouts of this machine's two cores (1 rank x 1 thread, 1 rank x 2
+threads, 2 ranks x 1 thread; global batch 64) and prints the README's table and a cost model of
+the step time at 8, 64 and 256 ranks.
+
+    python3 bench/dist_table.py build/release/bench/bench_dist
+
+The cost model keeps 64 images per rank (weak scaling) and adds a ring allreduce of the
+gradient bytes, 2 (P-1)/P * bytes / bandwidth + 2 (P-1) * latency, for two networks, plus the
+SyncBatchNorm collectives (6 per step, latency-bound; the statistics allgather grows with P).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+NETWORKS = [("10 GbE", 1.25e9, 20e-6), ("100 Gb/s InfiniBand", 12.5e9, 2e-6)]
+BN_CHANNELS = [64, 128, 512]  # the seed CNN's batch norms
+
+
+def run(binary, ranks, threads):
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks)]
+        if threads > 1:
+            cmd += ["--bind-to", "none"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        subprocess.run(cmd + [binary, "--benchmark_report_aggregates_only=true", f"--benchmark_out={out.name}",
+                              "--benchmark_out_format=json"], check=True, stdout=subprocess.DEVNULL, env=env)
+        rows = json.load(open(out.name))["benchmarks"]
+    return {r["run_name"].split("/")[1]: r for r in rows if r.get("aggregate_name") == "median"}
+
+
+def main(binary):
+    one = run(binary, 1, 1)
+    two_threads = run(binary, 1, 2)
+    two_ranks = run(binary, 2, 1)
+    base = one["global_batch:64"]["images/s"]
+    print("| layout (global batch 64) | images/s | vs 1 x 1 | allreduce ms/step | allreduce MB/step (per rank) |")
+    print("|---|---|---|---|---|")
+    for name, r in (("1 rank x 1 thread", one["global_batch:64"]), ("1 rank x 2 threads", two_threads["global_batch:64"]),
+                    ("2 ranks x 1 thread (batch 32 each)", two_ranks["global_batch:64"])):
+        print(f"| {name} | {r['images/s']:.0f} | {r['images/s'] / base:.2f}x | {r['allreduce_ms']:.2f} | {r['allreduce_MB']:.1f} |")
+    half = one["global_batch:32"]["images/s"]
+    print(f"\nOne rank alone at batch 32 (a rank's share of the work, no communication): {half:.0f} images/s, "
+          f"so two ranks could reach at most {2 * half / base:.2f}x.")
+
+    step_64 = 64 / base  # seconds per step of 64 images on one core
+    grad_bytes = two_ranks["global_batch:64"]["allreduce_MB"] * 1e6
+    print(f"\nCost model, 64 images per rank per step (one core each: {1e3 * step_64:.1f} ms of compute), "
+          f"{grad_bytes / 1e6:.1f} MB of gradients allreduced per step:\n")
+    print("| ranks | network | allreduce ms | SyncBN ms | step ms | images/s | efficiency |")
+    print("|---|---|---|---|---|---|---|")
+    for p in (8, 64, 256):
+        for net, bw, lat in NETWORKS:
+            ring = 2 * (p - 1) / p * grad_bytes / bw + 2 * (p - 1) * lat
+            # per batch norm: allgather of (1 + 2C) doubles from every rank, allreduce of 2C doubles
+            bn = sum((p - 1) * (1 + 2 * c) * 8 / bw + 2 * (p - 1) * lat + 2 * (p - 1) / p * 16 * c / bw
+                     + 2 * (p - 1) * lat for c in BN_CHANNELS)
+            step = step_64 + ring + bn
+            print(f"| {p} | {net} | {1e3 * ring:.1f} | {1e3 * bn:.2f} | {1e3 * step:.1f} | {64 * p / step:.0f} | "
+                  f"{step_64 / step:.0%} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "build/release/bench/bench_dist")
