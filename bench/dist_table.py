@@ -7,9 +7,11 @@ the step time at 8, 64 and 256 ranks.
 
 The cost model keeps 64 images per rank (weak scaling) and adds a ring allreduce of the
 gradient bytes, 2 (P-1)/P * bytes / bandwidth + 2 (P-1) * latency, for two networks, plus the
-SyncBatchNorm collectives (6 per step, latency-bound; the statistics allgather grows with P).
+SyncBatchNorm collectives (6 small ones per step, by recursive doubling: log2 P latencies each;
+the statistics allgather moves (P-1) * (1 + 2C) doubles to every rank).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,9 +56,10 @@ def main(binary):
     for p in (8, 64, 256):
         for net, bw, lat in NETWORKS:
             ring = 2 * (p - 1) / p * grad_bytes / bw + 2 * (p - 1) * lat
-            # per batch norm: allgather of (1 + 2C) doubles from every rank, allreduce of 2C doubles
-            bn = sum((p - 1) * (1 + 2 * c) * 8 / bw + 2 * (p - 1) * lat + 2 * (p - 1) / p * 16 * c / bw
-                     + 2 * (p - 1) * lat for c in BN_CHANNELS)
+            # per batch norm, small messages by recursive doubling (log2 P steps): an allgather of
+            # (1 + 2C) doubles from every rank, and an allreduce of 2C doubles
+            steps = math.log2(p)
+            bn = sum(steps * lat + (p - 1) * (1 + 2 * c) * 8 / bw + steps * (lat + 16 * c / bw) for c in BN_CHANNELS)
             step = step_64 + ring + bn
             print(f"| {p} | {net} | {1e3 * ring:.1f} | {1e3 * bn:.2f} | {1e3 * step:.1f} | {64 * p / step:.0f} | "
                   f"{step_64 / step:.0%} |")
