@@ -361,7 +361,8 @@ int run(Config cfg) {
       const auto labels = batch.labels;
       const auto logits = model.forward(std::move(batch.images));
       const float loss = ce.forward(logits, labels);
-      if (!std::isfinite(loss)) {
+      // every rank stops together (a rank leaving alone would leave the others in a collective)
+      if (replicas.sum(std::isfinite(loss) ? 0.0 : 1.0) > 0) {
         progress.finish();
         std::fprintf(stderr,
                      "train_mnist: the loss became %f at epoch %d, step %ld; stopping. The last good checkpoint is %s "
@@ -443,15 +444,25 @@ int main(int argc, char** argv) {
   app.add_flag("--distributed", cfg.distributed,
                "data parallel over MPI ranks (mpirun -np N); --batch-size is the global batch. Detected under mpirun");
   CLI11_PARSE(app, argc, argv);
+#ifdef BNRELU_TRAIN_MPI
   if (std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE")) cfg.distributed = true;
+#endif
   try {
 #ifdef BNRELU_TRAIN_MPI
     std::unique_ptr<bnrelu::dist::Environment> mpi;
     if (cfg.distributed) mpi = std::make_unique<bnrelu::dist::Environment>(&argc, &argv);
+    try {
+      return run(cfg);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "train_mnist: %s\n", e.what());
+      // the other ranks may be waiting in a collective: end the whole job
+      if (mpi && bnrelu::dist::size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+      return 1;
+    }
 #else
     if (cfg.distributed) throw std::invalid_argument("--distributed needs a build with -DBNRELU_WITH_MPI=ON");
-#endif
     return run(cfg);
+#endif
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_mnist: %s\n", e.what());
     return 1;

@@ -205,6 +205,19 @@ TEST(Sequential, FuseForInferenceFoldsOnlyWhatItCan) {
   model.fuse_for_inference();
   EXPECT_TRUE(close_to(model.forward(x), want, 1e-12));
   EXPECT_EQ(model.get<0>().named_parameters().size(), 2u);  // gained the folded bias
+  model.fuse_for_inference();  // a second call folds nothing again
+  EXPECT_TRUE(close_to(model.forward(x), want, 1e-12));
   EXPECT_TRUE(model.get<0>().folded_relu());
   EXPECT_FALSE(model.get<3>().folded_relu());  // batch statistics: not folded
+}
+
+TEST(Sequential, FuseForInferenceRefusesMismatchedChannelsAndChangesNothing) {
+  bnrelu::manual_seed(8);
+  nn::Sequential model{nn::Linear<double>({.in_features = 3, .out_features = 4}),
+                       nn::BatchNorm1d<double>({.num_features = 2})};  // forward would reject it too
+  const std::vector<double> before(model.get<0>().weight().data(), model.get<0>().weight().data() + 12);
+  EXPECT_THROW(model.fuse_for_inference(), bnrelu::shape_error);
+  EXPECT_TRUE(model.is_training());
+  EXPECT_EQ(std::vector<double>(model.get<0>().weight().data(), model.get<0>().weight().data() + 12), before);
+  EXPECT_FALSE(model.get<0>().folded_relu());
 }

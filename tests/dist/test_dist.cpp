@@ -93,12 +93,12 @@ TEST(DataParallel, ShardsAreDisjointAndMakeTheGlobalBatch) {
   bnrelu::data::DataLoader<float> mine(set, {.batch_size = 8, .seed = 3, .rank = dist::rank(), .world_size = 2});
   one.start_epoch(2);
   mine.start_epoch(2);
-  EXPECT_EQ(mine.num_batches(), one.num_batches());  // 6 full global batches and 7 images split 3 + 4
+  EXPECT_EQ(mine.num_batches(), one.num_batches());  // 6 full global batches and 7 images cut to 3 + 3
   bnrelu::data::Batch<float> a, b;
   std::vector<float> seen;
   while (one.next(a)) {
     ASSERT_TRUE(mine.next(b));
-    std::vector<float> mine_ids, other(static_cast<std::size_t>(a.images.dimension(0) - b.images.dimension(0)));
+    std::vector<float> mine_ids;
     for (Index i = 0; i < b.images.dimension(0); ++i) mine_ids.push_back(b.images(i, 0, 0, 0));
     // gather both ranks' ids of this batch on every rank
     std::vector<int> counts(2), displs{0, 0};
@@ -108,10 +108,43 @@ TEST(DataParallel, ShardsAreDisjointAndMakeTheGlobalBatch) {
     std::vector<float> all(static_cast<std::size_t>(counts[0] + counts[1]));
     MPI_Allgatherv(mine_ids.data(), n, MPI_FLOAT, all.data(), counts.data(), displs.data(), MPI_FLOAT, MPI_COMM_WORLD);
     std::vector<float> want;
-    for (Index i = 0; i < a.images.dimension(0); ++i) want.push_back(a.images(i, 0, 0, 0));
+    for (Index i = 0; i < a.images.dimension(0) / 2 * 2; ++i) want.push_back(a.images(i, 0, 0, 0));
     EXPECT_EQ(all, want);  // rank 0's part then rank 1's part is the one-process batch, in order
   }
   EXPECT_FALSE(mine.next(b));
+}
+
+// SyncBatchNorm checks the batch over all ranks: one row, or none, on a rank is fine when the
+// global batch has more than one, and the result is the one-process batch norm of all rows.
+TEST(DataParallel, SyncBatchNormTakesOneOrNoRowOnARank) {
+  for (Index rows0 : {1, 0}) {
+    SCOPED_TRACE(rows0);
+    const Index rows1 = 3, total = rows0 + rows1;
+    bnrelu::manual_seed(21);
+    Tensor<double, 2> x(total, 4), dy(total, 4);
+    for (Index i = 0; i < x.size(); ++i) x.data()[i] = bnrelu::uniform(-2, 2);
+    for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = bnrelu::uniform(-1, 1);
+    bnrelu::nn::BatchNormReLU1d<double> whole({.num_features = 4}), mine({.num_features = 4});
+    const auto want = whole.forward(x);
+    const auto want_dx = whole.backward(dy);
+    mine.set_reducer(std::make_shared<dist::MpiBatchNormReducer>());
+    const Index first = dist::rank() == 0 ? 0 : rows0, n = dist::rank() == 0 ? rows0 : rows1;
+    Tensor<double, 2> xs(n, 4), dys(n, 4);
+    std::copy_n(x.data() + first * 4, n * 4, xs.data());
+    std::copy_n(dy.data() + first * 4, n * 4, dys.data());
+    const auto got = mine.forward(xs);
+    // each rank's dy rows are the whole batch's, so the summed channel sums are the whole's
+    const auto got_dx = mine.backward(dys);
+    for (Index i = 0; i < got.size(); ++i) EXPECT_NEAR(got.data()[i], want.data()[first * 4 + i], 1e-12);
+    for (Index i = 0; i < got_dx.size(); ++i) EXPECT_NEAR(got_dx.data()[i], want_dx.data()[first * 4 + i], 1e-12);
+    for (Index c = 0; c < 4; ++c) EXPECT_NEAR(mine.running_var()(c), whole.running_var()(c), 1e-12);
+  }
+  // a global batch of one row throws on every rank alike
+  bnrelu::nn::BatchNorm1d<double> bn({.num_features = 2});
+  bn.set_reducer(std::make_shared<dist::MpiBatchNormReducer>());
+  Tensor<double, 2> one(dist::rank() == 0 ? 1 : 0, 2);
+  one.setConstant(1.0);
+  EXPECT_THROW(bn.forward(one), bnrelu::shape_error);
 }
 
 }  // namespace
@@ -119,10 +152,7 @@ TEST(DataParallel, ShardsAreDisjointAndMakeTheGlobalBatch) {
 int main(int argc, char** argv) {
   dist::Environment mpi(&argc, &argv);
   ::testing::InitGoogleTest(&argc, argv);
-  if (mpi.rank() != 0) {  // one rank's report is enough; every rank's failures still fail the run
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
+  // every rank reports (a failure may show on one rank only), and any failure fails the run
   const int failed = RUN_ALL_TESTS();
   int any = failed;
   MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);

@@ -24,7 +24,9 @@ struct LoaderOptions {
   // alike, and batch k of replica r is the r-th of world_size equal parts of global batch k
   // (batch_size * world_size images of the epoch order), so the replicas see disjoint shards
   // and together exactly what one process with the global batch sees. A last partial global
-  // batch is split evenly, or dropped if it has fewer images than replicas (or drop_last).
+  // batch is cut to a multiple of world_size and split evenly, so that every replica's batch
+  // has the same size (averaging the replicas' mean gradients then gives the global mean): at
+  // most world_size - 1 images of an epoch are left out. With drop_last it is dropped.
   int rank = 0;
   int world_size = 1;
 };
@@ -87,9 +89,8 @@ class DataLoader {
   bool next(Batch<T>& out) {
     if (next_ >= num_batches()) return false;
     const Index global = opt_.batch_size * opt_.world_size;
-    const Index in_batch = std::min(global, size() - next_ * global);  // this global batch's images
-    const Index begin = next_ * global + opt_.rank * in_batch / opt_.world_size;
-    const Index count = next_ * global + (opt_.rank + 1) * in_batch / opt_.world_size - begin;
+    const Index count = std::min(global, size() - next_ * global) / opt_.world_size;  // per replica
+    const Index begin = next_ * global + opt_.rank * count;
     const Index C = set_->images.dimension(1), H = set_->images.dimension(2), W = set_->images.dimension(3);
     const Index plane = C * H * W;
     out.images.resize(count, C, H, W);

@@ -37,6 +37,16 @@ inline void check(int code, const char* what) {
   }
 }
 
+// Sums data over all ranks in place, in pieces that fit MPI's int counts.
+template <class T>
+void allreduce_sum(T* data, std::size_t n, MPI_Datatype type, const char* what) {
+  constexpr std::size_t kMax = 1u << 30;
+  for (std::size_t done = 0; done < n; done += kMax)
+    check(MPI_Allreduce(MPI_IN_PLACE, data + done, static_cast<int>(std::min(kMax, n - done)), type, MPI_SUM,
+                        MPI_COMM_WORLD),
+          what);
+}
+
 template <class T>
 MPI_Datatype mpi_type() {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float or double");
@@ -73,6 +83,11 @@ class Environment {
     int provided = 0;
     detail::check(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
     owns_ = true;
+    if (provided < MPI_THREAD_FUNNELED) {
+      MPI_Finalize();
+      owns_ = false;
+      throw std::runtime_error("bnrelu::dist: the MPI library does not provide MPI_THREAD_FUNNELED");
+    }
   }
   ~Environment() {
     if (owns_ && running()) MPI_Finalize();
@@ -185,17 +200,13 @@ class GradientAverager {
     for (const auto& b : buckets_) {
       if (b.last - b.first == 1) {  // one tensor: in place
         auto grad = params_[b.first].grad;
-        detail::check(MPI_Allreduce(MPI_IN_PLACE, grad.data(), static_cast<int>(grad.size()), detail::mpi_type<T>(),
-                                    MPI_SUM, MPI_COMM_WORLD),
-                      "MPI_Allreduce of gradients");
+        detail::allreduce_sum(grad.data(), grad.size(), detail::mpi_type<T>(), "MPI_Allreduce of gradients");
         for (auto& g : grad) g *= scale;
         continue;
       }
       T* out = buffer_.data();
       for (std::size_t i = b.first; i < b.last; ++i) out = std::copy(params_[i].grad.begin(), params_[i].grad.end(), out);
-      detail::check(MPI_Allreduce(MPI_IN_PLACE, buffer_.data(), static_cast<int>(b.elems), detail::mpi_type<T>(),
-                                  MPI_SUM, MPI_COMM_WORLD),
-                    "MPI_Allreduce of gradients");
+      detail::allreduce_sum(buffer_.data(), b.elems, detail::mpi_type<T>(), "MPI_Allreduce of gradients");
       const T* in = buffer_.data();
       for (std::size_t i = b.first; i < b.last; ++i)
         for (auto& g : params_[i].grad) g = *in++ * scale;

@@ -171,8 +171,8 @@ std::pair<double, double> reduce2(Index n, PF pf, SF sf) {
 inline constexpr Index kMaxBlock = 64;
 
 inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threads) {
-  const Index run = std::max<Index>(1, (4 << 10) / (S * elem_size));
-  const Index fit = std::max<Index>(1, (512 << 10) / (N * S * elem_size));
+  const Index run = std::max<Index>(1, (4 << 10) / std::max<Index>(1, S * elem_size));
+  const Index fit = std::max<Index>(1, (512 << 10) / std::max<Index>(1, N * S * elem_size));  // N may be 0
   const Index spread = std::max<Index>(1, C / (2 * threads));  // two blocks per thread at least
   return std::clamp<Index>(std::min({run, fit, spread}), 1, kMaxBlock);
 }

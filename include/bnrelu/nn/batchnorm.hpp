@@ -83,7 +83,10 @@ class BatchNormBase : public Module {
     Index M = in[0];
     for (std::size_t i = 2; i < Rank; ++i) M *= in[i];
     const bool batch_stats = is_training() || !opt_.track_running_stats;
-    if (batch_stats && (M == 1 || (is_training() && M == 0)))
+    // a SyncBatchNorm checks the count over all replicas instead, in forward (every replica
+    // then throws alike, instead of one leaving the others waiting in a collective)
+    const bool synced = reducer_ && is_training();
+    if (batch_stats && !synced && (M == 1 || (is_training() && M == 0)))
       throw shape_error(std::string(name_) + ": expected more than 1 value per channel when using batch " +
                         "statistics, got input " + shape_string(in));
     return in;
@@ -158,10 +161,11 @@ class BatchNormBase : public Module {
   // y = [relu](batchnorm(x)); owned (== &x or null): x may be moved into the cache.
   Tensor<T, Rank> forward_impl(const Tensor<T, Rank>& x, Tensor<T, Rank>* owned, bool relu) {
     const auto d = output_dims(dims_of(x));
-    const Index N = d[0], C = d[1], S = x.size() / std::max<Index>(N * C, 1);
+    const Index N = d[0], C = d[1], S = spatial(d);
     const bool batch_stats = is_training() || !opt_.track_running_stats;
     Tensor<T, Rank> y = y_.take(d);
-    if (x.size() == 0) {  // eval on an empty batch (training rejected it above): nothing to do
+    const bool synced = reducer_ && is_training();
+    if (x.size() == 0 && !synced) {  // eval on an empty batch (training rejected it above): nothing to do
       drop_cache();
       return y;
     }
@@ -191,7 +195,7 @@ class BatchNormBase : public Module {
       }
     }
     double M = static_cast<double>(N * S);
-    if (reducer_ && is_training()) {
+    if (synced) {
       if (keep && !owned) std::copy_n(x.data(), x.size(), x_.data());
       M = forward_synced(y.data(), keep ? x_.data() : x.data(), M, w, b, N, C, S, relu);
     } else {
@@ -214,6 +218,7 @@ class BatchNormBase : public Module {
     }
     has_cache_ = true;
     cached_relu_ = relu;
+    cached_synced_ = synced;
     return y;
   }
 
@@ -224,9 +229,11 @@ class BatchNormBase : public Module {
                              " ReLU after a forward " + (cached_relu_ ? "with" : "without") +
                              " it");
     check_grad_dims(name_, dims_of(x_), dims_of(dy));
-    const Index N = x_.dimension(0), C = x_.dimension(1), S = x_.size() / (N * C);
+    const Index N = x_.dimension(0), C = x_.dimension(1), S = spatial(dims_of(x_));
+    if (cached_synced_ && !reducer_)
+      throw std::logic_error(std::string(name_) + ": the reducer was removed between forward and backward");
     Tensor<T, Rank> dx = dx_.take(dims_of(x_));
-    if (reducer_) {
+    if (cached_synced_) {  // as the forward ran, whatever the reducer is now
       backward_synced(dx, dy, N, C, S, relu);
       return dx;
     }
@@ -246,13 +253,30 @@ class BatchNormBase : public Module {
   }
 
  private:
+  // Values per channel and image: H * W, or 1 for N x C (from the shape: N may be 0).
+  static Index spatial(const Dims<Rank>& d) {
+    Index S = 1;
+    for (std::size_t i = 2; i < Rank; ++i) S *= d[i];
+    return S;
+  }
+
   // SyncBatchNorm forward: local statistics, combined across replicas, then the normalising
   // pass (x read from memory twice, as the reduction sits between). Returns the global count.
   double forward_synced(T* y, const T* x, double count, const T* w, const T* b, Index N, Index C, Index S,
                         bool relu) {
-    kernels::batchnorm_statistics(mean_.data(), var_.data(), x, N, C, S);
-    for (Index c = 0; c < C; ++c) var_[c] *= count;  // M2
+    if (count > 0) {
+      kernels::batchnorm_statistics(mean_.data(), var_.data(), x, N, C, S);
+      for (Index c = 0; c < C; ++c) var_[c] *= count;  // M2
+    } else {  // an empty shard still takes part in the reduction
+      std::fill(mean_.begin(), mean_.end(), 0.0);
+      std::fill(var_.begin(), var_.end(), 0.0);
+    }
     reducer_->combine_statistics(count, mean_, var_);
+    if (count <= 1) {
+      has_cache_ = false;
+      throw shape_error(std::string(name_) + ": expected more than 1 value per channel over all replicas, got " +
+                        std::to_string(static_cast<long long>(count)));
+    }
     scale_.resize(static_cast<std::size_t>(C));
     shift_.resize(static_cast<std::size_t>(C));
     for (Index c = 0; c < C; ++c) {
@@ -304,6 +328,7 @@ class BatchNormBase : public Module {
   Recycler<T, Rank> y_, dx_;                 // storage for the next output and input gradient
   bool has_cache_ = false;
   bool cached_relu_ = false;
+  bool cached_synced_ = false;  // the cached forward combined statistics across replicas
 };
 
 }  // namespace detail

@@ -150,15 +150,19 @@ class Sequential : public Module {
     });
   }
 
-  // For inference: switches to eval mode and folds every batch norm that follows a Conv2d or
-  // Linear into that layer's weight and bias, with the ReLU after it (if any) applied in the
-  // same pass over the output. Results equal the eval-mode model's up to rounding. The model is
-  // inference-only afterwards (train() throws std::logic_error); its parameters are the folded
-  // ones, and a folded layer without bias gains one. A batch norm without running statistics
-  // (which uses batch statistics in eval) is left as it is.
+  // For inference: switches to eval mode and folds every batch norm of this Sequential that
+  // follows a Conv2d or Linear into that layer's weight and bias, with the ReLU after it (if
+  // any) applied in the same pass over the output. Results equal the eval-mode model's up to
+  // rounding. The model is inference-only afterwards (train() throws std::logic_error); its
+  // parameters are the folded ones, and a folded layer without bias gains one. A batch norm
+  // without running statistics (which uses batch statistics in eval) is left as it is, as are
+  // nested Sequentials. Calling it again changes nothing; shape_error (and no change) if a batch
+  // norm's channels do not match the layer before it.
   void fuse_for_inference() {
+    if (inference_only_) return;
+    fold_from<0, false>();  // check every site first: a failure leaves the model as it was
     eval();
-    fold_from<0>();
+    fold_from<0, true>();
     inference_only_ = true;
   }
 
@@ -225,18 +229,25 @@ class Sequential : public Module {
       return 2;
   }
 
-  template <std::size_t I>
+  // Apply = false only checks that every fold would succeed.
+  template <std::size_t I, bool Apply>
   void fold_from() {
     if constexpr (I < size) {
       if constexpr (fold_site<I>()) {
         std::vector<double> scale, shift;
         if (std::get<I + 1>(layers_).eval_affine(scale, shift)) {
-          const bool relu = detail::AppliesReLU<layer_t<I + 1>> || fold_span<I>() == 3;
-          std::get<I>(layers_).fold_affine(scale, shift, relu);
-          folded_[I] = true;
+          auto& target = std::get<I>(layers_);
+          if (static_cast<Index>(scale.size()) != target.weight().dimension(0))
+            throw shape_error("Sequential: cannot fold a batch norm of " + std::to_string(scale.size()) +
+                              " channels into layer " + std::to_string(I) + " of " +
+                              std::to_string(target.weight().dimension(0)) + " outputs");
+          if constexpr (Apply) {
+            target.fold_affine(scale, shift, detail::AppliesReLU<layer_t<I + 1>> || fold_span<I>() == 3);
+            folded_[I] = true;
+          }
         }
       }
-      fold_from<I + 1>();
+      fold_from<I + 1, Apply>();
     }
   }
 
