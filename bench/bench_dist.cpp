@@ -36,8 +36,7 @@ void data_parallel_step(benchmark::State& state) {
   auto step = [&] {
     opt.zero_grad();
     loss.forward(model.forward(x), labels);
-    model.backward_params(loss.backward());
-    ddp.average_gradients();
+    ddp.backward_params(loss.backward());
     opt.step();
   };
   for (int i = 0; i < 3; ++i) step();  // warm-up

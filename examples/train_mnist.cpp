@@ -59,10 +59,13 @@ struct Replicas {
 #ifdef BNRELU_TRAIN_MPI
   bnrelu::dist::DataParallel<bnrelu::models::SeedCNN<float>>* ddp = nullptr;  // owned next to the model
 #endif
-  void average_gradients() {
+  // The model's parameter gradients, averaged over ranks.
+  template <class Model, class Dy>
+  void backward_params(Model& model, Dy&& dy) {
 #ifdef BNRELU_TRAIN_MPI
-    if (ddp) ddp->average_gradients();
+    if (ddp) return ddp->backward_params(std::forward<Dy>(dy));
 #endif
+    model.backward_params(std::forward<Dy>(dy));
   }
   // The sum of v over all ranks.
   double sum(double v) const {
@@ -370,8 +373,7 @@ int run(Config cfg) {
                      static_cast<double>(loss), epoch + 1, static_cast<long>(loader.batch_index()), cfg.save.c_str());
         return 3;
       }
-      model.backward_params(ce.backward());  // no gradient for the images themselves
-      replicas.average_gradients();
+      replicas.backward_params(model, ce.backward());  // no gradient for the images themselves
       opt->step();
       const Index n = logits.dimension(0);
       loss_sum += static_cast<double>(loss) * static_cast<double>(n);
