@@ -37,15 +37,24 @@ Batch random_batch(Index n) {
   return b;
 }
 
-void training_step(benchmark::State& state) {
-  const Index batch = state.range(0);
-  const int threads = static_cast<int>(state.range(1));
-  bnrelu::set_num_threads(threads);
+// The seed CNN with seed 0, on the threads of the benchmark's second argument (batch, threads).
+bnrelu::models::SeedCNN<float> seeded_model(const benchmark::State& state) {
+  bnrelu::set_num_threads(static_cast<int>(state.range(1)));
   bnrelu::manual_seed(0);
-  auto model = bnrelu::models::seed_cnn<float>(1, 10);
+  return bnrelu::models::seed_cnn<float>(1, 10);
+}
+
+void report_images(benchmark::State& state) {
+  state.counters["images/s"] =
+      benchmark::Counter(static_cast<double>(state.range(0)), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = static_cast<double>(state.range(1));
+}
+
+void training_step(benchmark::State& state) {
+  auto model = seeded_model(state);
   bnrelu::nn::CrossEntropyLoss<float> loss;
   bnrelu::optim::SGD<float> opt(model.named_parameters(), {.lr = 0.01, .momentum = 0.9});
-  const Batch b = random_batch(batch);
+  const Batch b = random_batch(state.range(0));
   for (auto _ : state) {
     opt.zero_grad();
     auto logits = model.forward(b.x);
@@ -53,37 +62,27 @@ void training_step(benchmark::State& state) {
     model.backward_params(loss.backward());
     opt.step();
   }
-  state.counters["images/s"] = benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["threads"] = threads;
+  report_images(state);
 }
 
 template <bool Folded>
 void eval_forward(benchmark::State& state) {
-  const Index batch = state.range(0);
-  const int threads = static_cast<int>(state.range(1));
-  bnrelu::set_num_threads(threads);
-  bnrelu::manual_seed(0);
-  auto model = bnrelu::models::seed_cnn<float>(1, 10);
+  auto model = seeded_model(state);
   model.eval();
   if (Folded) model.fuse_for_inference();
-  const Batch b = random_batch(batch);
+  const Batch b = random_batch(state.range(0));
   for (auto _ : state) benchmark::DoNotOptimize(model.forward(b.x).data());
-  state.counters["images/s"] = benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["threads"] = threads;
+  report_images(state);
 }
 
 // The training step layer by layer, each forward and backward timed on its own; counters are
 // milliseconds per step. Runs the same calls as Sequential's forward and backward_params
 // (BatchNorm+ReLU fused).
 void step_breakdown(benchmark::State& state) {
-  const Index batch = state.range(0);
-  const int threads = static_cast<int>(state.range(1));
-  bnrelu::set_num_threads(threads);
-  bnrelu::manual_seed(0);
-  auto m = bnrelu::models::seed_cnn<float>(1, 10);
+  auto m = seeded_model(state);
   bnrelu::nn::CrossEntropyLoss<float> loss;
   bnrelu::optim::SGD<float> opt(m.named_parameters(), {.lr = 0.01, .momentum = 0.9});
-  const Batch b = random_batch(batch);
+  const Batch b = random_batch(state.range(0));
 
   enum Part { conv1_f, bnrelu1_f, pool1_f, conv2_f, bnrelu2_f, pool2_f, fc1_f, bnrelu3_f, fc2_f, loss_fb,
               fc2_b, bnrelu3_b, fc1_b, pool2_b, bnrelu2_b, conv2_b, pool1_b, bnrelu1_b, conv1_b, sgd, parts };
@@ -126,7 +125,7 @@ void step_breakdown(benchmark::State& state) {
   }
   const double n = static_cast<double>(state.iterations());
   for (int p = 0; p < parts; ++p) state.counters[names[static_cast<std::size_t>(p)]] = 1e3 * seconds[static_cast<std::size_t>(p)] / n;
-  state.counters["threads"] = threads;
+  state.counters["threads"] = static_cast<double>(state.range(1));
 }
 
 // conv2 of the seed CNN (64 -> 128, 3x3, pad 1, 14x14) forward, and Eigen's GEMM at the same

@@ -4,27 +4,15 @@ bench_batchnorm_relu, for 1 and 2 threads; prints the median of repeated timings
 
 Run with Debian's PyTorch (python3-torch):  /usr/bin/python3 bench/torch_bn_relu.py
 """
-import statistics
-import time
-
 import torch
+
+from timing import median_seconds
 
 SHAPES = [(64, 64, 28, 28), (64, 128, 14, 14), (256, 64, 28, 28), (64, 512), (1024, 512)]
 
 
-def median_ms(fn, min_time=0.5, reps=5):
-    fn()
-    samples = []
-    for _ in range(reps):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time / reps:
-                break
-        samples.append(elapsed / n * 1e3)
-    return statistics.median(samples)
+def median_ms(fn):
+    return median_seconds(fn, 0.5) * 1e3
 
 
 def main():

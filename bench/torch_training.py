@@ -10,11 +10,11 @@ bench/training_table.py runs it next to bench_training.
 import argparse
 import json
 import resource
-import statistics
-import time
 
 import torch
 from torch import nn
+
+from timing import median_seconds
 
 
 def seed_cnn(classes=10):
@@ -23,21 +23,6 @@ def seed_cnn(classes=10):
         nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(128 * 7 * 7, 512), nn.BatchNorm1d(512), nn.ReLU(),
         nn.Linear(512, classes))
-
-
-def median_seconds(fn, min_time, reps=5):
-    fn()  # warm-up
-    samples = []
-    for _ in range(reps):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time / reps:
-                break
-        samples.append(elapsed / n)
-    return statistics.median(samples)
 
 
 def main():

@@ -70,7 +70,7 @@ struct Replicas {
   // The sum of v over all ranks.
   double sum(double v) const {
 #ifdef BNRELU_TRAIN_MPI
-    if (ddp) MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    if (ddp) return bnrelu::dist::sum_over_ranks(v);
 #endif
     return v;
   }

@@ -74,6 +74,12 @@ inline int size() {
   return s;
 }
 
+// The sum of v over all ranks (such as a count or a loss sum), the same on every rank.
+inline double sum_over_ranks(double v) {
+  detail::allreduce_sum(&v, 1, MPI_DOUBLE, "MPI_Allreduce of a scalar");
+  return v;
+}
+
 // Initialises MPI (unless something else did) and finalises it on destruction. Threads inside
 // a rank (OpenMP) never call MPI, so MPI_THREAD_FUNNELED is enough.
 //
@@ -142,9 +148,7 @@ class MpiBatchNormReducer : public nn::BatchNormReducer {
   }
 
   void sum(std::span<double> values) override {
-    detail::check(MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_SUM,
-                                MPI_COMM_WORLD),
-                  "MPI_Allreduce of batch-norm gradient sums");
+    detail::allreduce_sum(values.data(), values.size(), MPI_DOUBLE, "MPI_Allreduce of batch-norm gradient sums");
   }
 
  private:
@@ -284,10 +288,7 @@ class DataParallel {
   const GradientAverager<T>& averager() const { return averager_; }
 
   // The mean of a per-rank scalar (such as the local loss) over ranks.
-  static double mean_over_ranks(double v) {
-    detail::check(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
-    return v / dist::size();
-  }
+  static double mean_over_ranks(double v) { return sum_over_ranks(v) / dist::size(); }
 
  private:
   Model& model_;

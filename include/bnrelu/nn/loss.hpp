@@ -62,11 +62,14 @@ class CrossEntropyLoss {
   void backward(Tensor<T, 2>& dlogits) const {
     if (!has_cache_) detail::no_forward("CrossEntropyLoss");
     const Index N = probs_.dimension(0);
+    const Index K = probs_.dimension(1);
     dlogits.resize(probs_.dimensions());
     const T scale = static_cast<T>(1.0 / static_cast<double>(N));
-    for (Index i = 0; i < probs_.size(); ++i) dlogits.data()[i] = probs_.data()[i];
-    for (Index n = 0; n < N; ++n) dlogits(n, labels_[n]) -= T(1);
-    for (Index i = 0; i < dlogits.size(); ++i) dlogits.data()[i] *= scale;
+    for (Index n = 0; n < N; ++n)
+      for (Index k = 0; k < K; ++k) {
+        const T p = probs_(n, k);
+        dlogits(n, k) = (k == labels_[static_cast<std::size_t>(n)] ? p - T(1) : p) * scale;
+      }
   }
 
   // Softmax of the last forward's logits.
