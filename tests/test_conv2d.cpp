@@ -13,13 +13,17 @@ TYPED_TEST_SUITE(Conv2dGolden, FloatTypes);
 
 TYPED_TEST(Conv2dGolden, MatchesPyTorch) {
   using T = TypeParam;
+  // conv_basic is 3x3 at stride 1: Winograd when asked for (automatic keeps im2col for 3 channels)
+  for (auto algorithm : {nn::ConvAlgorithm::automatic, nn::ConvAlgorithm::winograd})
   for (const char* name : {"conv_basic", "conv_stride2_c1", "conv_stride3_pad2_dil2", "conv_1x1"}) {
     SCOPED_TRACE(name);
+    SCOPED_TRACE(static_cast<int>(algorithm));
     Fixture f(name);
     const auto& o = f.options;
     nn::Conv2d<T> conv({.in_channels = o["in_channels"], .out_channels = o["out_channels"],
                         .kernel_size = o["kernel_size"], .stride = o["stride"],
                         .padding = o["padding"], .dilation = o["dilation"], .bias = o["bias"]});
+    conv.set_algorithm(algorithm);
     assign(conv.named_parameters(), "weight", f.values<T>("weight"));
     if (o["bias"]) assign(conv.named_parameters(), "bias", f.values<T>("bias"));
     const auto y = conv.forward(f.tensor<T, 4>("x"));
@@ -50,6 +54,73 @@ TEST(Conv2d, GradcheckAwkwardShapes) {
     EXPECT_TRUE(r.ok) << r.worst;
     EXPECT_GT(r.checked, 10);
   }
+}
+
+TEST(Conv2d, WinogradGradcheck) {
+  // every padding Winograd takes, odd and tiny planes (partial 2x2 tiles, tiles all padding)
+  struct Case { bnrelu::Index N, C, O, H, W, p; };
+  for (auto c : {Case{2, 3, 2, 7, 5, 1}, Case{1, 2, 3, 4, 6, 0}, Case{2, 2, 2, 3, 3, 0},
+                 Case{1, 3, 2, 5, 4, 2}, Case{2, 2, 3, 1, 1, 1}, Case{1, 2, 2, 1, 2, 2}}) {
+    SCOPED_TRACE(c.H * 1000 + c.W * 10 + c.p);
+    bnrelu::manual_seed(11);
+    nn::Conv2d<double> conv({.in_channels = c.C, .out_channels = c.O, .kernel_size = 3, .padding = c.p});
+    conv.set_algorithm(nn::ConvAlgorithm::winograd);
+    const auto x = random_tensor<double, 4>({c.N, c.C, c.H, c.W});
+    const auto r = bnrelu::testing::gradcheck(conv, x);
+    EXPECT_TRUE(r.ok) << r.worst;
+    EXPECT_GT(r.checked, 10);
+  }
+}
+
+// Winograd against im2col on the same layer, forward and all gradients, over the seed CNN's
+// conv2 and smaller shapes: to double rounding in double, to float rounding in float.
+template <class T>
+void expect_winograd_matches_im2col(bnrelu::Index N, bnrelu::Index C, bnrelu::Index O, bnrelu::Index H,
+                                    bnrelu::Index W, bnrelu::Index p, double tol) {
+  SCOPED_TRACE(::testing::Message() << N << "x" << C << "x" << H << "x" << W << " -> " << O << ", pad " << p);
+  bnrelu::manual_seed(5);
+  nn::Conv2d<T> a({.in_channels = C, .out_channels = O, .kernel_size = 3, .padding = p});
+  nn::Conv2d<T> b = a;
+  a.set_algorithm(nn::ConvAlgorithm::im2col);
+  b.set_algorithm(nn::ConvAlgorithm::winograd);
+  const auto x = random_tensor<T, 4>({N, C, H, W});
+  const auto ya = a.forward(x), yb = b.forward(x);
+  EXPECT_TRUE(close_to(yb, ya, tol));
+  const auto dy = random_tensor<T, 4>(bnrelu::dims_of(ya));
+  const auto dxa = a.backward(dy), dxb = b.backward(dy);
+  EXPECT_TRUE(close_to(dxb, dxa, tol));
+  EXPECT_TRUE(close_to(b.weight_grad(), a.weight_grad(), tol));
+  EXPECT_TRUE(close_to(b.bias_grad(), a.bias_grad(), 0));  // the same sums in both
+  // parameter gradients alone (a first layer's backward_params) give the same
+  b.zero_grad();
+  b.backward_params(Tensor<T, 4>(dy));
+  EXPECT_TRUE(close_to(b.weight_grad(), a.weight_grad(), tol));
+}
+
+TEST(Conv2d, WinogradMatchesIm2col) {
+  expect_winograd_matches_im2col<double>(3, 64, 128, 14, 14, 1, 1e-13);
+  expect_winograd_matches_im2col<float>(3, 64, 128, 14, 14, 1, 2e-6);
+  expect_winograd_matches_im2col<float>(2, 16, 24, 28, 28, 1, 2e-6);
+  expect_winograd_matches_im2col<float>(2, 5, 7, 9, 11, 0, 2e-6);
+  expect_winograd_matches_im2col<float>(2, 5, 7, 3, 8, 2, 2e-6);
+}
+
+TEST(Conv2d, AutomaticAlgorithmByShape) {
+  using bnrelu::kernels::use_winograd;
+  using A = nn::ConvAlgorithm;
+  auto geometry = [](bnrelu::Index C, bnrelu::Index O, bnrelu::Index k, bnrelu::Index s, bnrelu::Index p,
+                     bnrelu::Index d) {
+    const bnrelu::Index HO = (14 + 2 * p - d * (k - 1) - 1) / s + 1;
+    return bnrelu::kernels::Conv2dGeometry{8, C, 14, 14, O, k, k, s, p, d, HO, HO};
+  };
+  EXPECT_TRUE(use_winograd(geometry(64, 128, 3, 1, 1, 1), A::automatic));   // seed CNN conv2
+  EXPECT_FALSE(use_winograd(geometry(1, 64, 3, 1, 1, 1), A::automatic));    // seed CNN conv1
+  EXPECT_TRUE(use_winograd(geometry(1, 64, 3, 1, 1, 1), A::winograd));
+  EXPECT_FALSE(use_winograd(geometry(64, 128, 3, 1, 1, 1), A::im2col));
+  EXPECT_FALSE(use_winograd(geometry(64, 128, 3, 2, 1, 1), A::winograd));   // stride 2
+  EXPECT_FALSE(use_winograd(geometry(64, 128, 3, 1, 2, 2), A::winograd));   // dilation 2
+  EXPECT_FALSE(use_winograd(geometry(64, 128, 5, 1, 2, 1), A::winograd));   // 5x5
+  EXPECT_FALSE(use_winograd(geometry(64, 128, 3, 1, 3, 1), A::winograd));   // padding 3
 }
 
 TEST(Conv2d, DefaultInitIsKaimingUniform) {
@@ -129,8 +200,11 @@ TEST(Conv2d, EvalCachesNothing) {
 }
 
 TEST(Conv2d, SameResultForAnyThreadCount) {
+  for (auto algorithm : {nn::ConvAlgorithm::im2col, nn::ConvAlgorithm::winograd}) {
+  SCOPED_TRACE(static_cast<int>(algorithm));
   bnrelu::manual_seed(3);
   nn::Conv2d<float> a({.in_channels = 3, .out_channels = 4, .kernel_size = 3, .padding = 1});
+  a.set_algorithm(algorithm);
   const auto x = random_tensor<float, 4>({5, 3, 6, 6});
   const auto dy = random_tensor<float, 4>({5, 4, 6, 6});
   const int saved = bnrelu::num_threads();
@@ -146,4 +220,5 @@ TEST(Conv2d, SameResultForAnyThreadCount) {
   EXPECT_TRUE(close_to(y2, y1, 0));
   EXPECT_TRUE(close_to(dx2, dx1, 0));
   EXPECT_TRUE(close_to(a.weight_grad(), dw1, 1e-6));  // summed in another order
+  }
 }

@@ -10,6 +10,8 @@
 
 namespace bnrelu::nn {
 
+using kernels::ConvAlgorithm;
+
 struct Conv2dOptions {
   Index in_channels = 0;
   Index out_channels = 0;
@@ -49,6 +51,13 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
         opt_(opt) {}
 
   const Conv2dOptions& options() const { return opt_; }
+
+  // How forward and the gradients are computed: automatic (the default) picks Winograd
+  // F(2x2, 3x3) for 3x3, stride-1 layers with 16 or more input and output channels and
+  // im2col + GEMM otherwise; winograd asks for it wherever it applies (3x3, stride 1, no
+  // dilation, padding <= 2). The results agree to float rounding (kernels/winograd.hpp).
+  void set_algorithm(ConvAlgorithm a) { algorithm_ = a; }
+  ConvAlgorithm algorithm() const { return algorithm_; }
 
   // N x C x H x W -> N x O x HO x WO; shape_error if C is wrong or the kernel does not fit.
   Dims<4> output_dims(const Dims<4>& in) const {
@@ -106,18 +115,18 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   }
 
   void backward_impl(T* dx, const Tensor<T, 4>& dy, const kernels::Conv2dGeometry& g) {
-    workspace_.resize(static_cast<std::size_t>(kernels::conv2d_backward_workspace(g)));
+    workspace_.resize(static_cast<std::size_t>(kernels::conv2d_backward_workspace<T>(g, algorithm_)));
     kernels::conv2d_backward(dx, this->dweight_.data(), this->dbias_data(), workspace_.data(), dy.data(),
-                             x_.get().data(), this->weight_.data(), g);
+                             x_.get().data(), this->weight_.data(), g, algorithm_);
   }
 
   Tensor<T, 4> forward_impl(const Tensor<T, 4>& x, Tensor<T, 4>* owned) {
     const auto g = geometry(dims_of(x));  // throws before any change
     if (this->relu_ && is_training()) detail::inference_only("Conv2d");
     Tensor<T, 4> y = y_.take({g.N, g.O, g.HO, g.WO});
-    workspace_.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace(g)));
+    workspace_.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
     kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), this->weight_.data(), this->bias_data(), g,
-                            this->relu_);
+                            this->relu_, algorithm_);
     x_.keep(x, owned, is_training());
     return y;
   }
@@ -125,7 +134,8 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   Conv2dOptions opt_;
   detail::InputCache<T, 4> x_;  // cache for backward
   detail::Recycler<T, 4> y_;    // storage for the next output
-  std::vector<T> workspace_;    // im2col columns, reused across calls
+  ConvAlgorithm algorithm_ = ConvAlgorithm::automatic;
+  std::vector<T> workspace_;    // im2col columns or Winograd transforms, reused across calls
 };
 
 }  // namespace bnrelu::nn

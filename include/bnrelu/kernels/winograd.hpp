@@ -1,0 +1,352 @@
+// Winograd F(2x2, 3x3) convolution (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+// Networks", 2016) for 3x3 kernels at stride 1: Conv2d's forward, input gradient and weight gradient.
+//
+// Each 2x2 output tile is Y = A^T [U ⊙ V] A, with U = G g G^T the 4x4 transform of a 3x3
+// filter g and V = B^T d B that of the 4x4 input tile d around the output tile:
+//
+//   B^T = | 1  0 -1  0 |    G = | 1    0    0  |    A^T = | 1  1  1  0 |
+//         | 0  1  1  0 |        | 1/2  1/2  1/2 |          | 0  1 -1 -1 |
+//         | 0 -1  1  0 |        | 1/2 -1/2  1/2 |
+//         | 0  1  0 -1 |        | 0    0    1  |
+//
+// Summed over input channels, the 16 elementwise products become 16 matrix products, one per
+// transform coordinate xi: M[xi] (O x tiles) = U[xi] (O x C) * V[xi] (C x tiles). That is
+// 16 * O * C multiply-adds per tile of 4 outputs against 9 * 4 * O * C for direct convolution:
+// 2.25x fewer. The transforms themselves cost O(C + O) per tile and run as vector adds over a
+// row of tiles. The weight gradient uses the transposed algorithm, F(3x3, 2x2), below.
+//
+// The input gradient of a 3x3, stride-1 convolution with padding p is itself such a convolution
+// of dy with padding 2 - p and the filters flipped and transposed (g'[c][o] = rot180(g[o][c])),
+// so both passes share the code below. Images are spread over threads as in conv2d.hpp, each
+// image computed alone: the result does not depend on the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cassert>
+
+#include <Eigen/Core>
+
+#include "../tensor.hpp"
+#include "../threads.hpp"
+#include "simd.hpp"
+
+namespace bnrelu::kernels {
+
+// A 3x3, stride-1 convolution of C input planes of H x W, zero padding pad, into O output
+// planes of HO x WO (HO = H + 2 pad - 2), in TH x TW tiles of 2x2 outputs.
+struct WinogradGeometry {
+  Index N, C, H, W, O, pad;
+  Index HO, WO, TH, TW;
+  WinogradGeometry(Index n, Index c, Index h, Index w, Index o, Index p)
+      : N(n), C(c), H(h), W(w), O(o), pad(p), HO(h + 2 * p - 2), WO(w + 2 * p - 2), TH((HO + 1) / 2),
+        TW((WO + 1) / 2) {}
+  Index tiles() const { return TH * TW; }
+  // padded input rows and deinterleaved columns that the tiles read
+  Index rows() const { return 2 * TH + 2; }
+  Index half_cols() const { return TW + 1; }
+};
+
+namespace detail {
+
+// u (4x4) = G g G^T for a 3x3 filter g given by element accessor g(i, j).
+template <class T, class G>
+inline void winograd_filter_tile(T* u, const G& g) {
+  T t[4][3];  // G g
+  for (int j = 0; j < 3; ++j) {
+    const T a = g(0, j), b = g(1, j), c = g(2, j);
+    t[0][j] = a;
+    t[1][j] = T(0.5) * (a + b + c);
+    t[2][j] = T(0.5) * (a - b + c);
+    t[3][j] = c;
+  }
+  for (int i = 0; i < 4; ++i) {  // (G g) G^T
+    const T a = t[i][0], b = t[i][1], c = t[i][2];
+    u[i * 4 + 0] = a;
+    u[i * 4 + 1] = T(0.5) * (a + b + c);
+    u[i * 4 + 2] = T(0.5) * (a - b + c);
+    u[i * 4 + 3] = c;
+  }
+}
+
+// Rows [first, last) of the padded plane (plane row r - pad, shifted right by pad columns)
+// split into even[r] and odd[r] columns, KS of each, through line (zero outside the plane).
+template <class T>
+void split_columns(T* even, T* odd, Index KS, T* line, const T* plane, Index W, Index pad, Index first,
+                   Index last) {
+  for (Index r = first; r < last; ++r) {
+    std::copy(plane + (r - pad) * W, plane + (r - pad + 1) * W, line + pad);
+    T* e = even + r * KS;
+    T* o = odd + r * KS;
+    for (Index k = 0; k < KS; ++k) {
+      e[k] = line[2 * k];
+      o[k] = line[2 * k + 1];
+    }
+  }
+}
+
+}  // namespace detail
+
+// Filter transform of a weight [O, C, 3, 3] into U: [16, O, C].
+template <class T>
+void winograd_filter_transform(T* u, const T* weight, Index O, Index C) {
+  const Index plane = O * C;
+  for (Index oc = 0; oc < plane; ++oc) {
+    const T* g = weight + oc * 9;
+    T tile[16];
+    detail::winograd_filter_tile(tile, [g](int i, int j) { return g[i * 3 + j]; });
+    for (int xi = 0; xi < 16; ++xi) u[xi * plane + oc] = tile[xi];
+  }
+}
+
+// The same for the input gradient: U: [16, C, O] from g'[c][o] = rot180(weight[o][c]).
+template <class T>
+void winograd_filter_transform_flipped(T* u, const T* weight, Index O, Index C) {
+  const Index plane = O * C;
+  for (Index o = 0; o < O; ++o)
+    for (Index c = 0; c < C; ++c) {
+      const T* g = weight + (o * C + c) * 9;
+      T tile[16];
+      detail::winograd_filter_tile(tile, [g](int i, int j) { return g[(2 - i) * 3 + 2 - j]; });
+      for (int xi = 0; xi < 16; ++xi) u[xi * plane + c * O + o] = tile[xi];
+    }
+}
+
+// Scratch sizes. Every array has one packet of slack after it, so that the last packet of a
+// row of tiles may run past the row: such lanes are written before the next row (or channel)
+// overwrites them, and are never read as results.
+struct WinogradScratch {
+  Index L;             // packet width
+  Index v_stride;      // V: [16][C, P], v_stride apart
+  Index m_stride;      // M: [16][O, P], m_stride apart
+  Index half_stride;   // one row of even (or odd) padded columns
+  Index line;          // one padded row
+  Index stage_stride;  // one of the 4 staged output values of every tile
+  WinogradScratch(const WinogradGeometry& g, Index packet)
+      : L(packet), v_stride(g.C * g.tiles() + packet), m_stride(g.O * g.tiles() + packet),
+        half_stride((g.half_cols() + packet - 1) / packet * packet + packet), line(2 * half_stride),
+        stage_stride(g.tiles() + packet) {}
+  // even and odd planes plus one padded row: the transforms' own scratch
+  Index planes(const WinogradGeometry& g) const { return 2 * g.rows() * half_stride + line; }
+  Index conv_image(const WinogradGeometry& g) const {
+    return 16 * (v_stride + m_stride) + planes(g) + 4 * stage_stride;
+  }
+  // the weight gradient's per-thread V, D and accumulated M[16][O, C]
+  Index weight_gradient(const WinogradGeometry& g) const {
+    return 16 * (v_stride + m_stride + g.O * g.C) + planes(g);
+  }
+};
+
+// Input transform V = B^T d B of every tile of one image x: [C, H, W], into V[xi] rows
+// (C x P, v_stride apart). scratch: WinogradScratch::planes elements.
+//
+// Each channel's padded plane is split into even and odd columns, so that the padded column
+// 2 tw + j of tile tw is even[tw + j / 2] (j even) or odd[tw + j / 2] (j odd): every step is a
+// vector operation over a row of tiles.
+template <class T>
+void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGeometry& g, T* scratch) {
+  using P8 = simd::Packet<T>;
+  const WinogradScratch s(g, simd::width<T>);
+  const Index C = g.C, H = g.H, W = g.W, TH = g.TH, TW = g.TW, P = g.tiles(), R = g.rows();
+  const Index L = s.L, KS = s.half_stride;
+  T* even = scratch;       // [R, KS]
+  T* odd = even + R * KS;  // [R, KS]
+  T* line = odd + R * KS;  // one padded input row
+  std::fill(scratch, scratch + s.planes(g), T(0));  // padding rows and columns stay zero
+  for (Index c = 0; c < C; ++c) {
+    detail::split_columns(even, odd, KS, line, x + c * H * W, W, g.pad, std::max<Index>(0, g.pad),
+                          std::min(R, H + g.pad));
+    T* vc = v + c * P;
+    for (Index th = 0; th < TH; ++th) {
+      const T* e0 = even + 2 * th * KS;
+      const T* o0 = odd + 2 * th * KS;
+      for (Index tw = 0; tw < TW; tw += L) {
+        P8 ea[4], eb[4], oa[4], ob[4];  // B^T d on columns 2 tw, 2 tw + 2, 2 tw + 1, 2 tw + 3
+        auto vertical = [&](P8* out, const T* col) {
+          const P8 d0 = simd::load(col), d1 = simd::load(col + KS), d2 = simd::load(col + 2 * KS),
+                   d3 = simd::load(col + 3 * KS);
+          out[0] = simd::psub(d0, d2);
+          out[1] = simd::padd(d1, d2);
+          out[2] = simd::psub(d2, d1);
+          out[3] = simd::psub(d1, d3);
+        };
+        vertical(ea, e0 + tw);
+        vertical(eb, e0 + tw + 1);
+        vertical(oa, o0 + tw);
+        vertical(ob, o0 + tw + 1);
+        T* out = vc + th * TW + tw;
+        for (int i = 0; i < 4; ++i) {  // then (B^T d) B along the row
+          simd::store(out + (i * 4 + 0) * v_stride, simd::psub(ea[i], eb[i]));
+          simd::store(out + (i * 4 + 1) * v_stride, simd::padd(oa[i], eb[i]));
+          simd::store(out + (i * 4 + 2) * v_stride, simd::psub(eb[i], oa[i]));
+          simd::store(out + (i * 4 + 3) * v_stride, simd::psub(oa[i], ob[i]));
+        }
+      }
+    }
+  }
+}
+
+// Output transform y[O, HO, WO] = A^T M A (+ bias, then ReLU when relu) of M[xi] rows (O x P,
+// m_stride apart), one output channel at a time as vectors over its tiles, staged and then
+// interleaved into the output rows. stage: 4 * WinogradScratch::stage_stride elements.
+template <class T>
+void winograd_output_transform(T* y, const T* m, Index m_stride, const T* bias, bool relu,
+                               const WinogradGeometry& g, T* stage) {
+  using P8 = simd::Packet<T>;
+  const WinogradScratch s(g, simd::width<T>);
+  const Index O = g.O, HO = g.HO, WO = g.WO, TW = g.TW, P = g.tiles();
+  for (Index o = 0; o < O; ++o) {
+    const P8 b = simd::set1<T>(bias ? bias[o] : T(0));
+    for (Index t = 0; t < P; t += s.L) {
+      const T* mt = m + o * P + t;
+      P8 s0[4], s1[4];  // A^T M: rows 0 + 1 + 2 and 1 - 2 - 3
+      for (int j = 0; j < 4; ++j) {
+        const P8 m0 = simd::load(mt + j * m_stride), m1 = simd::load(mt + (4 + j) * m_stride);
+        const P8 m2 = simd::load(mt + (8 + j) * m_stride), m3 = simd::load(mt + (12 + j) * m_stride);
+        s0[j] = simd::padd(simd::padd(m0, m1), m2);
+        s1[j] = simd::psub(simd::psub(m1, m2), m3);
+      }
+      const P8 out[4] = {simd::padd(simd::padd(simd::padd(s0[0], s0[1]), s0[2]), b),
+                         simd::padd(simd::psub(simd::psub(s0[1], s0[2]), s0[3]), b),
+                         simd::padd(simd::padd(simd::padd(s1[0], s1[1]), s1[2]), b),
+                         simd::padd(simd::psub(simd::psub(s1[1], s1[2]), s1[3]), b)};
+      for (int k = 0; k < 4; ++k) simd::store(stage + k * s.stage_stride + t, relu ? simd::relu(out[k]) : out[k]);
+    }
+    T* yo = y + o * HO * WO;
+    for (Index oh = 0; oh < HO; ++oh) {
+      const T* left = stage + (oh % 2) * 2 * s.stage_stride + (oh / 2) * TW;
+      const T* right = left + s.stage_stride;
+      T* row = yo + oh * WO;
+      for (Index tw = 0; tw < WO / 2; ++tw) {
+        row[2 * tw] = left[tw];
+        row[2 * tw + 1] = right[tw];
+      }
+      if (WO % 2) row[WO - 1] = left[WO / 2];
+    }
+  }
+}
+
+// Per-thread scratch of winograd_conv_image, in elements of T.
+template <class T>
+Index winograd_image_workspace(const WinogradGeometry& g) {
+  return WinogradScratch(g, simd::width<T>).conv_image(g);
+}
+
+// One image: y[O, HO, WO] = conv3x3(x[C, H, W]) + bias, then ReLU when relu.
+// u: [16, O, C] from one of the filter transforms; bias may be null;
+// workspace: winograd_image_workspace<T>(g) elements.
+template <class T>
+void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const WinogradGeometry& g, T* workspace,
+                         bool relu = false) {
+  using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const WinogradScratch s(g, simd::width<T>);
+  const Index C = g.C, O = g.O, P = g.tiles();
+  T* v = workspace;
+  T* m = v + 16 * s.v_stride;
+  T* planes = m + 16 * s.m_stride;
+  T* stage = planes + s.planes(g);
+  winograd_input_transform(v, s.v_stride, x, g, planes);
+  for (int xi = 0; xi < 16; ++xi) {  // M[xi] = U[xi] V[xi]
+    Eigen::Map<const RowMatrix> uxi(u + xi * O * C, O, C);
+    Eigen::Map<const RowMatrix> vxi(v + xi * s.v_stride, C, P);
+    Eigen::Map<RowMatrix>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
+  }
+  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage);
+}
+
+// The weight gradient by Winograd F(3x3, 2x2), the transpose of F(2x2, 3x3): for a tile of
+// dy, h (2x2), and the 4x4 input tile d under it, the tile's share of the 3x3 weight gradient
+// is G^T [(A h A^T) ⊙ (B^T d B)] G, with the same B, G, A as above (the trilinear form
+// sum y' . conv(g, d) is symmetric in y' and g). Summed over tiles and images per xi, that is
+// M[xi] (O x C) += D[xi] (O x P) * V[xi]^T (P x C), with the forward's input transform V.
+
+// Gradient transform D = A h A^T of every 2x2 tile of one image's dy: [O, HO, WO] into D[xi]
+// rows (O x P, d_stride apart); outputs past HO or WO count as 0. scratch: planes elements.
+//   A h (rows):  h0, h0 + h1, h0 - h1, -h1
+template <class T>
+void winograd_gradient_transform(T* d, Index d_stride, const T* dy, const WinogradGeometry& g, T* scratch) {
+  using P8 = simd::Packet<T>;
+  const WinogradScratch s(g, simd::width<T>);
+  const Index O = g.O, HO = g.HO, WO = g.WO, TH = g.TH, TW = g.TW, P = g.tiles(), R = g.rows();
+  const Index KS = s.half_stride;
+  T* even = scratch;       // [R, KS]: dy's columns 0, 2, 4, ...
+  T* odd = even + R * KS;  // [R, KS]: columns 1, 3, 5, ...
+  T* line = odd + R * KS;  // one row of dy, zero past WO
+  std::fill(scratch, scratch + s.planes(g), T(0));  // rows past HO, columns past WO stay zero
+  const P8 zero = simd::set1<T>(T(0));
+  for (Index o = 0; o < O; ++o) {
+    detail::split_columns(even, odd, KS, line, dy + o * HO * WO, WO, 0, 0, HO);
+    T* dout = d + o * P;
+    for (Index th = 0; th < TH; ++th) {
+      const T* e0 = even + 2 * th * KS;
+      const T* o0 = odd + 2 * th * KS;
+      for (Index tw = 0; tw < TW; tw += s.L) {
+        // A h over the tile's two rows, for its even (left) and odd (right) columns
+        const P8 el0 = simd::load(e0 + tw), el1 = simd::load(e0 + KS + tw);
+        const P8 or0 = simd::load(o0 + tw), or1 = simd::load(o0 + KS + tw);
+        const P8 left[4] = {el0, simd::padd(el0, el1), simd::psub(el0, el1), simd::psub(zero, el1)};
+        const P8 right[4] = {or0, simd::padd(or0, or1), simd::psub(or0, or1), simd::psub(zero, or1)};
+        T* out = dout + th * TW + tw;
+        for (int i = 0; i < 4; ++i) {  // then (A h) A^T along the row
+          simd::store(out + (i * 4 + 0) * d_stride, left[i]);
+          simd::store(out + (i * 4 + 1) * d_stride, simd::padd(left[i], right[i]));
+          simd::store(out + (i * 4 + 2) * d_stride, simd::psub(left[i], right[i]));
+          simd::store(out + (i * 4 + 3) * d_stride, simd::psub(zero, right[i]));
+        }
+      }
+    }
+  }
+}
+
+// dweight[O, C, 3, 3] += G^T M[xi] G for M: [16, O, C] summed over tiles and images.
+//   G^T = | 1  1/2  1/2  0 |
+//         | 0  1/2 -1/2  0 |
+//         | 0  1/2  1/2  1 |
+template <class T>
+void winograd_weight_gradient_add(T* dweight, const T* m, Index O, Index C) {
+  const Index plane = O * C;
+  for (Index oc = 0; oc < plane; ++oc) {
+    T q[3][4];  // G^T M
+    for (int j = 0; j < 4; ++j) {
+      const T m0 = m[(0 * 4 + j) * plane + oc], m1 = m[(1 * 4 + j) * plane + oc];
+      const T m2 = m[(2 * 4 + j) * plane + oc], m3 = m[(3 * 4 + j) * plane + oc];
+      q[0][j] = m0 + T(0.5) * (m1 + m2);
+      q[1][j] = T(0.5) * (m1 - m2);
+      q[2][j] = T(0.5) * (m1 + m2) + m3;
+    }
+    T* dw = dweight + oc * 9;
+    for (int i = 0; i < 3; ++i) {  // (G^T M) G
+      dw[i * 3 + 0] += q[i][0] + T(0.5) * (q[i][1] + q[i][2]);
+      dw[i * 3 + 1] += T(0.5) * (q[i][1] - q[i][2]);
+      dw[i * 3 + 2] += T(0.5) * (q[i][1] + q[i][2]) + q[i][3];
+    }
+  }
+}
+
+// Per-thread scratch of winograd_weight_gradient_image, in elements of T.
+template <class T>
+Index winograd_weight_gradient_workspace(const WinogradGeometry& g) {
+  return WinogradScratch(g, simd::width<T>).weight_gradient(g);
+}
+
+// One image's share of the weight gradient in the transformed domain: M[xi] (the first
+// 16 * O * C elements of workspace, zeroed by the caller before the first image) += D[xi] V[xi]^T
+// for x: [C, H, W] and dy: [O, HO, WO]. g is the forward's geometry.
+template <class T>
+void winograd_weight_gradient_image(T* workspace, const T* x, const T* dy, const WinogradGeometry& g) {
+  using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const WinogradScratch s(g, simd::width<T>);
+  const Index C = g.C, O = g.O, P = g.tiles();
+  T* m = workspace;
+  T* v = m + 16 * O * C;
+  T* d = v + 16 * s.v_stride;
+  T* planes = d + 16 * s.m_stride;
+  winograd_input_transform(v, s.v_stride, x, g, planes);
+  winograd_gradient_transform(d, s.m_stride, dy, g, planes);
+  for (int xi = 0; xi < 16; ++xi) {
+    Eigen::Map<const RowMatrix> dxi(d + xi * s.m_stride, O, P);
+    Eigen::Map<const RowMatrix> vxi(v + xi * s.v_stride, C, P);
+    Eigen::Map<RowMatrix>(m + xi * O * C, O, C).noalias() += dxi * vxi.transpose();
+  }
+}
+
+}  // namespace bnrelu::kernels
