@@ -1,7 +1,7 @@
 // The seed CNN's whole training step (forward, loss, backward, SGD with momentum) and its eval
 // forward (as is, and after fuse_for_inference), at batch 64 and 256 on 1 and 2 threads, reported as images/s; a per-layer time
-// breakdown of the training step; and Conv2d's GFLOP/s next to a plain GEMM's measured in the
-// same binary.
+// breakdown of the training step; Conv2d's GFLOP/s next to a plain GEMM's measured in the
+// same binary; and Winograd against im2col by shape (what Conv2d's automatic choice rests on).
 //
 // bench/torch_training.py runs the same model and steps in PyTorch; bench/training_table.py
 // prints both side by side.
@@ -129,7 +129,9 @@ void step_breakdown(benchmark::State& state) {
 }
 
 // conv2 of the seed CNN (64 -> 128, 3x3, pad 1, 14x14) forward, and Eigen's GEMM at the same
-// total size, both as GFLOP/s.
+// total size, both as GFLOP/s. A convolution's GFLOP/s count the multiply-adds of direct
+// convolution (2 * O * C * 9 per output), whatever the algorithm: Winograd does 2.25x fewer,
+// so it can pass the GEMM's rate.
 constexpr Index kConvN = 64, kConvC = 64, kConvO = 128, kConvHW = 14;
 constexpr double kConvFlop = 2.0 * kConvN * kConvO * (kConvC * 9) * (kConvHW * kConvHW);
 
@@ -155,6 +157,25 @@ void conv2_backward(benchmark::State& state) {
   // input gradient and weight gradient: two GEMMs of the forward's size
   state.counters["GFLOP/s"] = benchmark::Counter(2 * kConvFlop * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["threads"] = static_cast<double>(state.range(0));
+}
+
+// Winograd against im2col + GEMM on one thread, forward and backward (input and weight
+// gradients), at 3x3, pad 1, batch 64 and the shapes of the automatic choice's threshold.
+// Arguments: C, O, H (= W), winograd (0/1), backward (0/1).
+void conv_algorithm(benchmark::State& state) {
+  bnrelu::set_num_threads(1);
+  const Index C = state.range(0), O = state.range(1), HW = state.range(2), N = 64;
+  bnrelu::manual_seed(0);
+  bnrelu::nn::Conv2d<float> conv({.in_channels = C, .out_channels = O, .kernel_size = 3, .padding = 1});
+  conv.set_algorithm(state.range(3) ? bnrelu::nn::ConvAlgorithm::winograd : bnrelu::nn::ConvAlgorithm::im2col);
+  const auto x = bnrelu::bench::random_tensor<4>({N, C, HW, HW});
+  const auto dy = bnrelu::bench::random_tensor<4>({N, O, HW, HW});
+  const bool backward = state.range(4) != 0;
+  if (backward) conv.forward(x);
+  for (auto _ : state)
+    benchmark::DoNotOptimize(backward ? conv.backward(dy).data() : conv.forward(x).data());
+  const double flop = 2.0 * N * O * C * 9 * HW * HW * (backward ? 2 : 1);
+  state.counters["GFLOP/s"] = benchmark::Counter(flop * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // The machine's GEMM rate for this library: [O x K] * [K x N*P] row-major, Eigen.
@@ -187,6 +208,13 @@ int main(int argc, char** argv) {
   for (auto [name, fn] : {std::pair<const char*, Fn>{"gemm_128x576x12544", gemm}, {"conv2_forward_64x64x14x14", conv2_forward},
                           {"conv2_backward_64x64x14x14", conv2_backward}})
     RegisterBenchmark(name, fn)->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+  auto* algorithms = RegisterBenchmark("conv_algorithm", conv_algorithm)
+                         ->ArgNames({"C", "O", "HW", "winograd", "backward"})
+                         ->UseRealTime()
+                         ->Unit(benchmark::kMillisecond);
+  for (auto [C, O, HW] : {std::array<Index, 3>{64, 128, 14}, {32, 32, 28}, {16, 16, 28}, {8, 8, 28}, {4, 4, 28}, {4, 64, 28}, {1, 64, 28}})
+    for (Index winograd : {0, 1})
+      for (Index backward : {0, 1}) algorithms->Args({C, O, HW, winograd, backward});
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -68,7 +68,8 @@ def main(binary):
         print(f"| {p} | {b1[p]:.2f} | {b2[p]:.2f} |")
     print(f"| step | {b1['real_time']:.1f} | {b2['real_time']:.1f} |")
 
-    print("\nConv2d 64->128, 3x3, pad 1, 14x14, batch 64, against Eigen's GEMM of the same size (GFLOP/s):\n")
+    print("\nConv2d 64->128, 3x3, pad 1, 14x14, batch 64, against Eigen's GEMM of the same size "
+          "(GFLOP/s; the convolution's count direct convolution's multiply-adds):\n")
     print("| threads | GEMM | conv forward | % of GEMM | conv backward | % of GEMM |")
     print("|---|---|---|---|---|---|")
     for t in (1, 2):
@@ -76,6 +77,17 @@ def main(binary):
         f = med[f"conv2_forward_64x64x14x14/threads:{t}"]["GFLOP/s"]
         b = med[f"conv2_backward_64x64x14x14/threads:{t}"]["GFLOP/s"]
         print(f"| {t} | {g:.1f} | {f:.1f} | {100 * f / g:.0f}% | {b:.1f} | {100 * b / g:.0f}% |")
+
+    print("\nWinograd against im2col + GEMM, 3x3, pad 1, batch 64, one thread, ms (forward / backward):\n")
+    print("| C -> O, H x W | im2col | Winograd | Winograd faster by |")
+    print("|---|---|---|---|")
+    shapes = sorted({tuple(int(part.split(":")[1]) for part in k.split("/")[1:4])
+                     for k in med if k.startswith("conv_algorithm/")}, key=lambda s: (-s[0] * s[1], s))
+    for c, o, hw in shapes:
+        ms = {(w, b): med[f"conv_algorithm/C:{c}/O:{o}/HW:{hw}/winograd:{w}/backward:{b}"]["real_time"]
+              for w in (0, 1) for b in (0, 1)}
+        print(f"| {c} -> {o}, {hw} x {hw} | {ms[0, 0]:.2f} / {ms[0, 1]:.2f} | {ms[1, 0]:.2f} / {ms[1, 1]:.2f} | "
+              f"{ms[0, 0] / ms[1, 0]:.2f}x / {ms[0, 1] / ms[1, 1]:.2f}x |")
 
     ours = child_peak_rss_mib([binary, "--benchmark_filter=training_step/batch:64/threads:1/"])
     theirs = child_peak_rss_mib([PYTHON, os.path.join(HERE, "torch_training.py"), "--batches", "64",

@@ -115,6 +115,8 @@ TEST(Conv2d, AutomaticAlgorithmByShape) {
   };
   EXPECT_TRUE(use_winograd(geometry(64, 128, 3, 1, 1, 1), A::automatic));   // seed CNN conv2
   EXPECT_FALSE(use_winograd(geometry(1, 64, 3, 1, 1, 1), A::automatic));    // seed CNN conv1
+  EXPECT_TRUE(use_winograd(geometry(8, 8, 3, 1, 0, 1), A::automatic));
+  EXPECT_FALSE(use_winograd(geometry(4, 64, 3, 1, 1, 1), A::automatic));
   EXPECT_TRUE(use_winograd(geometry(1, 64, 3, 1, 1, 1), A::winograd));
   EXPECT_FALSE(use_winograd(geometry(64, 128, 3, 1, 1, 1), A::im2col));
   EXPECT_FALSE(use_winograd(geometry(64, 128, 3, 2, 1, 1), A::winograd));   // stride 2

@@ -26,6 +26,8 @@ TYPED_TEST(MaxPoolGolden, MatchesPyTorchIncludingTiesAndPadding) {
                            .padding = o["padding"].get<bnrelu::Index>()});
     EXPECT_TRUE(close_to(pool.forward(f.tensor<T, 4>("x")), f.tensor<double, 4>("y"), 0));
     EXPECT_TRUE(close_to(pool.backward(f.tensor<T, 4>("dy")), f.tensor<double, 4>("dx"), tolerance<T>()));
+    pool.eval();  // eval keeps no argmax: its own path through the kernels
+    EXPECT_TRUE(close_to(pool.forward(f.tensor<T, 4>("x")), f.tensor<double, 4>("y"), 0));
   }
 }
 
@@ -88,6 +90,11 @@ TEST(MaxPool2d, TwoByTwoFastPathMatchesReference) {
           want_dx(n, c, bh, bw) = dy(n, c, oh, ow);
         }
   for (bnrelu::Index i = 0; i < dx.size(); ++i) ASSERT_EQ(dx.data()[i], want_dx.data()[i]) << "at " << i;
+  pool.eval();  // without argmax, the same maxima
+  const auto y_eval = pool.forward(x);
+  for (bnrelu::Index i = 0; i < y.size(); ++i)
+    ASSERT_TRUE(y_eval.data()[i] == y.data()[i] || (std::isnan(y_eval.data()[i]) && std::isnan(y.data()[i])))
+        << "at " << i;
 }
 
 TEST(MaxPool2d, PaddingIsMinusInfinity) {

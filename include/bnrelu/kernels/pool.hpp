@@ -32,7 +32,7 @@ inline bool tiling_pool(const Pool2dGeometry& g) {
 #if defined(__AVX2__)
 // Eight windows of a 2x2, stride-2 pool from two input rows: the row pairs are split into even
 // and odd columns, then a select chain in row-major window order (a later value wins if greater
-// or NaN). Lanes at and above `count` are neither read nor written.
+// or NaN). Lanes at and above `count` are neither read nor written; argmax may be null.
 inline void maxpool2x2_avx2(float* y, std::int32_t* argmax, const float* r0, const float* r1, std::int32_t first,
                             std::int32_t W, int count) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -52,11 +52,18 @@ inline void maxpool2x2_avx2(float* y, std::int32_t* argmax, const float* r0, con
   auto take = [&](__m256 v, std::int32_t k) {
     const __m256 win = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     best = _mm256_blendv_ps(best, v, win);
-    off = _mm256_blendv_epi8(off, _mm256_set1_epi32(k), _mm256_castps_si256(win));
+    if (argmax) off = _mm256_blendv_epi8(off, _mm256_set1_epi32(k), _mm256_castps_si256(win));
   };
   take(b, 1);
   take(c, W);
   take(d, W + 1);
+  if (!argmax) {
+    if (count == 8)
+      _mm256_storeu_ps(y, best);
+    else
+      _mm256_maskstore_ps(y, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane), best);
+    return;
+  }
   const __m256i at = _mm256_add_epi32(_mm256_add_epi32(_mm256_set1_epi32(first), _mm256_add_epi32(lane, lane)), off);
   if (count == 8) {
     _mm256_storeu_ps(y, best);
@@ -97,7 +104,7 @@ inline void maxpool2x2_backward_avx2(float* r0, float* r1, const float* dy, cons
 }
 #endif
 
-// One plane of a 2x2, stride-2 pool: two input rows per output row.
+// One plane of a 2x2, stride-2 pool: two input rows per output row. argmax may be null.
 template <class T>
 void maxpool2x2_plane(T* y, std::int32_t* argmax, const T* x, const Pool2dGeometry& g) {
   const auto W = static_cast<std::int32_t>(g.W);
@@ -106,11 +113,11 @@ void maxpool2x2_plane(T* y, std::int32_t* argmax, const T* x, const Pool2dGeomet
     const T* r1 = r0 + g.W;
     const auto base = static_cast<std::int32_t>(2 * oh * g.W);
     T* yr = y + oh * g.WO;
-    std::int32_t* ar = argmax + oh * g.WO;
+    std::int32_t* ar = argmax ? argmax + oh * g.WO : nullptr;
 #if defined(__AVX2__)
     if constexpr (std::is_same_v<T, float>) {
       for (Index ow = 0; ow < g.WO; ow += 8)
-        maxpool2x2_avx2(yr + ow, ar + ow, r0 + 2 * ow, r1 + 2 * ow, base + static_cast<std::int32_t>(2 * ow), W,
+        maxpool2x2_avx2(yr + ow, ar ? ar + ow : nullptr, r0 + 2 * ow, r1 + 2 * ow, base + static_cast<std::int32_t>(2 * ow), W,
                         static_cast<int>(std::min<Index>(8, g.WO - ow)));
       continue;
     }
@@ -123,7 +130,7 @@ void maxpool2x2_plane(T* y, std::int32_t* argmax, const T* x, const Pool2dGeomet
       const T abc = wc ? c : ab;
       const bool wd = d > abc || d != d;
       yr[ow] = wd ? d : abc;
-      ar[ow] = base + static_cast<std::int32_t>(2 * ow) + (wd ? W + 1 : wc ? W : wb ? 1 : 0);
+      if (ar) ar[ow] = base + static_cast<std::int32_t>(2 * ow) + (wd ? W + 1 : wc ? W : wb ? 1 : 0);
     }
   }
 }
@@ -161,8 +168,8 @@ void maxpool2x2_plane_backward(T* dx, const T* dy, const std::int32_t* argmax, c
 
 }  // namespace detail
 
-// x: [N, C, H, W]; y: [N, C, HO, WO]; argmax: [N, C, HO, WO], index into the H*W plane.
-// Padding counts as -inf. Ties go to the first maximum in row-major window order; a NaN
+// x: [N, C, H, W]; y: [N, C, HO, WO]; argmax: [N, C, HO, WO], index into the H*W plane, or
+// null when not wanted (eval). Padding counts as -inf. Ties go to the first maximum in row-major window order; a NaN
 // wins over any number (as in PyTorch, a later NaN replaces an earlier one).
 template <class T>
 void maxpool2d_forward(T* y, std::int32_t* argmax, const T* x, const Pool2dGeometry& g) {
@@ -171,7 +178,7 @@ void maxpool2d_forward(T* y, std::int32_t* argmax, const T* x, const Pool2dGeome
   for (Index p = 0; p < planes; ++p) {
     const T* xp = x + p * g.H * g.W;
     T* yp = y + p * g.HO * g.WO;
-    std::int32_t* ap = argmax + p * g.HO * g.WO;
+    std::int32_t* ap = argmax ? argmax + p * g.HO * g.WO : nullptr;
     if (g.KH == 2 && g.KW == 2 && detail::tiling_pool(g)) {
       detail::maxpool2x2_plane(yp, ap, xp, g);
       continue;
@@ -193,7 +200,7 @@ void maxpool2d_forward(T* y, std::int32_t* argmax, const T* x, const Pool2dGeome
             }
           }
         yp[oh * g.WO + ow] = best;
-        ap[oh * g.WO + ow] = static_cast<std::int32_t>(best_i);
+        if (ap) ap[oh * g.WO + ow] = static_cast<std::int32_t>(best_i);
       }
     }
   }

@@ -53,7 +53,7 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   const Conv2dOptions& options() const { return opt_; }
 
   // How forward and the gradients are computed: automatic (the default) picks Winograd
-  // F(2x2, 3x3) for 3x3, stride-1 layers with 16 or more input and output channels and
+  // F(2x2, 3x3) for 3x3, stride-1 layers with 8 or more input and output channels and
   // im2col + GEMM otherwise; winograd asks for it wherever it applies (3x3, stride 1, no
   // dilation, padding <= 2). The results agree to float rounding (kernels/winograd.hpp).
   void set_algorithm(ConvAlgorithm a) { algorithm_ = a; }

@@ -49,10 +49,14 @@ class MaxPool2d : public Module {
   Tensor<T, 4> forward(const Tensor<T, 4>& x) {
     const auto g = geometry(dims_of(x));
     Tensor<T, 4> y = y_.take({g.N, g.C, g.HO, g.WO});
-    argmax_.resize(static_cast<std::size_t>(y.size()));
-    kernels::maxpool2d_forward(y.data(), argmax_.data(), x.data(), g);
     has_cache_ = is_training();
-    if (!has_cache_) argmax_.clear();
+    if (has_cache_) {
+      argmax_.resize(static_cast<std::size_t>(y.size()));
+      kernels::maxpool2d_forward(y.data(), argmax_.data(), x.data(), g);
+    } else {  // eval keeps no argmax
+      argmax_.clear();
+      kernels::maxpool2d_forward(y.data(), static_cast<std::int32_t*>(nullptr), x.data(), g);
+    }
     geometry_ = g;
     return y;
   }
