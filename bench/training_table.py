@@ -82,7 +82,7 @@ def main(binary):
     print("| C -> O, H x W | im2col | Winograd | Winograd faster by |")
     print("|---|---|---|---|")
     shapes = sorted({tuple(int(part.split(":")[1]) for part in k.split("/")[1:4])
-                     for k in med if k.startswith("conv_algorithm/")}, key=lambda s: (-s[0] * s[1], s))
+                     for k in med if k.startswith("conv_algorithm/")}, key=lambda s: (-min(s[0], s[1]), s[0] * s[1]))
     for c, o, hw in shapes:
         ms = {(w, b): med[f"conv_algorithm/C:{c}/O:{o}/HW:{hw}/winograd:{w}/backward:{b}"]["real_time"]
               for w in (0, 1) for b in (0, 1)}
