@@ -99,8 +99,9 @@ TEST_P(SteadyState, TrainingStepReusesAllMemory) {
   const long calls = c.stop();
   EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state step touched new memory";
   // Eigen packs on the stack up to 128 KiB (Winograd's small products, conv1's), on the heap
-  // above: fc1's products. Measured: 2 calls a step on one thread, 3 on two.
-  EXPECT_LE(calls, 3 * 4) << "more malloc calls than Eigen's GEMM packing makes";
+  // above: fc1's products. Measured: 2 calls a step on one thread, 3 on two (66 a step when
+  // conv2 ran im2col's per-image products); the bound leaves room for another Eigen's blocking.
+  EXPECT_LE(calls, 3 * 8) << "more malloc calls than Eigen's GEMM packing makes";
   // the checks are real: a bigger batch needs new, larger buffers
   bnrelu::Tensor<float, 4> bigger(4 * N, 1, 28, 28);
   bigger.setRandom();
@@ -128,7 +129,7 @@ TEST_P(SteadyState, EvalForwardReusesAllMemory) {
     const long calls = c.stop();
     EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state eval forward touched new memory";
     // measured: 2 a forward (fc1's product, the returned logits)
-    EXPECT_LE(calls, 3 * 3) << "more malloc calls than Eigen's GEMM packing and the returned logits make";
+    EXPECT_LE(calls, 3 * 6) << "more malloc calls than Eigen's GEMM packing and the returned logits make";
   }
 }
 

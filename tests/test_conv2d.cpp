@@ -95,6 +95,45 @@ void expect_winograd_matches_im2col(bnrelu::Index N, bnrelu::Index C, bnrelu::In
   b.zero_grad();
   b.backward_params(Tensor<T, 4>(dy));
   EXPECT_TRUE(close_to(b.weight_grad(), a.weight_grad(), tol));
+  // the folded ReLU epilogue (fuse_for_inference) in Winograd's output transform
+  const std::vector<double> ones(static_cast<std::size_t>(O), 1.0), zeros(static_cast<std::size_t>(O), 0.0);
+  a.eval();
+  b.eval();
+  a.fold_affine(ones, zeros, true);
+  b.fold_affine(ones, zeros, true);
+  const auto ra = a.forward(x), rb = b.forward(x);
+  EXPECT_TRUE(close_to(rb, ra, tol));
+  bnrelu::Index zeroed = 0;
+  for (bnrelu::Index i = 0; i < rb.size(); ++i) {
+    EXPECT_GE(rb.data()[i], T(0));
+    zeroed += rb.data()[i] == T(0) && ya.data()[i] < T(0);
+  }
+  EXPECT_GT(zeroed, rb.size() / 4);  // about half the outputs were negative
+}
+
+// A smaller OpenMP team than asked for (here: layers run inside another parallel region, whose
+// nested regions get one thread) must not read the per-thread sums of threads that never ran.
+TEST(Conv2d, WinogradGradientsInsideAnotherParallelRegion) {
+  bnrelu::manual_seed(9);
+  nn::Conv2d<float> ref({.in_channels = 8, .out_channels = 8, .kernel_size = 3, .padding = 1});
+  ref.set_algorithm(nn::ConvAlgorithm::winograd);
+  const auto x = random_tensor<float, 4>({4, 8, 6, 6});
+  const auto dy = random_tensor<float, 4>({4, 8, 6, 6});
+  std::vector<nn::Conv2d<float>> copies(2, ref);
+  ref.forward(x);
+  ref.backward(dy);
+  const int saved = bnrelu::num_threads();
+  bnrelu::set_num_threads(2);
+#pragma omp parallel for num_threads(2)
+  for (int i = 0; i < 2; ++i) {
+    copies[static_cast<std::size_t>(i)].forward(x);  // leaves its transforms in the workspace
+    copies[static_cast<std::size_t>(i)].backward(dy);
+  }
+  bnrelu::set_num_threads(saved);
+  for (auto& c : copies) {
+    EXPECT_TRUE(close_to(c.weight_grad(), ref.weight_grad(), 1e-5));
+    EXPECT_TRUE(close_to(c.bias_grad(), ref.bias_grad(), 1e-5));
+  }
 }
 
 TEST(Conv2d, WinogradMatchesIm2col) {

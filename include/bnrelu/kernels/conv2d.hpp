@@ -167,13 +167,18 @@ void conv2d_backward_winograd(T* dx, T* dweight, T* dbias, T* workspace, const T
   T* u = workspace + threads * per_thread;  // the flipped filters' transform: [16, C, O]
   T* dbias_partials = u + 16 * C * O;       // [threads - 1, O]
   if (dx) winograd_filter_transform_flipped(u, weight, O, C);
+  // every slot zeroed up front: OpenMP may run a smaller team than asked for (nested in another
+  // parallel region, OMP_THREAD_LIMIT), and the sums below read all of them
+  for (int t = 0; t < threads; ++t) {
+    T* m = workspace + t * per_thread;
+    std::fill(m, m + 16 * O * C, T(0));
+  }
+  std::fill(dbias_partials, dbias_partials + (threads - 1) * O, T(0));
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const Index t = bnrelu::detail::thread_index();
     T* mine = workspace + t * per_thread;
-    std::fill(mine, mine + 16 * O * C, T(0));
     T* db = dbias ? (t == 0 ? dbias : dbias_partials + (t - 1) * O) : nullptr;
-    if (db && t > 0) std::fill(db, db + O, T(0));
 #pragma omp for schedule(static)
     for (Index n = 0; n < g.N; ++n) {
       const T* dyn = dy + n * O * P;

@@ -18,7 +18,8 @@
 // The input gradient of a 3x3, stride-1 convolution with padding p is itself such a convolution
 // of dy with padding 2 - p and the filters flipped and transposed (g'[c][o] = rot180(g[o][c])),
 // so both passes share the code below. Images are spread over threads as in conv2d.hpp, each
-// image computed alone: the result does not depend on the thread count.
+// image computed alone: outputs and input gradients do not depend on the thread count (the
+// weight gradient sums per-thread partials in a fixed order, as with im2col).
 #pragma once
 
 #include <algorithm>
