@@ -130,7 +130,8 @@ double reduce(Index n, PF pf, SF sf) {
   return total;
 }
 
-// Two sums at once: pf(i, a, b) sets the packets of terms a and b at i; sf likewise.
+// Two sums at once, sum(a) and sum(a * b): pf(i, a, b) sets the packets of a and b at i (the
+// product is accumulated with a fused multiply-add); sf likewise for the scalar tail.
 template <class T, class PF, class SF>
 std::pair<double, double> reduce2(Index n, PF pf, SF sf) {
   constexpr Index L = simd::width<T>;
@@ -141,15 +142,15 @@ std::pair<double, double> reduce2(Index n, PF pf, SF sf) {
     pf(i, ta, tb);
     pf(i + L, tc, td);
     a0 = simd::padd(a0, ta);
-    b0 = simd::padd(b0, tb);
+    b0 = simd::pmadd(ta, tb, b0);
     a1 = simd::padd(a1, tc);
-    b1 = simd::padd(b1, td);
+    b1 = simd::pmadd(tc, td, b1);
   }
   for (; i + L <= n; i += L) {
     simd::Packet<T> ta, tb;
     pf(i, ta, tb);
     a0 = simd::padd(a0, ta);
-    b0 = simd::padd(b0, tb);
+    b0 = simd::pmadd(ta, tb, b0);
   }
   double sa = static_cast<double>(simd::sum(simd::padd(a0, a1)));
   double sb = static_cast<double>(simd::sum(simd::padd(b0, b1)));
@@ -157,7 +158,7 @@ std::pair<double, double> reduce2(Index n, PF pf, SF sf) {
     T ta, tb;
     sf(i, ta, tb);
     sa += static_cast<double>(ta);
-    sb += static_cast<double>(tb);
+    sb += static_cast<double>(ta) * static_cast<double>(tb);
   }
   return {sa, sb};
 }
@@ -253,24 +254,28 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const doub
       const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
       const T* xc = x + (n * C + c) * S;
       const T* dyc = dy + (n * C + c) * S;
+      // sum(g * (x - mean)) as sum(g * (x - hi)) - lo * sum(g): x - hi is exact near hi
+      const auto phi = simd::set1(ch.mu.hi);
       const auto part = reduce2<T>(
           S,
-          [&](Index i, simd::Packet<T>& g, simd::Packet<T>& gx) {
+          [&](Index i, simd::Packet<T>& g, simd::Packet<T>& d) {
             const auto xv = simd::load(xc + i);
             g = ch.grad(xv, simd::load(dyc + i));
-            gx = simd::pmul(g, ch.mu.centre(xv));
+            d = simd::psub(xv, phi);
           },
-          [&](Index i, T& g, T& gx) {
+          [&](Index i, T& g, T& d) {
             g = ch.grad(xc[i], dyc[i]);
-            gx = g * ch.mu.centre(xc[i]);
+            d = xc[i] - ch.mu.hi;
           });
       sum[c - c0] += part.first;
-      dot[c - c0] += part.second;
+      dot[c - c0] += part.second - static_cast<double>(ch.mu.lo) * part.first;
     }
   }
 }
 
-// Pass 2 for channels [c0, c1): dx = weight * invstd * (g - sum/M - (x - mean) * invstd^2 * dot/M).
+// Pass 2 for channels [c0, c1): dx = weight * invstd * (g - sum/M - (x - mean) * invstd^2 * dot/M),
+// computed as g * gs - (x - hi) * a + b with gs = weight * invstd, a = k * gs and
+// b = (lo * k - sum/M) * gs (x - mean = (x - hi) - lo, k = invstd^2 * dot/M).
 template <class T>
 void backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x, const double* mean,
                  const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1,
@@ -281,10 +286,10 @@ void backward_dx(T* dx, const double* sum, const double* dot, double M, const T*
     for (Index c = c0; c < c1; ++c) {
       const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
       const double is = invstd[c];
-      const T k = static_cast<T>(dot[c - c0] * is * is / M);
-      const T mean_g = static_cast<T>(sum[c - c0] / M);
-      const T gs = static_cast<T>(is * (weight ? static_cast<double>(weight[c]) : 1.0));
-      const auto pk = simd::set1(k), pm = simd::set1(mean_g), pg = simd::set1(gs);
+      const double k = dot[c - c0] * is * is / M, gs_d = is * (weight ? static_cast<double>(weight[c]) : 1.0);
+      const T gs = static_cast<T>(gs_d), na = static_cast<T>(-k * gs_d);
+      const T b = static_cast<T>((static_cast<double>(ch.mu.lo) * k - sum[c - c0] / M) * gs_d);
+      const auto pg = simd::set1(gs), pa = simd::set1(na), pb = simd::set1(b), phi = simd::set1(ch.mu.hi);
       const T* xc = x + (n * C + c) * S;
       const T* dyc = dy + (n * C + c) * S;
       T* dxc = dx + (n * C + c) * S;
@@ -292,9 +297,9 @@ void backward_dx(T* dx, const double* sum, const double* dot, double M, const T*
       for (; i + L <= S; i += L) {
         const auto xv = simd::load(xc + i);
         const auto g = ch.grad(xv, simd::load(dyc + i));
-        simd::store(dxc + i, simd::pmul(simd::psub(simd::psub(g, simd::pmul(ch.mu.centre(xv), pk)), pm), pg));
+        simd::store(dxc + i, simd::pmadd(g, pg, simd::pmadd(simd::psub(xv, phi), pa, pb)));
       }
-      for (; i < S; ++i) dxc[i] = (ch.grad(xc[i], dyc[i]) - ch.mu.centre(xc[i]) * k - mean_g) * gs;
+      for (; i < S; ++i) dxc[i] = ch.grad(xc[i], dyc[i]) * gs + ((xc[i] - ch.mu.hi) * na + b);
     }
   }
 }
