@@ -166,7 +166,7 @@ void conv2d_backward_winograd(T* dx, T* dweight, T* dbias, T* workspace, const T
   const Index per_thread = dw_scratch + (dx ? winograd_image_workspace<T>(bwd) : 0);
   T* u = workspace + threads * per_thread;  // the flipped filters' transform: [16, C, O]
   T* dbias_partials = u + 16 * C * O;       // [threads - 1, O]
-  if (dx) winograd_filter_transform_flipped(u, weight, O, C);
+  if (dx) winograd_filter_transform(u, weight, O, C, /*flipped=*/true);
   // every slot zeroed up front: OpenMP may run a smaller team than asked for (nested in another
   // parallel region, OMP_THREAD_LIMIT), and the sums below read all of them
   for (int t = 0; t < threads; ++t) {

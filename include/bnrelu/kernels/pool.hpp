@@ -57,22 +57,17 @@ inline void maxpool2x2_avx2(float* y, std::int32_t* argmax, const float* r0, con
   take(b, 1);
   take(c, W);
   take(d, W + 1);
-  if (!argmax) {
-    if (count == 8)
-      _mm256_storeu_ps(y, best);
-    else
-      _mm256_maskstore_ps(y, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane), best);
-    return;
-  }
-  const __m256i at = _mm256_add_epi32(_mm256_add_epi32(_mm256_set1_epi32(first), _mm256_add_epi32(lane, lane)), off);
-  if (count == 8) {
+  const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane);
+  if (count == 8)
     _mm256_storeu_ps(y, best);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(argmax), at);
-  } else {
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane);
+  else
     _mm256_maskstore_ps(y, m, best);
+  if (!argmax) return;
+  const __m256i at = _mm256_add_epi32(_mm256_add_epi32(_mm256_set1_epi32(first), _mm256_add_epi32(lane, lane)), off);
+  if (count == 8)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(argmax), at);
+  else
     _mm256_maskstore_epi32(argmax, m, at);
-  }
 }
 
 // The adjoint for eight windows: each input element gets dy where it was its window's argmax,
@@ -169,8 +164,9 @@ void maxpool2x2_plane_backward(T* dx, const T* dy, const std::int32_t* argmax, c
 }  // namespace detail
 
 // x: [N, C, H, W]; y: [N, C, HO, WO]; argmax: [N, C, HO, WO], index into the H*W plane, or
-// null when not wanted (eval). Padding counts as -inf. Ties go to the first maximum in row-major window order; a NaN
-// wins over any number (as in PyTorch, a later NaN replaces an earlier one).
+// null when not wanted (eval). Padding counts as -inf. Ties go to the first maximum in
+// row-major window order; a NaN wins over any number (as in PyTorch, a later NaN replaces an
+// earlier one).
 template <class T>
 void maxpool2d_forward(T* y, std::int32_t* argmax, const T* x, const Pool2dGeometry& g) {
   const Index planes = g.N * g.C;

@@ -23,12 +23,10 @@
 #pragma once
 
 #include <algorithm>
-#include <cassert>
 
 #include <Eigen/Core>
 
 #include "../tensor.hpp"
-#include "../threads.hpp"
 #include "simd.hpp"
 
 namespace bnrelu::kernels {
@@ -49,12 +47,12 @@ struct WinogradGeometry {
 
 namespace detail {
 
-// u (4x4) = G g G^T for a 3x3 filter g given by element accessor g(i, j).
-template <class T, class G>
-inline void winograd_filter_tile(T* u, const G& g) {
+// u (4x4) = G g G^T for a 3x3 filter g (row-major).
+template <class T>
+inline void winograd_filter_tile(T* u, const T* g) {
   T t[4][3];  // G g
   for (int j = 0; j < 3; ++j) {
-    const T a = g(0, j), b = g(1, j), c = g(2, j);
+    const T a = g[j], b = g[3 + j], c = g[6 + j];
     t[0][j] = a;
     t[1][j] = T(0.5) * (a + b + c);
     t[2][j] = T(0.5) * (a - b + c);
@@ -87,28 +85,19 @@ void split_columns(T* even, T* odd, Index KS, T* line, const T* plane, Index W, 
 
 }  // namespace detail
 
-// Filter transform of a weight [O, C, 3, 3] into U: [16, O, C].
+// Filter transform of a weight [O, C, 3, 3] into U: [16, O, C]; or, flipped, the input
+// gradient's filters g'[c][o] = rot180(weight[o][c]) into U: [16, C, O].
 template <class T>
-void winograd_filter_transform(T* u, const T* weight, Index O, Index C) {
-  const Index plane = O * C;
-  for (Index oc = 0; oc < plane; ++oc) {
-    const T* g = weight + oc * 9;
-    T tile[16];
-    detail::winograd_filter_tile(tile, [g](int i, int j) { return g[i * 3 + j]; });
-    for (int xi = 0; xi < 16; ++xi) u[xi * plane + oc] = tile[xi];
-  }
-}
-
-// The same for the input gradient: U: [16, C, O] from g'[c][o] = rot180(weight[o][c]).
-template <class T>
-void winograd_filter_transform_flipped(T* u, const T* weight, Index O, Index C) {
+void winograd_filter_transform(T* u, const T* weight, Index O, Index C, bool flipped = false) {
   const Index plane = O * C;
   for (Index o = 0; o < O; ++o)
     for (Index c = 0; c < C; ++c) {
-      const T* g = weight + (o * C + c) * 9;
-      T tile[16];
-      detail::winograd_filter_tile(tile, [g](int i, int j) { return g[(2 - i) * 3 + 2 - j]; });
-      for (int xi = 0; xi < 16; ++xi) u[xi * plane + c * O + o] = tile[xi];
+      const T* w = weight + (o * C + c) * 9;
+      T g[9], tile[16];
+      for (int k = 0; k < 9; ++k) g[k] = w[flipped ? 8 - k : k];  // rot180 reverses the 9 taps
+      detail::winograd_filter_tile(tile, g);
+      const Index at = flipped ? c * O + o : o * C + c;
+      for (int xi = 0; xi < 16; ++xi) u[xi * plane + at] = tile[xi];
     }
 }
 
