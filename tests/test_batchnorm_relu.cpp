@@ -1,9 +1,13 @@
 // The fused layers against the unfused pair: outputs, dx, dgamma, dbeta and running
 // statistics over many shapes, including degenerate channels and values at the kink.
+#include <bnrelu/kernels/batchnorm.hpp>
 #include <bnrelu/nn/batchnorm.hpp>
 #include <bnrelu/nn/batchnorm_relu.hpp>
 #include <bnrelu/nn/relu.hpp>
 #include <bnrelu/testing/gradcheck.hpp>
+
+#include <cmath>
+#include <limits>
 
 #include "golden.hpp"
 
@@ -172,4 +176,49 @@ TEST(BatchNormReLU, ErrorsLeaveStateUnchanged) {
   EXPECT_THROW(l.forward(Tensor<float, 4>(1, 2, 1, 1)), bnrelu::shape_error);
   EXPECT_EQ(state_of(l), before);
   EXPECT_NO_THROW(l.backward(random_tensor<float, 4>({2, 2, 3, 3})));
+}
+
+// Outputs bigger than the last-level cache are written with non-temporal stores, after a scalar
+// head up to the packet alignment; forced here onto small tensors (odd plane sizes put the
+// chunks at every alignment), they must give the same bits as ordinary stores.
+TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
+  using T = TypeParam;
+  namespace k = bnrelu::kernels;
+  const Index saved = k::detail::stream_threshold();
+  for (const auto& d : std::vector<bnrelu::Dims<4>>{{3, 5, 7, 3}, {4, 3, 28, 28}, {2, 6, 1, 1}, {5, 2, 3, 1}}) {
+    SCOPED_TRACE(bnrelu::shape_string(d));
+    const auto x = random_tensor<T, 4>(d, -2, 3);
+    const auto dy = random_tensor<T, 4>(d);
+    std::vector<Tensor<T, 4>> out;
+    std::vector<std::vector<T>> grads;
+    for (Index threshold : {std::numeric_limits<Index>::max(), Index{0}}) {
+      k::detail::stream_threshold() = threshold;
+      nn::BatchNormReLU2d<T> l({.num_features = d[1]});
+      for (auto& p : l.named_parameters())
+        for (auto& v : p.value) v = static_cast<T>(0.5 + 0.1 * static_cast<double>(&v - p.value.data()));
+      out.push_back(l.forward(x));
+      out.push_back(l.backward(dy));
+      for (auto& p : l.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
+      // SyncBatchNorm's separate dx pass, from the sums the layer would allreduce
+      const Index N = d[0], C = d[1], S = d[2] * d[3];
+      std::vector<double> mean(C), var(C), invstd(C), sum(C), dot(C);
+      k::batchnorm_statistics(mean.data(), var.data(), x.data(), N, C, S);
+      for (Index c = 0; c < C; ++c) invstd[c] = 1 / std::sqrt(var[c] + 1e-5);
+      k::batchnorm_backward_sums(sum.data(), dot.data(), dy.data(), x.data(), mean.data(), invstd.data(),
+                                 static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), N, C, S, true);
+      Tensor<T, 4> dx(d);
+      k::batchnorm_backward_dx(dx.data(), sum.data(), dot.data(), static_cast<double>(N * S), dy.data(), x.data(),
+                               mean.data(), invstd.data(), static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                               N, C, S, true);
+      out.push_back(dx);
+      l.eval();
+      out.push_back(l.forward(x));
+    }
+    k::detail::stream_threshold() = saved;
+    const std::size_t half = out.size() / 2;
+    for (std::size_t i = 0; i < half; ++i) EXPECT_TRUE(close_to(out[half + i], out[i], 0)) << "output " << i;
+    for (std::size_t i = 0; i < grads.size() / 2; ++i)
+      EXPECT_EQ(grads[grads.size() / 2 + i], grads[i]) << "gradient " << i;
+  }
+  k::detail::stream_threshold() = saved;
 }

@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -97,28 +99,47 @@ struct ChannelGrad {
 
 namespace detail {
 
-// A channel is N chunks of S values, C*S apart: too short a stream for the hardware
-// prefetcher, which restarts at every chunk. Asking for the next chunk while working on this
-// one keeps the memory system busy.
-inline constexpr Index kAhead = 2;  // chunks; 1, 2, 4 and 8 measured alike, 2 marginally best
-
+// A channel is N chunks of S values, C*S apart: too short a run for the hardware prefetcher,
+// which starts over at every chunk. So each pass over a chunk asks for the lines of a chunk
+// further on, spread over its own iterations (measured here: a burst of requests at the start
+// of each chunk stalls on the line-fill buffers; spread out, a strided read runs as fast as a
+// contiguous one). Ahead holds those streams: line(i) asks for the line of element i of each
+// stream that is set.
 template <class T>
-inline void prefetch_chunk(const T* p, Index n, bool for_write = false) {
-  constexpr Index kLine = 64 / sizeof(T);
-  if (for_write)
-    for (Index i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 1);
-  else
-    for (Index i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 0);
-}
+struct Ahead {
+  const T* a = nullptr;
+  const T* b = nullptr;
+  T* w = nullptr;  // to be written
+  static constexpr Index kLine = 64 / static_cast<Index>(sizeof(T));
+  void line(Index i) const {
+    if (a) __builtin_prefetch(a + i, 0);
+    if (b) __builtin_prefetch(b + i, 0);
+    if (w) __builtin_prefetch(w + i, 1);
+  }
+  // the lines of [i0, n), for the tail a packet loop leaves
+  void lines(Index i0, Index n) const {
+    for (Index i = i0; i < n; i += kLine) line(i);
+    if (i0 < n) line(n - 1);
+  }
+};
+
+// How many images ahead the passes reading from memory ask for. Measured at 256 x 64 x 28 x 28
+// on one thread (1, 2, 3, 4, 6): the statistics pass (one stream) runs best 4 ahead (1.23 ms,
+// 2.45 ms at 1 ahead), the backward's first pass (two streams, more arithmetic) 1 ahead
+// (3.3 ms, 3.7 ms at 4).
+inline constexpr Index kAheadStatistics = 4;
+inline constexpr Index kAheadBackward = 1;
 
 // Sums over i in [0, n): pf(i) gives a packet of terms i .. i+width-1, sf(i) the scalar term
 // i for the tail. Four packet accumulators hide the adder's latency; the result is double.
 template <class T, class PF, class SF>
-double reduce(Index n, PF pf, SF sf) {
-  constexpr Index L = simd::width<T>;
+double reduce(Index n, PF pf, SF sf, const Ahead<T>& ahead = {}) {
+  constexpr Index L = simd::width<T>, K = Ahead<T>::kLine;
   auto a0 = simd::set1(T(0)), a1 = a0, a2 = a0, a3 = a0;
   Index i = 0;
+  ahead.lines(n - n % (4 * L), n);
   for (; i + 4 * L <= n; i += 4 * L) {
+    for (Index j = 0; j < 4 * L; j += K) ahead.line(i + j);
     a0 = simd::padd(a0, pf(i));
     a1 = simd::padd(a1, pf(i + L));
     a2 = simd::padd(a2, pf(i + 2 * L));
@@ -130,30 +151,59 @@ double reduce(Index n, PF pf, SF sf) {
   return total;
 }
 
-// Two sums at once, sum(a) and sum(a * b): pf(i, a, b) sets the packets of a and b at i (the
-// product is accumulated with a fused multiply-add); sf likewise for the scalar tail.
+// sum(d * d) over i in [0, n), pf(i) giving a packet of d, sf(i) the scalar: the squares are
+// accumulated with fused multiply-adds in four packets; the result is double.
 template <class T, class PF, class SF>
-std::pair<double, double> reduce2(Index n, PF pf, SF sf) {
+double reduce_squares(Index n, PF pf, SF sf) {
   constexpr Index L = simd::width<T>;
-  auto a0 = simd::set1(T(0)), a1 = a0, b0 = a0, b1 = a0;
+  auto a0 = simd::set1(T(0)), a1 = a0, a2 = a0, a3 = a0;
   Index i = 0;
-  for (; i + 2 * L <= n; i += 2 * L) {
-    simd::Packet<T> ta, tb, tc, td;
-    pf(i, ta, tb);
-    pf(i + L, tc, td);
-    a0 = simd::padd(a0, ta);
-    b0 = simd::pmadd(ta, tb, b0);
-    a1 = simd::padd(a1, tc);
-    b1 = simd::pmadd(tc, td, b1);
+  for (; i + 4 * L <= n; i += 4 * L) {
+    const auto d0 = pf(i), d1 = pf(i + L), d2 = pf(i + 2 * L), d3 = pf(i + 3 * L);
+    a0 = simd::pmadd(d0, d0, a0);
+    a1 = simd::pmadd(d1, d1, a1);
+    a2 = simd::pmadd(d2, d2, a2);
+    a3 = simd::pmadd(d3, d3, a3);
+  }
+  for (; i + L <= n; i += L) {
+    const auto d = pf(i);
+    a0 = simd::pmadd(d, d, a0);
+  }
+  double total = static_cast<double>(simd::sum(simd::padd(simd::padd(a0, a1), simd::padd(a2, a3))));
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(sf(i));
+    total += d * d;
+  }
+  return total;
+}
+
+// Two sums at once, sum(a) and sum(a * b): pf(i, a, b) sets the packets of a and b at i (the
+// product is accumulated with a fused multiply-add); sf likewise for the scalar tail. Four
+// accumulators each hide the latency of the adds and fused multiply-adds.
+template <class T, class PF, class SF>
+std::pair<double, double> reduce2(Index n, PF pf, SF sf, const Ahead<T>& ahead = {}) {
+  constexpr Index L = simd::width<T>, K = Ahead<T>::kLine;
+  simd::Packet<T> a[4], b[4];
+  for (int k = 0; k < 4; ++k) a[k] = b[k] = simd::set1(T(0));
+  Index i = 0;
+  ahead.lines(n - n % (4 * L), n);
+  for (; i + 4 * L <= n; i += 4 * L) {
+    for (Index j = 0; j < 4 * L; j += K) ahead.line(i + j);
+    for (int k = 0; k < 4; ++k) {
+      simd::Packet<T> ta, tb;
+      pf(i + k * L, ta, tb);
+      a[k] = simd::padd(a[k], ta);
+      b[k] = simd::pmadd(ta, tb, b[k]);
+    }
   }
   for (; i + L <= n; i += L) {
     simd::Packet<T> ta, tb;
     pf(i, ta, tb);
-    a0 = simd::padd(a0, ta);
-    b0 = simd::pmadd(ta, tb, b0);
+    a[0] = simd::padd(a[0], ta);
+    b[0] = simd::pmadd(ta, tb, b[0]);
   }
-  double sa = static_cast<double>(simd::sum(simd::padd(a0, a1)));
-  double sb = static_cast<double>(simd::sum(simd::padd(b0, b1)));
+  double sa = static_cast<double>(simd::sum(simd::padd(simd::padd(a[0], a[1]), simd::padd(a[2], a[3]))));
+  double sb = static_cast<double>(simd::sum(simd::padd(simd::padd(b[0], b[1]), simd::padd(b[2], b[3]))));
   for (; i < n; ++i) {
     T ta, tb;
     sf(i, ta, tb);
@@ -162,6 +212,51 @@ std::pair<double, double> reduce2(Index n, PF pf, SF sf) {
   }
   return {sa, sb};
 }
+
+// out[i] = pf(i) (a packet of elements i .. i + width - 1) or sf(i) (element i) for i in
+// [0, n): non-temporal stores when stream, after a scalar head up to packet alignment.
+template <class T, class PF, class SF>
+void write_each(T* out, Index n, bool stream, PF pf, SF sf, const Ahead<T>& ahead = {}) {
+  constexpr Index L = simd::width<T>, K = Ahead<T>::kLine;
+  Index i = 0;
+  if (stream)
+    for (const Index head = std::min(n, simd::to_alignment(out)); i < head; ++i) out[i] = sf(i);
+  for (; i + L <= n; i += L) {
+    if (i % K < L) ahead.line(i);
+    if (stream)
+      simd::stream(out + i, pf(i));
+    else
+      simd::store(out + i, pf(i));
+  }
+  for (; i < n; ++i) out[i] = sf(i);
+}
+
+// The last-level cache one core shares, from Linux's sysfs (sysconf and CPUID report the whole
+// package's L3 on some machines, 12 times this one's 32 MiB); 32 MiB if unknown.
+inline Index last_level_cache_bytes() {
+  Index best = 0;
+  for (int level = 2; level <= 4; ++level) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(level) + "/";
+    std::ifstream size_file(dir + "size");
+    long long value = 0;
+    char unit = 0;
+    if (!(size_file >> value)) continue;
+    size_file >> unit;
+    best = std::max<Index>(best, static_cast<Index>(unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : value));
+  }
+  return best > 0 ? best : Index{32} << 20;
+}
+
+// Outputs bigger than this many bytes are written with non-temporal stores: they cannot stay
+// in the last-level cache anyway, and writing around the cache saves reading every line first
+// (measured here: the chunks of 256 x 64 x 28 x 28 written 1.4x faster). Smaller outputs stay
+// cached for the layer that reads them next. The last-level cache's size by default; tests
+// lower it to cover the non-temporal path with small tensors.
+inline Index& stream_threshold() {
+  static Index bytes = last_level_cache_bytes();
+  return bytes;
+}
+inline bool stream_output(Index bytes) { return bytes > stream_threshold(); }
 
 // Channels per task in the S > 1 kernels. Adjacent channels of one image are contiguous, so
 // a block of G channels is read as N runs of G*S values. Measured here: keeping the block's
@@ -178,83 +273,87 @@ inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threa
   return std::clamp<Index>(std::min({run, fit, spread}), 1, kMaxBlock);
 }
 
-// Mean and biased variance of channels [c0, c1) of x: [N, C, S] in one pass over memory.
-// Each chunk of S values is read once from memory and then, from L1, gives its own mean
-// (summing x - x0, x0 = the chunk's first value, so partial sums in T stay small even for
-// data like 1e4 + noise) and its sum of squared deviations from that mean (no
-// cancellation); chunks combine in double with Chan et al.'s pairwise update.
+// Mean and M2 (sum of squared deviations) of one channel, fed one chunk of S values at a time.
+// Each chunk is read once from memory and then, from L1, gives its own mean (summing x - x0,
+// x0 = the chunk's first value, so partial sums in T stay small even for data like 1e4 +
+// noise) and its sum of squared deviations from that mean (no cancellation); chunks combine
+// in double with Chan et al.'s pairwise update.
 template <class T>
-void block_mean_var(double* mean, double* var, const T* x, Index N, Index C, Index S, Index c0, Index c1) {
-  const Index G = c1 - c0;
-  double mu[kMaxBlock] = {}, m2[kMaxBlock] = {};
-  const double s_count = static_cast<double>(S);
-  for (Index n = 0; n < N; ++n) {
-    const T* run = x + (n * C + c0) * S;
-    if (n + kAhead < N) prefetch_chunk(run + kAhead * C * S, G * S);
-    for (Index j = 0; j < G; ++j) {
-      const T* xc = run + j * S;
-      const T o = xc[0];
-      const auto po = simd::set1(o);
-      const double chunk_mean =
-          static_cast<double>(o) +
-          reduce<T>(S, [=](Index i) { return simd::psub(simd::load(xc + i), po); },
-                    [=](Index i) { return xc[i] - o; }) / s_count;
-      const SplitMean<T> cm(chunk_mean);
-      const double chunk_m2 = reduce<T>(
-          S,
-          [=](Index i) {
-            const auto d = cm.centre(simd::load(xc + i));
-            return simd::pmul(d, d);
-          },
-          [=](Index i) {
-            const T d = cm.centre(xc[i]);
-            return d * d;
-          });
-      // merge (n*S values, mean mu, m2) with (S values, chunk_mean, chunk_m2)
-      const double na = static_cast<double>(n) * s_count, total = na + s_count;
-      const double delta = chunk_mean - mu[j];
-      mu[j] += delta * s_count / total;
-      m2[j] += chunk_m2 + delta * delta * na * s_count / total;
-    }
+struct ChunkMoments {
+  double mean = 0, m2 = 0, count = 0;
+
+  void add(const T* xc, Index S, const Ahead<T>& ahead = {}) {
+    const T o = xc[0];
+    const auto po = simd::set1(o);
+    const double s_count = static_cast<double>(S);
+    const double chunk_mean =
+        static_cast<double>(o) + reduce<T>(
+                                     S, [=](Index i) { return simd::psub(simd::load(xc + i), po); },
+                                     [=](Index i) { return xc[i] - o; }, ahead) /
+                                     s_count;
+    // sum((x - hi)^2) = m2 + S * (mean - hi)^2 exactly, hi = the chunk mean rounded to T and
+    // lo = mean - hi: x - hi is exact near hi, and S * lo^2 is far below m2's rounding.
+    const SplitMean<T> cm(chunk_mean);
+    const auto phi = simd::set1(cm.hi);
+    const double chunk_m2 =
+        reduce_squares<T>(S, [=](Index i) { return simd::psub(simd::load(xc + i), phi); },
+                          [=](Index i) { return xc[i] - cm.hi; }) -
+        s_count * static_cast<double>(cm.lo) * static_cast<double>(cm.lo);
+    const double total = count + s_count, delta = chunk_mean - mean;
+    mean += delta * s_count / total;
+    m2 += chunk_m2 + delta * delta * count * s_count / total;
+    count = total;
   }
-  const double M = static_cast<double>(N * S);
-  for (Index j = 0; j < G; ++j) {
-    mean[j] = mu[j];
-    var[j] = m2[j] / M;
+};
+
+// Mean and biased variance of channels [c0, c1) of x: [N, C, S], reading x once. If x_copy is
+// given, each chunk is copied there as it is read.
+template <class T>
+void block_mean_var(double* mean, double* var, const T* x, T* x_copy, Index N, Index C, Index S, Index c0,
+                    Index c1) {
+  ChunkMoments<T> m[kMaxBlock];
+  for (Index n = 0; n < N; ++n)
+    for (Index c = c0; c < c1; ++c) {
+      const Index at = (n * C + c) * S;
+      const Ahead<T> ahead{n + kAheadStatistics < N ? x + at + kAheadStatistics * C * S : nullptr};
+      if (x_copy) std::memcpy(x_copy + at, x + at, S * sizeof(T));
+      m[c - c0].add(x + at, S, ahead);
+    }
+  for (Index c = c0; c < c1; ++c) {
+    mean[c - c0] = m[c - c0].mean;
+    var[c - c0] = m[c - c0].m2 / m[c - c0].count;
   }
 }
 
 // y = [relu](x * scale + shift) over n contiguous values.
 template <class T>
-void affine(T* y, const T* x, Index n, T scale, T shift, bool relu) {
-  constexpr Index L = simd::width<T>;
+void affine(T* y, const T* x, Index n, T scale, T shift, bool relu, bool stream = false,
+            const Ahead<T>& ahead = {}) {
   const auto ps = simd::set1(scale), ph = simd::set1(shift);
-  Index i = 0;
-  if (relu) {
-    for (; i + L <= n; i += L) simd::store(y + i, simd::relu(simd::pmadd(simd::load(x + i), ps, ph)));
-    for (; i < n; ++i) y[i] = relu_value(bn_affine(x[i], scale, shift));
-  } else {
-    for (; i + L <= n; i += L) simd::store(y + i, simd::pmadd(simd::load(x + i), ps, ph));
-    for (; i < n; ++i) y[i] = bn_affine(x[i], scale, shift);
-  }
+  if (relu)
+    write_each(
+        y, n, stream, [&](Index i) { return simd::relu(simd::pmadd(simd::load(x + i), ps, ph)); },
+        [&](Index i) { return relu_value(bn_affine(x[i], scale, shift)); }, ahead);
+  else
+    write_each(
+        y, n, stream, [&](Index i) { return simd::pmadd(simd::load(x + i), ps, ph); },
+        [&](Index i) { return bn_affine(x[i], scale, shift); }, ahead);
 }
 
 // Pass 1 of the backward for channels [c0, c1): sum[c - c0] += sum(g), dot[c - c0] +=
-// sum(g * (x - mean)), reading x and dy once.
+// sum(g * (x - mean)), reading x and dy once. sum(g * (x - mean)) is computed as
+// sum(g * (x - hi)) - lo * sum(g): x - hi is exact near hi.
 template <class T>
 void backward_sums(double* sum, double* dot, const T* dy, const T* x, const double* mean, const double* invstd,
                    const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1, bool relu) {
-  for (Index n = 0; n < N; ++n) {
-    const Index run = (n * C + c0) * S;
-    if (n + kAhead < N) {
-      prefetch_chunk(x + run + kAhead * C * S, (c1 - c0) * S);
-      prefetch_chunk(dy + run + kAhead * C * S, (c1 - c0) * S);
-    }
+  for (Index n = 0; n < N; ++n)
     for (Index c = c0; c < c1; ++c) {
+      const Index at = (n * C + c) * S;
+      const T* xc = x + at;
+      const T* dyc = dy + at;
+      const Ahead<T> ahead =
+          n + kAheadBackward < N ? Ahead<T>{xc + kAheadBackward * C * S, dyc + kAheadBackward * C * S} : Ahead<T>{};
       const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
-      const T* xc = x + (n * C + c) * S;
-      const T* dyc = dy + (n * C + c) * S;
-      // sum(g * (x - mean)) as sum(g * (x - hi)) - lo * sum(g): x - hi is exact near hi
       const auto phi = simd::set1(ch.mu.hi);
       const auto part = reduce2<T>(
           S,
@@ -266,40 +365,43 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const doub
           [&](Index i, T& g, T& d) {
             g = ch.grad(xc[i], dyc[i]);
             d = xc[i] - ch.mu.hi;
-          });
+          },
+          ahead);
       sum[c - c0] += part.first;
       dot[c - c0] += part.second - static_cast<double>(ch.mu.lo) * part.first;
     }
-  }
 }
 
-// Pass 2 for channels [c0, c1): dx = weight * invstd * (g - sum/M - (x - mean) * invstd^2 * dot/M),
-// computed as g * gs - (x - hi) * a + b with gs = weight * invstd, a = k * gs and
+// Pass 2 for channels [c0, c1), from their sums over M values:
+// dx = weight * invstd * (g - sum/M - (x - mean) * invstd^2 * dot/M), computed as
+// g * gs + ((x - hi) * a + b) with gs = weight * invstd, a = -k * gs and
 // b = (lo * k - sum/M) * gs (x - mean = (x - hi) - lo, k = invstd^2 * dot/M).
+// The chunk after each is asked for as it is worked on (from cache when pass 1 just read the
+// block; from memory in SyncBatchNorm's split backward).
 template <class T>
 void backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x, const double* mean,
                  const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1,
-                 bool relu) {
-  constexpr Index L = simd::width<T>;
-  for (Index n = 0; n < N; ++n) {
-    if (n + 1 < N) prefetch_chunk(dx + (n + 1) * C * S + c0 * S, (c1 - c0) * S, true);
-    for (Index c = c0; c < c1; ++c) {
-      const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
-      const double is = invstd[c];
-      const double k = dot[c - c0] * is * is / M, gs_d = is * (weight ? static_cast<double>(weight[c]) : 1.0);
-      const T gs = static_cast<T>(gs_d), na = static_cast<T>(-k * gs_d);
-      const T b = static_cast<T>((static_cast<double>(ch.mu.lo) * k - sum[c - c0] / M) * gs_d);
-      const auto pg = simd::set1(gs), pa = simd::set1(na), pb = simd::set1(b), phi = simd::set1(ch.mu.hi);
-      const T* xc = x + (n * C + c) * S;
-      const T* dyc = dy + (n * C + c) * S;
-      T* dxc = dx + (n * C + c) * S;
-      Index i = 0;
-      for (; i + L <= S; i += L) {
-        const auto xv = simd::load(xc + i);
-        const auto g = ch.grad(xv, simd::load(dyc + i));
-        simd::store(dxc + i, simd::pmadd(g, pg, simd::pmadd(simd::psub(xv, phi), pa, pb)));
-      }
-      for (; i < S; ++i) dxc[i] = ch.grad(xc[i], dyc[i]) * gs + ((xc[i] - ch.mu.hi) * na + b);
+                 bool relu, bool stream) {
+  for (Index c = c0; c < c1; ++c) {
+    const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
+    const double is = invstd[c], s = sum[c - c0], d = dot[c - c0];
+    const double k = d * is * is / M, gs_d = is * (weight ? static_cast<double>(weight[c]) : 1.0);
+    const T gs = static_cast<T>(gs_d), a = static_cast<T>(-k * gs_d);
+    const T b = static_cast<T>((static_cast<double>(ch.mu.lo) * k - s / M) * gs_d);
+    const auto pg = simd::set1(gs), pa = simd::set1(a), pb = simd::set1(b), phi = simd::set1(ch.mu.hi);
+    for (Index n = 0; n < N; ++n) {
+      const Index at = (n * C + c) * S;
+      const T* xc = x + at;
+      const T* dyc = dy + at;
+      Ahead<T> ahead;
+      if (n + 1 < N) ahead = {xc + C * S, dyc + C * S, stream ? nullptr : dx + at + C * S};
+      write_each(
+          dx + at, S, stream,
+          [&](Index i) {
+            const auto xv = simd::load(xc + i);
+            return simd::pmadd(ch.grad(xv, simd::load(dyc + i)), pg, simd::pmadd(simd::psub(xv, phi), pa, pb));
+          },
+          [&](Index i) { return ch.grad(xc[i], dyc[i]) * gs + ((xc[i] - ch.mu.hi) * a + b); }, ahead);
     }
   }
 }
@@ -368,26 +470,27 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
   }
   const Index G = detail::channel_block(N, C, S, sizeof(T), num_threads());
   const Index nblocks = (C + G - 1) / G;
-#pragma omp parallel for schedule(static)
-  for (Index blk = 0; blk < nblocks; ++blk) {
-    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
-    const T* src = x;
-    if (x_copy) {
-      for (Index n = 0; n < N; ++n)
-        std::memcpy(x_copy + (n * C + c0) * S, x + (n * C + c0) * S, (c1 - c0) * S * sizeof(T));
-      src = x_copy;
+  const bool stream = detail::stream_output(N * C * S * static_cast<Index>(sizeof(T)));
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (Index blk = 0; blk < nblocks; ++blk) {
+      const Index c0 = blk * G, c1 = std::min(C, c0 + G);
+      detail::block_mean_var(mean + c0, var + c0, x, x_copy, N, C, S, c0, c1);
+      const T* src = x_copy ? x_copy : x;
+      for (Index c = c0; c < c1; ++c) {
+        invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+        T scale, shift;
+        bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
+        for (Index n = 0; n < N; ++n) {
+          const Index at = (n * C + c) * S;
+          detail::Ahead<T> ahead;
+          if (n + 1 < N) ahead = {src + at + C * S, nullptr, stream ? nullptr : y + at + C * S};
+          detail::affine(y + at, src + at, S, scale, shift, relu, stream, ahead);
+        }
+      }
     }
-    detail::block_mean_var(mean + c0, var + c0, src, N, C, S, c0, c1);
-    T scale[detail::kMaxBlock], shift[detail::kMaxBlock];
-    for (Index c = c0; c < c1; ++c) {
-      invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-      bn_scale_shift(scale[c - c0], shift[c - c0], mean[c], invstd[c], weight, bias, c);
-    }
-    for (Index n = 0; n < N; ++n) {
-      if (n + 1 < N) detail::prefetch_chunk(y + ((n + 1) * C + c0) * S, (c1 - c0) * S, true);
-      for (Index c = c0; c < c1; ++c)
-        detail::affine(y + (n * C + c) * S, src + (n * C + c) * S, S, scale[c - c0], shift[c - c0], relu);
-    }
+    if (stream) simd::stream_fence();
   }
 }
 
@@ -410,10 +513,15 @@ void batchnorm_forward_eval(T* y, const T* x, const T* scale, const T* shift, In
     }
     return;
   }
-#pragma omp parallel for collapse(2) schedule(static)
-  for (Index n = 0; n < N; ++n)
-    for (Index c = 0; c < C; ++c)
-      detail::affine(y + (n * C + c) * S, x + (n * C + c) * S, S, scale[c], shift[c], relu);
+  const bool stream = detail::stream_output(N * C * S * static_cast<Index>(sizeof(T)));
+#pragma omp parallel
+  {
+#pragma omp for collapse(2) schedule(static)
+    for (Index n = 0; n < N; ++n)
+      for (Index c = 0; c < C; ++c)
+        detail::affine(y + (n * C + c) * S, x + (n * C + c) * S, S, scale[c], shift[c], relu, stream);
+    if (stream) simd::stream_fence();
+  }
 }
 
 // Training backward. With g = dy masked by the ReLU (pre > 0, recomputed from x exactly as
@@ -477,17 +585,22 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
   }
   const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());  // x and dy
   const Index nblocks = (C + G - 1) / G;
-#pragma omp parallel for schedule(static)
-  for (Index blk = 0; blk < nblocks; ++blk) {
-    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
-    double sum[detail::kMaxBlock] = {}, dot[detail::kMaxBlock] = {};
-    // pass 1 (x and dy from memory), pass 2 (x and dy from cache)
-    detail::backward_sums(sum, dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu);
-    for (Index c = c0; c < c1; ++c) {
-      if (dbias) dbias[c] += static_cast<T>(sum[c - c0]);
-      if (dweight) dweight[c] += static_cast<T>(dot[c - c0] * invstd[c]);
+  const bool stream = detail::stream_output(N * C * S * static_cast<Index>(sizeof(T)));
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (Index blk = 0; blk < nblocks; ++blk) {
+      const Index c0 = blk * G, c1 = std::min(C, c0 + G);
+      double sum[detail::kMaxBlock] = {}, dot[detail::kMaxBlock] = {};
+      // pass 1 (x and dy from memory), pass 2 (x and dy from cache)
+      detail::backward_sums(sum, dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu);
+      for (Index c = c0; c < c1; ++c) {
+        if (dbias) dbias[c] += static_cast<T>(sum[c - c0]);
+        if (dweight) dweight[c] += static_cast<T>(dot[c - c0] * invstd[c]);
+      }
+      detail::backward_dx(dx, sum, dot, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, stream);
     }
-    detail::backward_dx(dx, sum, dot, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu);
+    if (stream) simd::stream_fence();
   }
 }
 
@@ -502,7 +615,7 @@ void batchnorm_statistics(double* mean, double* var, const T* x, Index N, Index 
 #pragma omp parallel for schedule(static)
   for (Index blk = 0; blk < nblocks; ++blk) {
     const Index c0 = blk * G, c1 = std::min(C, c0 + G);
-    detail::block_mean_var(mean + c0, var + c0, x, N, C, S, c0, c1);
+    detail::block_mean_var(mean + c0, var + c0, x, static_cast<T*>(nullptr), N, C, S, c0, c1);
   }
 }
 
@@ -530,10 +643,16 @@ void batchnorm_backward_dx(T* dx, const double* sum, const double* dot, double M
                            Index C, Index S, bool relu) {
   const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());
   const Index nblocks = (C + G - 1) / G;
-#pragma omp parallel for schedule(static)
-  for (Index blk = 0; blk < nblocks; ++blk) {
-    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
-    detail::backward_dx(dx, sum + c0, dot + c0, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu);
+  const bool stream = detail::stream_output(N * C * S * static_cast<Index>(sizeof(T)));
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (Index blk = 0; blk < nblocks; ++blk) {
+      const Index c0 = blk * G, c1 = std::min(C, c0 + G);
+      detail::backward_dx(dx, sum + c0, dot + c0, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu,
+                          stream);
+    }
+    if (stream) simd::stream_fence();
   }
 }
 

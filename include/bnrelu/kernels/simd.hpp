@@ -5,6 +5,11 @@
 
 #include <Eigen/Core>
 
+#include <cstdint>
+#if defined(EIGEN_VECTORIZE_SSE2)
+#include <immintrin.h>
+#endif
+
 namespace bnrelu::kernels::simd {
 
 template <class T>
@@ -38,6 +43,45 @@ inline P relu(const P& v) {
 template <class P>
 inline P relu_grad(const P& pre, const P& dy) {
   return Eigen::internal::pandnot(dy, Eigen::internal::pcmp_le(pre, Eigen::internal::pzero(pre)));
+}
+
+// Non-temporal store of a packet to a packet-aligned address: the line goes to memory without
+// first being read (no write-allocate) and without displacing cached data. For outputs too big
+// to stay in cache; stream_fence() orders such stores before the data is handed to another
+// thread.
+inline void stream(float* p, const Packet<float>& v) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  _mm512_stream_ps(p, v);
+#elif defined(EIGEN_VECTORIZE_AVX)
+  _mm256_stream_ps(p, v);
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  _mm_stream_ps(p, v);
+#else
+  Eigen::internal::pstore(p, v);
+#endif
+}
+inline void stream(double* p, const Packet<double>& v) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  _mm512_stream_pd(p, v);
+#elif defined(EIGEN_VECTORIZE_AVX)
+  _mm256_stream_pd(p, v);
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  _mm_stream_pd(p, v);
+#else
+  Eigen::internal::pstore(p, v);
+#endif
+}
+inline void stream_fence() {
+#if defined(EIGEN_VECTORIZE_SSE2)
+  _mm_sfence();
+#endif
+}
+
+// Elements from p to the next packet-aligned address (p aligned to its element).
+template <class T>
+inline long to_alignment(const T* p) {
+  constexpr auto bytes = static_cast<std::uintptr_t>(width<T>) * sizeof(T);
+  return static_cast<long>(((bytes - reinterpret_cast<std::uintptr_t>(p) % bytes) % bytes) / sizeof(T));
 }
 
 }  // namespace bnrelu::kernels::simd
