@@ -4,10 +4,10 @@
 // so channel c is N chunks of S contiguous values. Statistics are kept in double.
 //
 // The fused training kernels work one channel at a time: its N*S values (200 KiB for
-// 64x64x28x28) are read from memory once and stay in L2 for the following passes. The
-// backward recomputes the ReLU mask from x with the forward's own arithmetic (one rounding,
-// fused multiply-add, in vector and scalar paths alike), so nothing but x is kept between
-// the two.
+// 64x64x28x28) are read from memory once and stay in cache for the following passes, and
+// outputs too big for the last-level cache are written around it. The backward recomputes
+// the ReLU mask from x with the forward's own arithmetic (one rounding, fused multiply-add,
+// in vector and scalar paths alike), so nothing but x is kept between the two.
 #pragma once
 
 #include <algorithm>
@@ -72,7 +72,8 @@ inline void bn_scale_shift(T& scale, T& shift, double mean, double invstd, const
 // when |mean| >> std (data like 1e4 + noise in float): x - hi is exact for x near hi.
 template <class T>
 struct SplitMean {
-  T hi, lo;
+  T hi{}, lo{};
+  SplitMean() = default;
   explicit SplitMean(double m) : hi(static_cast<T>(m)), lo(static_cast<T>(m - static_cast<double>(hi))) {}
   T centre(T x) const { return (x - hi) - lo; }
   simd::Packet<T> centre(const simd::Packet<T>& x) const {
@@ -84,9 +85,10 @@ struct SplitMean {
 // x - mean, in both the packet and the scalar (tail) path.
 template <class T>
 struct ChannelGrad {
-  T scale, shift;
+  T scale{}, shift{};
   SplitMean<T> mu;
-  bool relu;
+  bool relu = false;
+  ChannelGrad() = default;
   ChannelGrad(const double* mean, const double* invstd, const T* weight, const T* bias, Index c, bool relu_)
       : mu(mean[c]), relu(relu_) {
     bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
@@ -123,12 +125,13 @@ struct Ahead {
   }
 };
 
-// How many images ahead the passes reading from memory ask for. Measured at 256 x 64 x 28 x 28
-// on one thread (1, 2, 3, 4, 6): the statistics pass (one stream) runs best 4 ahead (1.23 ms,
-// 2.45 ms at 1 ahead), the backward's first pass (two streams, more arithmetic) 1 ahead
-// (3.3 ms, 3.7 ms at 4).
+// How many images ahead the passes reading from memory ask for. Measured on one thread: the
+// statistics pass (one stream) at 256 x 64 x 28 x 28 runs best 4 ahead (1.23 ms; 2.45 ms at 1
+// ahead, 1.43 ms at 6); the backward's first pass (two streams, more arithmetic) 2 ahead, which
+// is as fast as 1 at 256 x 64 x 28 x 28 and 5-10 % faster at 64 x 64 x 28 x 28 and
+// 64 x 128 x 14 x 14.
 inline constexpr Index kAheadStatistics = 4;
-inline constexpr Index kAheadBackward = 1;
+inline constexpr Index kAheadBackward = 2;
 
 // Sums over i in [0, n): pf(i) gives a packet of terms i .. i+width-1, sf(i) the scalar term
 // i for the tail. Four packet accumulators hide the adder's latency; the result is double.
@@ -372,38 +375,52 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const doub
     }
 }
 
-// Pass 2 for channels [c0, c1), from their sums over M values:
+// Pass 2 of the backward for one channel, from its sums over M values:
 // dx = weight * invstd * (g - sum/M - (x - mean) * invstd^2 * dot/M), computed as
 // g * gs + ((x - hi) * a + b) with gs = weight * invstd, a = -k * gs and
 // b = (lo * k - sum/M) * gs (x - mean = (x - hi) - lo, k = invstd^2 * dot/M).
-// The chunk after each is asked for as it is worked on (from cache when pass 1 just read the
+template <class T>
+struct ChannelDx {
+  ChannelGrad<T> ch;
+  T gs{}, a{}, b{};
+  ChannelDx() = default;
+  ChannelDx(double sum, double dot, double M, const double* mean, const double* invstd, const T* weight,
+            const T* bias, Index c, bool relu)
+      : ch(mean, invstd, weight, bias, c, relu) {
+    const double is = invstd[c];
+    const double k = dot * is * is / M, gs_d = is * (weight ? static_cast<double>(weight[c]) : 1.0);
+    gs = static_cast<T>(gs_d);
+    a = static_cast<T>(-k * gs_d);
+    b = static_cast<T>((static_cast<double>(ch.mu.lo) * k - sum / M) * gs_d);
+  }
+  void apply(T* dxc, const T* xc, const T* dyc, Index S, bool stream, const Ahead<T>& ahead) const {
+    const auto pg = simd::set1(gs), pa = simd::set1(a), pb = simd::set1(b), phi = simd::set1(ch.mu.hi);
+    write_each(
+        dxc, S, stream,
+        [&](Index i) {
+          const auto xv = simd::load(xc + i);
+          return simd::pmadd(ch.grad(xv, simd::load(dyc + i)), pg, simd::pmadd(simd::psub(xv, phi), pa, pb));
+        },
+        [&](Index i) { return ch.grad(xc[i], dyc[i]) * gs + ((xc[i] - ch.mu.hi) * a + b); }, ahead);
+  }
+};
+
+// Pass 2 for channels [c0, c1), from their sums over M values. Each chunk asks for the same
+// channel's chunk of the next image as it is worked on (from cache when pass 1 just read the
 // block; from memory in SyncBatchNorm's split backward).
 template <class T>
 void backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x, const double* mean,
                  const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1,
                  bool relu, bool stream) {
-  for (Index c = c0; c < c1; ++c) {
-    const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
-    const double is = invstd[c], s = sum[c - c0], d = dot[c - c0];
-    const double k = d * is * is / M, gs_d = is * (weight ? static_cast<double>(weight[c]) : 1.0);
-    const T gs = static_cast<T>(gs_d), a = static_cast<T>(-k * gs_d);
-    const T b = static_cast<T>((static_cast<double>(ch.mu.lo) * k - s / M) * gs_d);
-    const auto pg = simd::set1(gs), pa = simd::set1(a), pb = simd::set1(b), phi = simd::set1(ch.mu.hi);
-    for (Index n = 0; n < N; ++n) {
+  ChannelDx<T> cd[kMaxBlock];
+  for (Index c = c0; c < c1; ++c) cd[c - c0] = ChannelDx<T>(sum[c - c0], dot[c - c0], M, mean, invstd, weight, bias, c, relu);
+  for (Index n = 0; n < N; ++n)
+    for (Index c = c0; c < c1; ++c) {
       const Index at = (n * C + c) * S;
-      const T* xc = x + at;
-      const T* dyc = dy + at;
       Ahead<T> ahead;
-      if (n + 1 < N) ahead = {xc + C * S, dyc + C * S, stream ? nullptr : dx + at + C * S};
-      write_each(
-          dx + at, S, stream,
-          [&](Index i) {
-            const auto xv = simd::load(xc + i);
-            return simd::pmadd(ch.grad(xv, simd::load(dyc + i)), pg, simd::pmadd(simd::psub(xv, phi), pa, pb));
-          },
-          [&](Index i) { return ch.grad(xc[i], dyc[i]) * gs + ((xc[i] - ch.mu.hi) * a + b); }, ahead);
+      if (n + 1 < N) ahead = {x + at + C * S, dy + at + C * S, stream ? nullptr : dx + at + C * S};
+      cd[c - c0].apply(dx + at, x + at, dy + at, S, stream, ahead);
     }
-  }
 }
 
 }  // namespace detail
@@ -478,17 +495,18 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
       const Index c0 = blk * G, c1 = std::min(C, c0 + G);
       detail::block_mean_var(mean + c0, var + c0, x, x_copy, N, C, S, c0, c1);
       const T* src = x_copy ? x_copy : x;
+      T scale[detail::kMaxBlock], shift[detail::kMaxBlock];
       for (Index c = c0; c < c1; ++c) {
         invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-        T scale, shift;
-        bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
-        for (Index n = 0; n < N; ++n) {
+        bn_scale_shift(scale[c - c0], shift[c - c0], mean[c], invstd[c], weight, bias, c);
+      }
+      for (Index n = 0; n < N; ++n)
+        for (Index c = c0; c < c1; ++c) {
           const Index at = (n * C + c) * S;
           detail::Ahead<T> ahead;
           if (n + 1 < N) ahead = {src + at + C * S, nullptr, stream ? nullptr : y + at + C * S};
-          detail::affine(y + at, src + at, S, scale, shift, relu, stream, ahead);
+          detail::affine(y + at, src + at, S, scale[c - c0], shift[c - c0], relu, stream, ahead);
         }
-      }
     }
     if (stream) simd::stream_fence();
   }
