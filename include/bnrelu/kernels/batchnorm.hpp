@@ -401,7 +401,9 @@ struct ChannelDx {
           const auto xv = simd::load(xc + i);
           return simd::pmadd(ch.grad(xv, simd::load(dyc + i)), pg, simd::pmadd(simd::psub(xv, phi), pa, pb));
         },
-        [&](Index i) { return ch.grad(xc[i], dyc[i]) * gs + ((xc[i] - ch.mu.hi) * a + b); }, ahead);
+        // the packet path's two multiply-adds, rounded alike (the head before an aligned
+        // streaming store takes this path for elements the ordinary loop does in packets)
+        [&](Index i) { return bn_affine(ch.grad(xc[i], dyc[i]), gs, bn_affine(xc[i] - ch.mu.hi, a, b)); }, ahead);
   }
 };
 
