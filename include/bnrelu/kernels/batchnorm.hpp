@@ -75,10 +75,6 @@ struct SplitMean {
   T hi{}, lo{};
   SplitMean() = default;
   explicit SplitMean(double m) : hi(static_cast<T>(m)), lo(static_cast<T>(m - static_cast<double>(hi))) {}
-  T centre(T x) const { return (x - hi) - lo; }
-  simd::Packet<T> centre(const simd::Packet<T>& x) const {
-    return simd::psub(simd::psub(x, simd::set1(hi)), simd::set1(lo));
-  }
 };
 
 // What backward needs of one channel to turn dy into the ReLU-masked gradient g and x into
@@ -259,7 +255,10 @@ inline Index& stream_threshold() {
   static Index bytes = last_level_cache_bytes();
   return bytes;
 }
-inline bool stream_output(Index bytes) { return bytes > stream_threshold(); }
+template <class T>
+bool stream_output(Index elements) {
+  return elements * static_cast<Index>(sizeof(T)) > stream_threshold();
+}
 
 // Channels per task in the S > 1 kernels. Adjacent channels of one image are contiguous, so
 // a block of G channels is read as N runs of G*S values. Measured here: keeping the block's
@@ -489,7 +488,7 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
   }
   const Index G = detail::channel_block(N, C, S, sizeof(T), num_threads());
   const Index nblocks = (C + G - 1) / G;
-  const bool stream = detail::stream_output(N * C * S * static_cast<Index>(sizeof(T)));
+  const bool stream = detail::stream_output<T>(N * C * S);
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -533,7 +532,7 @@ void batchnorm_forward_eval(T* y, const T* x, const T* scale, const T* shift, In
     }
     return;
   }
-  const bool stream = detail::stream_output(N * C * S * static_cast<Index>(sizeof(T)));
+  const bool stream = detail::stream_output<T>(N * C * S);
 #pragma omp parallel
   {
 #pragma omp for collapse(2) schedule(static)
@@ -605,7 +604,7 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
   }
   const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());  // x and dy
   const Index nblocks = (C + G - 1) / G;
-  const bool stream = detail::stream_output(N * C * S * static_cast<Index>(sizeof(T)));
+  const bool stream = detail::stream_output<T>(N * C * S);
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -663,7 +662,7 @@ void batchnorm_backward_dx(T* dx, const double* sum, const double* dot, double M
                            Index C, Index S, bool relu) {
   const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());
   const Index nblocks = (C + G - 1) / G;
-  const bool stream = detail::stream_output(N * C * S * static_cast<Index>(sizeof(T)));
+  const bool stream = detail::stream_output<T>(N * C * S);
 #pragma omp parallel
   {
 #pragma omp for schedule(static)

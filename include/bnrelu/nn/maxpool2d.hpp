@@ -50,13 +50,8 @@ class MaxPool2d : public Module {
     const auto g = geometry(dims_of(x));
     Tensor<T, 4> y = y_.take({g.N, g.C, g.HO, g.WO});
     has_cache_ = is_training();
-    if (has_cache_) {
-      argmax_.resize(static_cast<std::size_t>(y.size()));
-      kernels::maxpool2d_forward(y.data(), argmax_.data(), x.data(), g);
-    } else {  // eval keeps no argmax
-      argmax_.clear();
-      kernels::maxpool2d_forward(y.data(), static_cast<std::int32_t*>(nullptr), x.data(), g);
-    }
+    argmax_.resize(has_cache_ ? static_cast<std::size_t>(y.size()) : 0);  // eval keeps no argmax
+    kernels::maxpool2d_forward(y.data(), has_cache_ ? argmax_.data() : nullptr, x.data(), g);
     geometry_ = g;
     return y;
   }
