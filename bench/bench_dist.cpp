@@ -1,6 +1,7 @@
 // Data-parallel training steps of the seed CNN over MPI: global batch 64 split over the ranks
-// (SyncBatchNorm, bucketed gradient averaging), images/s of the whole job and the time each
-// step spends averaging gradients. Run under mpirun; every rank runs the same fixed number of
+// (SyncBatchNorm; the optimizer step shared among the ranks through node memory, and for
+// comparison bucketed MPI_Allreduce then a whole step on every rank), images/s of the whole job
+// and the time each step spends reducing gradients (and, when shared, stepping). Run under mpirun; every rank runs the same fixed number of
 // steps (collectives need it), and rank 0 reports. bench/dist_table.py runs the configurations
 // (1 rank x 1 thread, 1 rank x 2 threads, 2 ranks x 1 thread) and prints the README table and
 // the cost model.
@@ -20,7 +21,9 @@ namespace {
 using bnrelu::Index;
 namespace dist = bnrelu::dist;
 
-void data_parallel_step(benchmark::State& state) {
+// shared_step: ddp.backward_and_step (the optimizer's work shared through node memory);
+// otherwise ddp.backward_params (MPI_Allreduce) then opt.step() on every rank.
+void data_parallel_step(benchmark::State& state, bool shared_step) {
   const Index global = state.range(0);
   const int ranks = dist::size();
   const Index local = global / ranks;
@@ -36,8 +39,12 @@ void data_parallel_step(benchmark::State& state) {
   auto step = [&] {
     opt.zero_grad();
     loss.forward(model.forward(x), labels);
-    ddp.backward_params(loss.backward());
-    opt.step();
+    if (shared_step) {
+      ddp.backward_and_step(loss.backward(), opt);
+    } else {
+      ddp.backward_params(loss.backward());
+      opt.step();
+    }
   };
   for (int i = 0; i < 3; ++i) step();  // warm-up
   const double mpi_before = ddp.averager().seconds();
@@ -46,9 +53,10 @@ void data_parallel_step(benchmark::State& state) {
   MPI_Barrier(MPI_COMM_WORLD);
   const double steps = static_cast<double>(state.iterations());
   state.counters["images/s"] = benchmark::Counter(static_cast<double>(global), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["allreduce_ms"] = 1e3 * (ddp.averager().seconds() - mpi_before) / steps;
-  state.counters["allreduce_MB"] = ranks > 1 ? static_cast<double>(ddp.averager().bytes()) / 1e6 : 0.0;
+  state.counters["reduce_ms"] = 1e3 * (ddp.averager().seconds() - mpi_before) / steps;
+  state.counters["gradient_MB"] = ranks > 1 ? static_cast<double>(ddp.averager().bytes()) / 1e6 : 0.0;
   state.counters["buckets"] = static_cast<double>(ddp.averager().num_buckets());
+  state.counters["shared_step"] = shared_step && ddp.averager().shares_step();
   state.counters["ranks"] = ranks;
   state.counters["threads"] = bnrelu::num_threads();
 }
@@ -58,11 +66,19 @@ void data_parallel_step(benchmark::State& state) {
 int main(int argc, char** argv) {
   dist::Environment mpi(&argc, &argv);
   if (mpi.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) return 1;  // rank 0 reports
-  benchmark::RegisterBenchmark("data_parallel_step", data_parallel_step)
+  benchmark::RegisterBenchmark("data_parallel_step", data_parallel_step, true)
       ->ArgName("global_batch")
       ->Arg(64)
       ->Arg(32)  // on one rank: the per-rank work of two ranks, without communication
       ->Iterations(25)  // fixed: every rank must run the same steps
+      ->Repetitions(3)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  // gradients averaged by MPI_Allreduce, then every rank steps the optimizer: for comparison
+  benchmark::RegisterBenchmark("data_parallel_step_allreduce", data_parallel_step, false)
+      ->ArgName("global_batch")
+      ->Arg(64)
+      ->Iterations(25)
       ->Repetitions(3)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond);

@@ -5,7 +5,11 @@ the step time at 8, 64 and 256 ranks.
 
     python3 bench/dist_table.py build/release/bench/bench_dist
 
-The cost model keeps 64 images per rank (weak scaling) and adds a ring allreduce of the
+"reduce ms/step" is the time in the gradient reduction: with the shared step (the default of
+DataParallel::backward_and_step on one machine) it includes the optimizer step, which is then
+split between the ranks; with MPI_Allreduce it does not (every rank then steps all parameters).
+
+The cost model keeps 64 images per rank, one rank per node (weak scaling) and adds a ring allreduce of the
 gradient bytes, 2 (P-1)/P * bytes / bandwidth + 2 (P-1) * latency, for two networks, plus the
 SyncBatchNorm collectives (6 small ones per step, by recursive doubling: log2 P latencies each;
 the statistics allgather moves (P-1) * (1 + 2C) doubles to every rank).
@@ -30,25 +34,27 @@ def run(binary, ranks, threads):
         subprocess.run(cmd + [binary, "--benchmark_report_aggregates_only=true", f"--benchmark_out={out.name}",
                               "--benchmark_out_format=json"], check=True, stdout=subprocess.DEVNULL, env=env)
         rows = json.load(open(out.name))["benchmarks"]
-    return {r["run_name"].split("/")[1]: r for r in rows if r.get("aggregate_name") == "median"}
+    return {"/".join(r["run_name"].split("/")[:2]): r for r in rows if r.get("aggregate_name") == "median"}
 
 
 def main(binary):
     one = run(binary, 1, 1)
     two_threads = run(binary, 1, 2)
     two_ranks = run(binary, 2, 1)
-    base = one["global_batch:64"]["images/s"]
-    print("| layout (global batch 64) | images/s | vs 1 x 1 | allreduce ms/step | allreduce MB/step (per rank) |")
+    shared, plain = "data_parallel_step/global_batch:64", "data_parallel_step_allreduce/global_batch:64"
+    base = one[shared]["images/s"]
+    print("| layout (global batch 64) | images/s | vs 1 x 1 | reduce ms/step | gradient MB/step (per rank) |")
     print("|---|---|---|---|---|")
-    for name, r in (("1 rank x 1 thread", one["global_batch:64"]), ("1 rank x 2 threads", two_threads["global_batch:64"]),
-                    ("2 ranks x 1 thread (batch 32 each)", two_ranks["global_batch:64"])):
-        print(f"| {name} | {r['images/s']:.0f} | {r['images/s'] / base:.2f}x | {r['allreduce_ms']:.2f} | {r['allreduce_MB']:.1f} |")
-    half = one["global_batch:32"]["images/s"]
+    for name, r in (("1 rank x 1 thread", one[shared]), ("1 rank x 2 threads", two_threads[shared]),
+                    ("2 ranks x 1 thread (batch 32 each), shared step", two_ranks[shared]),
+                    ("2 ranks x 1 thread, MPI_Allreduce then a whole step each", two_ranks[plain])):
+        print(f"| {name} | {r['images/s']:.0f} | {r['images/s'] / base:.2f}x | {r['reduce_ms']:.2f} | {r['gradient_MB']:.1f} |")
+    half = one["data_parallel_step/global_batch:32"]["images/s"]
     print(f"\nOne rank alone at batch 32 (a rank's share of the work, no communication): {half:.0f} images/s, "
           f"so two ranks could reach at most {2 * half / base:.2f}x.")
 
     step_64 = 64 / base  # seconds per step of 64 images on one core
-    grad_bytes = two_ranks["global_batch:64"]["allreduce_MB"] * 1e6
+    grad_bytes = two_ranks[shared]["gradient_MB"] * 1e6
     print(f"\nCost model, 64 images per rank per step (one core each: {1e3 * step_64:.1f} ms of compute), "
           f"{grad_bytes / 1e6:.1f} MB of gradients allreduced per step:\n")
     print("| ranks | network | allreduce ms | SyncBN ms | step ms | images/s | efficiency |")

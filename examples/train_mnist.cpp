@@ -59,13 +59,21 @@ struct Replicas {
 #ifdef BNRELU_TRAIN_MPI
   bnrelu::dist::DataParallel<bnrelu::models::SeedCNN<float>>* ddp = nullptr;  // owned next to the model
 #endif
-  // The model's parameter gradients, averaged over ranks.
+  // The model's backward, then one optimizer step from the gradients averaged over ranks (the
+  // ranks of a machine share the step's work).
   template <class Model, class Dy>
-  void backward_params(Model& model, Dy&& dy) {
+  void backward_and_step(Model& model, Dy&& dy, bnrelu::optim::Optimizer<float>& opt) {
 #ifdef BNRELU_TRAIN_MPI
-    if (ddp) return ddp->backward_params(std::forward<Dy>(dy));
+    if (ddp) return ddp->backward_and_step(std::forward<Dy>(dy), opt);
 #endif
     model.backward_params(std::forward<Dy>(dy));
+    opt.step();
+  }
+  // The optimizer's whole state on every rank, before it is saved (every rank calls this).
+  void gather_optimizer_state([[maybe_unused]] bnrelu::optim::Optimizer<float>& opt) {
+#ifdef BNRELU_TRAIN_MPI
+    if (ddp) ddp->gather_optimizer_state(opt);
+#endif
   }
   // The sum of v over all ranks.
   double sum(double v) const {
@@ -266,6 +274,7 @@ int run(Config cfg) {
   if (cfg.batch_size % replicas.size != 0)
     throw std::invalid_argument("--batch-size " + std::to_string(cfg.batch_size) + " is the global batch and must divide by the " +
                                 std::to_string(replicas.size) + " ranks");
+  const bool saving = !cfg.save.empty();  // on every rank: the optimizer state is gathered for rank 0's save
   if (replicas.rank != 0) {  // rank 0 alone prints, logs and saves
     if (!std::freopen("/dev/null", "w", stdout)) throw std::runtime_error("cannot silence rank " + std::to_string(replicas.rank));
     cfg.save.clear();
@@ -373,8 +382,7 @@ int run(Config cfg) {
                      static_cast<double>(loss), epoch + 1, static_cast<long>(loader.batch_index()), cfg.save.c_str());
         return 3;
       }
-      replicas.backward_params(model, ce.backward());  // no gradient for the images themselves
-      opt->step();
+      replicas.backward_and_step(model, ce.backward(), *opt);  // no gradient for the images themselves
       const Index n = logits.dimension(0);
       loss_sum += static_cast<double>(loss) * static_cast<double>(n);
       for (Index i = 0; i < n; ++i) correct += predicted(logits, i) == labels[static_cast<std::size_t>(i)];
@@ -399,6 +407,7 @@ int run(Config cfg) {
     std::printf("epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.1f s, %.0f img/s\n", epoch + 1,
                 cfg.epochs, history.back().train_loss, 100 * history.back().train_acc, last_eval.loss,
                 100 * last_eval.accuracy, seconds, static_cast<double>(seen) / seconds);
+    if (saving) replicas.gather_optimizer_state(*opt);
     if (!cfg.save.empty()) {
       const Position at = loader.batch_index() >= loader.num_batches() ? Position{epoch + 1, 0}
                                                                        : Position{epoch, loader.batch_index()};

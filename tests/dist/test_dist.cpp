@@ -39,8 +39,15 @@ double rel_diff(const A& a, const B& b, double floor = 1e-3) {
   return diff / scale;
 }
 
-template <class T>
-void two_ranks_equal_one_process(double tol, bool resync) {
+// How the distributed run takes its optimizer steps.
+enum class Steps {
+  averaged,  // average_gradients() or backward_params() (alternately), then opt.step()
+  shared,    // backward_and_step(): the ranks share the step's work
+};
+
+template <class T, class Opt = bnrelu::optim::SGD<T>>
+void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::averaged,
+                                 typename Opt::options_type options = {.lr = 0.05, .momentum = 0.9}) {
   ASSERT_EQ(dist::size(), 2) << "run with mpiexec -np 2";
   const int rank = dist::rank();
   const Index global = 64, local = global / 2;
@@ -49,8 +56,8 @@ void two_ranks_equal_one_process(double tol, bool resync) {
   bnrelu::manual_seed(11 + static_cast<std::uint64_t>(rank));  // rank 1 starts different: broadcast must fix it
   auto model = bnrelu::models::seed_cnn<T>(1, 10);
   dist::DataParallel ddp(model);
-  bnrelu::optim::SGD<T> opt_ref(reference.named_parameters(), {.lr = 0.05, .momentum = 0.9});
-  bnrelu::optim::SGD<T> opt(model.named_parameters(), {.lr = 0.05, .momentum = 0.9});
+  Opt opt_ref(reference.named_parameters(), options);
+  Opt opt(model.named_parameters(), options);
   bnrelu::nn::CrossEntropyLoss<T> loss_ref, loss;
   bnrelu::manual_seed(99);  // the data: the same on every rank
   for (int step = 0; step < 20; ++step) {
@@ -75,14 +82,28 @@ void two_ranks_equal_one_process(double tol, bool resync) {
     reference.backward_params(loss_ref.backward());
     opt.zero_grad();
     const double got = dist::DataParallel<decltype(model)>::mean_over_ranks(loss.forward(model.forward(xs), ls));
+    EXPECT_LE(std::abs(got - want) / std::max(1e-3, std::abs(want)), tol) << got << " vs " << want;
+    auto p = model.named_parameters(), q = reference.named_parameters();
+    if (steps == Steps::shared) {
+      ddp.backward_and_step(loss.backward(), opt);
+      opt_ref.step();
+      for (std::size_t i = 0; i < p.size(); ++i) EXPECT_LE(rel_diff(p[i].value, q[i].value), tol) << p[i].name;
+      // the same bits on both ranks
+      for (auto& param : p) {
+        std::vector<T> root(param.value.begin(), param.value.end());
+        MPI_Bcast(root.data(), static_cast<int>(root.size()), dist::detail::mpi_type<T>(), 0, MPI_COMM_WORLD);
+        EXPECT_TRUE(std::equal(root.begin(), root.end(), param.value.begin())) << param.name << " differs between ranks";
+      }
+      auto b = model.named_buffers(), c = reference.named_buffers();
+      for (std::size_t i = 0; i < b.size(); ++i) EXPECT_LE(rel_diff(b[i].value, c[i].value), tol) << b[i].name;
+      continue;
+    }
     if (step % 2 == 0) {  // both ways of averaging
       model.backward_params(loss.backward());
       ddp.average_gradients();
     } else {
       ddp.backward_params(loss.backward());
     }
-    EXPECT_LE(std::abs(got - want) / std::max(1e-3, std::abs(want)), tol) << got << " vs " << want;
-    auto p = model.named_parameters(), q = reference.named_parameters();
     // gradients relative to the largest gradient of the model: a convolution's bias before a
     // batch norm has a gradient of exactly 0 in exact arithmetic, so only rounding is left of it
     double grad_scale = 0;
@@ -96,6 +117,17 @@ void two_ranks_equal_one_process(double tol, bool resync) {
     auto b = model.named_buffers(), c = reference.named_buffers();
     for (std::size_t i = 0; i < b.size(); ++i) EXPECT_LE(rel_diff(b[i].value, c[i].value), tol) << b[i].name;
   }
+  // the optimizer's state, made whole, is the one process's (relative to its largest value, as
+  // the gradients: the momentum of a bias before a batch norm holds rounding alone)
+  ddp.gather_optimizer_state(opt);
+  auto state = opt.state(), want_state = opt_ref.state();
+  ASSERT_EQ(state.size(), want_state.size());
+  double state_scale = 0;
+  for (auto& [name, values] : want_state)
+    for (auto v : *values) state_scale = std::max(state_scale, std::abs(static_cast<double>(v)));
+  for (std::size_t i = 0; i < state.size(); ++i)
+    EXPECT_LE(rel_diff(*state[i].second, *want_state[i].second, state_scale), tol) << state[i].first;
+  EXPECT_EQ(opt.steps(), 20);
   // the model is a plain model again: eval and checkpoints behave as for one process
   EXPECT_EQ(model.template get<1>().num_batches_tracked(), 20);
 }
@@ -103,6 +135,96 @@ void two_ranks_equal_one_process(double tol, bool resync) {
 TEST(DataParallel, TwoRanksOfBatch32EqualOneProcessOfBatch64Double) { two_ranks_equal_one_process<double>(1e-9, false); }
 TEST(DataParallel, TwoRanksOfBatch32EqualOneProcessOfBatch64FloatEachStep) {
   two_ranks_equal_one_process<float>(1e-5, true);
+}
+
+TEST(DataParallel, SharedStepsEqualOneProcessDouble) { two_ranks_equal_one_process<double>(1e-9, false, Steps::shared); }
+TEST(DataParallel, SharedStepsEqualOneProcessFloatEachStep) { two_ranks_equal_one_process<float>(1e-5, true, Steps::shared); }
+TEST(DataParallel, SharedAdamStepsEqualOneProcessDouble) {
+  two_ranks_equal_one_process<double, bnrelu::optim::Adam<double>>(1e-9, false, Steps::shared, {.lr = 1e-3, .weight_decay = 1e-2});
+}
+TEST(DataParallel, SharedNesterovStepsEqualOneProcessDouble) {
+  two_ranks_equal_one_process<double>(1e-9, false, Steps::shared,
+                                      {.lr = 0.05, .momentum = 0.9, .weight_decay = 1e-3, .nesterov = true});
+}
+
+// Random gradients of odd sizes (parts of the flat gradient cut tensors anywhere), different on
+// each rank.
+template <class T>
+struct Gradients {
+  std::vector<std::vector<T>> values, grads;
+  std::vector<bnrelu::ParamRef<T>> refs;
+  explicit Gradients(std::uint64_t seed) {
+    bnrelu::manual_seed(seed + static_cast<std::uint64_t>(dist::rank()));
+    for (std::size_t n : {7u, 1u, 4099u, 33u, 130001u, 3u}) {
+      values.emplace_back(n, T(1));
+      grads.emplace_back(n);
+      for (auto& g : grads.back()) g = static_cast<T>(bnrelu::uniform(-1, 1));
+    }
+    for (std::size_t k = 0; k < values.size(); ++k)
+      refs.push_back({"p" + std::to_string(k), {static_cast<Index>(values[k].size())}, values[k], grads[k]});
+  }
+};
+
+// The ranks as one node (MPI_COMM_NULL: found by MPI), or as one node each (the parts are then
+// allreduced between "nodes").
+std::vector<MPI_Comm> node_layouts(std::vector<MPI_Comm>& owned) {
+  MPI_Comm alone = MPI_COMM_NULL;
+  MPI_Comm_split(MPI_COMM_WORLD, dist::rank(), 0, &alone);
+  owned.push_back(alone);
+  return {MPI_COMM_NULL, alone};
+}
+
+template <class T>
+void shared_memory_sums_equal_allreduce() {
+  std::vector<MPI_Comm> owned;
+  for (MPI_Comm node : node_layouts(owned)) {
+    SCOPED_TRACE(node == MPI_COMM_NULL ? "one node" : "a node per rank");
+    for (bool divide : {true, false}) {
+      Gradients<T> a(5), b(5);
+      dist::GradientAverager<T> shared(a.refs, 4u << 20, dist::Reduction::node_shared_memory, node);
+      dist::GradientAverager<T> mpi(b.refs, 4u << 10, dist::Reduction::mpi_allreduce);
+      ASSERT_EQ(shared.reduction(), dist::Reduction::node_shared_memory);
+      ASSERT_EQ(mpi.reduction(), dist::Reduction::mpi_allreduce);
+      for (int round = 0; round < 2; ++round) {  // the slots are reused
+        shared.average(divide);
+        mpi.average(divide);
+        for (std::size_t k = 0; k < a.grads.size(); ++k) EXPECT_EQ(a.grads[k], b.grads[k]) << "tensor " << k;
+      }
+    }
+  }
+  for (MPI_Comm c : owned) MPI_Comm_free(&c);
+}
+TEST(GradientAverager, SharedMemorySumsEqualAllreduceFloat) { shared_memory_sums_equal_allreduce<float>(); }
+TEST(GradientAverager, SharedMemorySumsEqualAllreduceDouble) { shared_memory_sums_equal_allreduce<double>(); }
+
+// A shared step gives the bits of averaging then stepping, on every rank.
+TEST(GradientAverager, SharedStepEqualsAverageThenStep) {
+  std::vector<MPI_Comm> owned;
+  for (MPI_Comm node : node_layouts(owned)) {
+    SCOPED_TRACE(node == MPI_COMM_NULL ? "one node" : "a node per rank");
+    Gradients<float> a(8), b(8);
+    dist::GradientAverager<float> shared(a.refs, 4u << 20, dist::Reduction::node_shared_memory, node);
+    dist::GradientAverager<float> mpi(b.refs, 4u << 20, dist::Reduction::mpi_allreduce);
+    ASSERT_TRUE(shared.shares_step());
+    ASSERT_FALSE(mpi.shares_step());
+    bnrelu::optim::SGD<float> opt_a(a.refs, {.lr = 0.1, .momentum = 0.9}), opt_b(b.refs, {.lr = 0.1, .momentum = 0.9});
+    for (int round = 0; round < 3; ++round) {
+      shared.step(opt_a);
+      mpi.step(opt_b);
+      for (std::size_t k = 0; k < a.values.size(); ++k) EXPECT_EQ(a.values[k], b.values[k]) << "tensor " << k;
+      for (auto& g : a.grads) g.assign(g.size(), 0.5f);  // new gradients, the same on both sides
+      for (auto& g : b.grads) g.assign(g.size(), 0.5f);
+    }
+    EXPECT_EQ(opt_a.steps(), 3);
+    shared.gather_state(opt_a);
+    auto sa = opt_a.state(), sb = opt_b.state();
+    for (std::size_t k = 0; k < sa.size(); ++k) EXPECT_EQ(*sa[k].second, *sb[k].second) << sa[k].first;
+    // an optimizer over other parameters is refused
+    Gradients<float> c(9);
+    bnrelu::optim::SGD<float> other(c.refs, {.lr = 0.1});
+    EXPECT_THROW(shared.step(other), std::invalid_argument);
+  }
+  for (MPI_Comm c : owned) MPI_Comm_free(&c);
 }
 
 TEST(DataParallel, ShardsAreDisjointAndMakeTheGlobalBatch) {

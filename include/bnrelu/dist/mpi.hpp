@@ -23,6 +23,7 @@
 
 #include "../nn/batchnorm.hpp"
 #include "../nn/layer.hpp"
+#include "../optim/optimizer.hpp"
 #include "../tensor.hpp"
 
 namespace bnrelu::dist {
@@ -170,15 +171,259 @@ void broadcast_state(Model& model, int root = 0) {
   });
 }
 
-// Averages gradients over all ranks: the gradients are packed, in parameter order, into
-// buckets of about bucket_bytes, and each bucket takes one allreduce (small tensors share
-// one; a tensor larger than a bucket gets its own and is reduced in place, without packing).
-// Reports the time spent in MPI.
+// How GradientAverager sums gradients over ranks.
+enum class Reduction {
+  // average() through MPI_Allreduce, step() through node-shared memory where it can.
+  automatic,
+  // MPI_Allreduce over buckets of about bucket_bytes, for average() and step() alike (step()
+  // is then average() and the optimizer's own step).
+  mpi_allreduce,
+  // The ranks of a node sum through one MPI-3 shared-memory window, each rank summing its own
+  // 1/L of the gradients (L ranks per node); across nodes, each such part takes one allreduce
+  // among the ranks that own it. Needs the same number of ranks on every node.
+  node_shared_memory,
+};
+
+namespace detail {
+
+// The parameters seen as one flat array (of their values, or of their gradients): flat index j
+// is element j of the parameters concatenated in order.
+template <class T>
+class FlatParameters {
+ public:
+  explicit FlatParameters(std::vector<ParamRef<T>> params) : params_(std::move(params)) {
+    offsets_.push_back(0);
+    for (const auto& p : params_) offsets_.push_back(offsets_.back() + p.value.size());
+  }
+  std::size_t size() const { return offsets_.back(); }
+  const ParamRef<T>& operator[](std::size_t k) const { return params_[k]; }
+  std::size_t count() const { return params_.size(); }
+  // Flat elements [begin, end) of parameter k, as [first, last) of the parameter (first ==
+  // last when they do not meet).
+  std::pair<std::size_t, std::size_t> overlap(std::size_t k, std::size_t begin, std::size_t end) const {
+    const std::size_t first = std::clamp(begin, offsets_[k], offsets_[k + 1]);
+    const std::size_t last = std::clamp(end, first, offsets_[k + 1]);
+    return {first - offsets_[k], last - offsets_[k]};
+  }
+  // Calls f(k, offset, flat, n) for every contiguous piece of [begin, end): elements
+  // [offset, offset + n) of parameter k, which are flat elements [flat, flat + n).
+  template <class F>
+  void for_each_piece(std::size_t begin, std::size_t end, F&& f) const {
+    for (std::size_t k = 0; k < params_.size(); ++k) {
+      const auto [first, last] = overlap(k, begin, end);
+      if (last > first) f(k, first, offsets_[k] + first, last - first);
+    }
+  }
+
+ private:
+  std::vector<ParamRef<T>> params_;
+  std::vector<std::size_t> offsets_;
+};
+
+// Sums over the ranks of a node through a shared-memory window; see
+// Reduction::node_shared_memory. Every rank owns a slot of the whole parameter size in the
+// window. The flat gradient is cut into L parts (L ranks on the node), part q summed by local
+// rank q:
+//   1. each rank copies every part of its gradient but its own into its slot;
+//   2. (barrier) rank q adds part q of every slot and of its own gradient, in rank order (and
+//      between nodes allreduces that sum among the ranks that own part q), and writes the sum,
+//      scaled, into part q of its slot and of its gradient; or, in step(), updates part q of the
+//      parameters from it and writes them into its slot;
+//   3. (barrier) each rank copies the other parts from their owners' slots.
+// Every rank gets the same bits. Two barriers a call suffice: a slot's part is written again
+// only after the barrier that its readers reach when they are done with it.
+template <class T>
+class NodeSharedReduction {
+ public:
+  // Takes over the two communicators (it frees them): node, the ranks that share memory with
+  // this one, and across, the ranks of the other nodes with the same rank on their node.
+  NodeSharedReduction(std::vector<ParamRef<T>> params, MPI_Comm node, MPI_Comm across)
+      : flat_(std::move(params)), node_(node), across_(across) {
+    MPI_Comm_rank(node_, &local_rank_);
+    MPI_Comm_size(node_, &local_size_);
+    MPI_Comm_size(across_, &nodes_);
+    const std::size_t n = flat_.size();
+    constexpr std::size_t kAlign = 64 / sizeof(T);  // parts start on cache lines
+    for (int q = 0; q < local_size_; ++q)
+      bounds_.push_back(std::min(n, (n * static_cast<std::size_t>(q) / static_cast<std::size_t>(local_size_) + kAlign - 1) /
+                                        kAlign * kAlign));
+    bounds_.push_back(n);
+    MPI_Info info;
+    MPI_Info_create(&info);
+    MPI_Info_set(info, "alloc_shared_noncontig", "true");  // each slot on its owner's pages
+    T* mine = nullptr;
+    const int code = MPI_Win_allocate_shared(static_cast<MPI_Aint>((n + kAlign) * sizeof(T)), static_cast<int>(sizeof(T)),
+                                             info, node_, &mine, &win_);
+    MPI_Info_free(&info);
+    check(code, "MPI_Win_allocate_shared of the gradient slots");
+    for (int q = 0; q < local_size_; ++q) {
+      MPI_Aint bytes = 0;
+      int unit = 0;
+      T* slot = nullptr;
+      check(MPI_Win_shared_query(win_, q, &bytes, &unit, &slot), "MPI_Win_shared_query");
+      // on a cache line: the same place in every process, as they map the window page-aligned
+      const auto misaligned = reinterpret_cast<std::uintptr_t>(slot) % 64;
+      slots_.push_back(misaligned ? slot + (64 - misaligned) / sizeof(T) : slot);
+    }
+    check(MPI_Win_lock_all(MPI_MODE_NOCHECK, win_), "MPI_Win_lock_all");
+  }
+  ~NodeSharedReduction() {
+    MPI_Win_unlock_all(win_);
+    MPI_Win_free(&win_);
+    MPI_Comm_free(&node_);
+    MPI_Comm_free(&across_);
+  }
+  NodeSharedReduction(const NodeSharedReduction&) = delete;
+  NodeSharedReduction& operator=(const NodeSharedReduction&) = delete;
+
+  // grad = scale * (sum over all ranks of grad).
+  void average(T scale) {
+    publish_gradients();
+    synchronise();
+    for_each_sum(scale, [&](std::size_t k, std::size_t offset, T* slot, const T* sum, std::size_t n) {
+      T* g = flat_[k].grad.data() + offset;
+      for (std::size_t i = 0; i < n; ++i) g[i] = slot[i] = sum[i];
+    });
+    synchronise();
+    copy_from_owners([](const ParamRef<T>& p) { return p.grad.data(); });
+  }
+
+  // One step of opt from scale * (sum over all ranks of grad): each rank updates its part of
+  // the parameters (opt.step_part) and copies the others' parts from their owners. Gradients
+  // are left as they were outside this rank's part, and the optimizer's state is current only
+  // inside it (gather_state makes it whole).
+  void step(T scale, optim::Optimizer<T>& opt) {
+    publish_gradients();
+    synchronise();
+    for_each_sum(scale, [&](std::size_t k, std::size_t offset, T* slot, const T* sum, std::size_t n) {
+      opt.step_part(k, offset, offset + n, sum);
+      std::copy_n(flat_[k].value.data() + offset, n, slot);
+    });
+    synchronise();
+    copy_from_owners([](const ParamRef<T>& p) { return p.value.data(); });
+    opt.set_steps(opt.steps() + 1);
+  }
+
+  // state (of parameter k's size: its optimizer state) becomes whole on every rank of the node,
+  // each part copied from the rank that updates it.
+  void gather_state(std::size_t k, std::span<T> state) {
+    std::vector<int> counts, displs;
+    for (int q = 0; q < local_size_; ++q) {
+      const auto [first, last] = flat_.overlap(k, part_begin(q), part_end(q));
+      counts.push_back(static_cast<int>(last - first));
+      displs.push_back(static_cast<int>(first));
+    }
+    check(MPI_Allgatherv(MPI_IN_PLACE, 0, mpi_type<T>(), state.data(), counts.data(), displs.data(), mpi_type<T>(), node_),
+          "MPI_Allgatherv of optimizer state");
+  }
+
+ private:
+  std::size_t part_begin(int q) const { return bounds_[static_cast<std::size_t>(q)]; }
+  std::size_t part_end(int q) const { return bounds_[static_cast<std::size_t>(q) + 1]; }
+  T* slot(int q) const { return slots_[static_cast<std::size_t>(q)]; }
+
+  // 1.
+  void publish_gradients() {
+    for (int q = 0; q < local_size_; ++q)
+      if (q != local_rank_)
+        flat_.for_each_piece(part_begin(q), part_end(q), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
+          std::copy_n(flat_[k].grad.data() + offset, n, slot(local_rank_) + at);
+        });
+  }
+
+  // 2. Calls use(k, offset, slot, sum, n) for blocks of this rank's part: sum[0, n) is scale
+  // times the sum over all ranks of elements [offset, offset + n) of parameter k's gradient,
+  // and slot the same elements' place in this rank's slot. The blocks stay in L1.
+  template <class Use>
+  void for_each_sum(T scale, Use&& use) {
+    constexpr std::size_t kBlock = 2048;
+    T sum[kBlock];
+    const int me = local_rank_;
+    const bool across = nodes_ > 1;
+    flat_.for_each_piece(part_begin(me), part_end(me), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
+      const T* g = flat_[k].grad.data() + offset;
+      for (std::size_t b = 0; b < n; b += kBlock) {
+        const std::size_t m = std::min(kBlock, n - b);
+        auto from = [&](int q) { return q == me ? g + b : slot(q) + at + b; };
+        if (local_size_ == 1) {
+          std::copy_n(g + b, m, sum);
+        } else {
+          const T *first = from(0), *second = from(1);
+          for (std::size_t i = 0; i < m; ++i) sum[i] = first[i] + second[i];
+          for (int q = 2; q < local_size_; ++q) {
+            const T* next = from(q);
+            for (std::size_t i = 0; i < m; ++i) sum[i] += next[i];
+          }
+        }
+        if (across) {  // the node's sum, to be allreduced between nodes below
+          std::copy_n(sum, m, slot(me) + at + b);
+          continue;
+        }
+        if (scale != T(1))
+          for (std::size_t i = 0; i < m; ++i) sum[i] *= scale;
+        use(k, offset + b, slot(me) + at + b, sum, m);
+      }
+    });
+    if (!across) return;
+    T* part = slot(me) + part_begin(me);
+    const std::size_t n = part_end(me) - part_begin(me);
+    constexpr std::size_t kMax = 1u << 30;
+    for (std::size_t done = 0; done < n; done += kMax)
+      check(MPI_Allreduce(MPI_IN_PLACE, part + done, static_cast<int>(std::min(kMax, n - done)), mpi_type<T>(), MPI_SUM,
+                          across_),
+            "MPI_Allreduce of gradients between nodes");
+    flat_.for_each_piece(part_begin(me), part_end(me), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
+      for (std::size_t b = 0; b < n; b += kBlock) {
+        const std::size_t m = std::min(kBlock, n - b);
+        for (std::size_t i = 0; i < m; ++i) sum[i] = slot(me)[at + b + i] * scale;
+        use(k, offset + b, slot(me) + at + b, sum, m);
+      }
+    });
+  }
+
+  // 3. data(p) is where parameter p's flat elements go (its values or its gradient).
+  template <class Data>
+  void copy_from_owners(Data&& data) {
+    for (int q = 0; q < local_size_; ++q)
+      if (q != local_rank_)
+        flat_.for_each_piece(part_begin(q), part_end(q), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
+          std::copy_n(slot(q) + at, n, data(flat_[k]) + offset);
+        });
+  }
+
+  // Makes every rank's window writes so far visible to the node's other ranks, and theirs to it.
+  void synchronise() {
+    check(MPI_Win_sync(win_), "MPI_Win_sync");
+    check(MPI_Barrier(node_), "MPI_Barrier");
+    check(MPI_Win_sync(win_), "MPI_Win_sync");
+  }
+
+  FlatParameters<T> flat_;
+  MPI_Comm node_, across_;
+  int local_rank_ = 0, local_size_ = 1, nodes_ = 1;
+  std::vector<std::size_t> bounds_;  // part q is flat [bounds_[q], bounds_[q + 1])
+  MPI_Win win_ = MPI_WIN_NULL;
+  std::vector<T*> slots_;
+};
+
+}  // namespace detail
+
+// Averages gradients over all ranks (see Reduction), and steps an optimizer on the averages
+// with its work shared among ranks. With MPI_Allreduce the gradients are packed, in parameter
+// order, into buckets of about bucket_bytes, and each bucket takes one allreduce (small tensors
+// share one; a tensor larger than a bucket gets its own and is reduced in place, without
+// packing). Reports the time spent reducing and stepping.
+//
+// node, when given, is the communicator of the ranks that share memory with this one (the
+// default is MPI_Comm_split_type's MPI_COMM_TYPE_SHARED); tests pass one to play several nodes
+// on one machine. Every rank must construct its averager with the same arguments.
 template <class T>
 class GradientAverager {
  public:
-  explicit GradientAverager(std::vector<ParamRef<T>> params, std::size_t bucket_bytes = 4u << 20)
-      : params_(std::move(params)) {
+  explicit GradientAverager(std::vector<ParamRef<T>> params, std::size_t bucket_bytes = 4u << 20,
+                            Reduction reduction = Reduction::automatic, MPI_Comm node = MPI_COMM_NULL)
+      : params_(std::move(params)), reduction_(reduction) {
+    if (reduction != Reduction::mpi_allreduce && running() && dist::size() > 1) make_shared_reduction(reduction, node);
     std::size_t start = 0, elems = 0;
     auto close = [&](std::size_t end) {
       if (end > start) buckets_.push_back({start, end, elems});
@@ -197,10 +442,6 @@ class GradientAverager {
       if (elems * sizeof(T) >= bucket_bytes) close(i + 1);
     }
     close(params_.size());
-    std::size_t largest = 0;
-    for (const auto& b : buckets_)
-      if (b.last - b.first > 1) largest = std::max(largest, b.elems);
-    buffer_.resize(largest);
   }
 
   // grad = (sum over ranks of grad) / ranks, for every parameter; without the division when
@@ -208,6 +449,70 @@ class GradientAverager {
   void average(bool divide = true) {
     const double t0 = MPI_Wtime();
     const T scale = static_cast<T>(divide ? 1.0 / dist::size() : 1.0);
+    if (reduction() == Reduction::node_shared_memory)
+      shared_->average(scale);
+    else
+      allreduce_buckets(divide, scale);
+    seconds_ += MPI_Wtime() - t0;
+  }
+
+  // One step of opt (over the same parameters, in the same order) from the averaged gradients;
+  // see divide in average(). With node-shared memory each rank of a node updates its own 1/L
+  // of the parameters and copies the other parts from the ranks that updated them: the
+  // optimizer's work is shared, and the gradients and the updated parameters cross between
+  // processes once each. The parameters end the same on every rank; the gradients are then
+  // left as they were outside this rank's part, and the optimizer's state is current only
+  // inside it: gather_state(opt) makes the state whole (for a checkpoint). Otherwise: average()
+  // then opt.step().
+  void step(optim::Optimizer<T>& opt, bool divide = true) {
+    check_parameters(opt);
+    if (!shared_) {
+      average(divide);
+      opt.step();
+      return;
+    }
+    const double t0 = MPI_Wtime();
+    shared_->step(static_cast<T>(divide ? 1.0 / dist::size() : 1.0), opt);
+    seconds_ += MPI_Wtime() - t0;
+  }
+
+  // After step(): every rank gets the optimizer's whole state (momentum, Adam's moments).
+  void gather_state(optim::Optimizer<T>& opt) {
+    check_parameters(opt);
+    if (!shared_) return;
+    for (auto& [name, values] : opt.state()) {
+      std::size_t k = 0;  // the parameter whose state this is: "<parameter name>.<state>"
+      while (k < params_.size() && name.rfind(params_[k].name + ".", 0) != 0) ++k;
+      if (k == params_.size() || values->size() != params_[k].value.size())
+        throw std::invalid_argument("bnrelu::dist::GradientAverager: optimizer state " + name + " matches no parameter");
+      shared_->gather_state(k, *values);
+    }
+  }
+
+  // The reduction that average() uses: mpi_allreduce or node_shared_memory.
+  Reduction reduction() const {
+    return shared_ && reduction_ == Reduction::node_shared_memory ? Reduction::node_shared_memory : Reduction::mpi_allreduce;
+  }
+  // Whether step() shares the optimizer's work through node-shared memory.
+  bool shares_step() const { return shared_ != nullptr; }
+  // The number of MPI_Allreduce buckets of average().
+  std::size_t num_buckets() const { return buckets_.size(); }
+  // Bytes of gradients each rank contributes to one average().
+  std::size_t bytes() const {
+    std::size_t n = 0;
+    for (const auto& p : params_) n += p.grad.size();
+    return n * sizeof(T);
+  }
+  // Seconds spent in average() and step() so far (step() without node-shared memory: only
+  // its average()).
+  double seconds() const { return seconds_; }
+
+ private:
+  struct Bucket {
+    std::size_t first, last, elems;
+  };
+
+  void allreduce_buckets(bool divide, T scale) {
     for (const auto& b : buckets_) {
       if (b.last - b.first == 1) {  // one tensor: in place
         auto grad = params_[b.first].grad;
@@ -216,6 +521,7 @@ class GradientAverager {
           for (auto& g : grad) g *= scale;
         continue;
       }
+      buffer_.resize(std::max(buffer_.size(), b.elems));
       T* out = buffer_.data();
       for (std::size_t i = b.first; i < b.last; ++i) out = std::copy(params_[i].grad.begin(), params_[i].grad.end(), out);
       detail::allreduce_sum(buffer_.data(), b.elems, detail::mpi_type<T>(), "MPI_Allreduce of gradients");
@@ -223,26 +529,48 @@ class GradientAverager {
       for (std::size_t i = b.first; i < b.last; ++i)
         for (auto& g : params_[i].grad) g = *in++ * scale;
     }
-    seconds_ += MPI_Wtime() - t0;
   }
 
-  std::size_t num_buckets() const { return buckets_.size(); }
-  // Bytes each rank contributes to the allreduces of one average().
-  std::size_t bytes() const {
-    std::size_t n = 0;
-    for (const auto& b : buckets_) n += b.elems;
-    return n * sizeof(T);
+  void check_parameters(const optim::Optimizer<T>& opt) const {
+    const auto& theirs = opt.parameters();
+    bool same = theirs.size() == params_.size();
+    for (std::size_t k = 0; same && k < params_.size(); ++k)
+      same = theirs[k].value.data() == params_[k].value.data() && theirs[k].value.size() == params_[k].value.size();
+    if (!same)
+      throw std::invalid_argument("bnrelu::dist::GradientAverager: the optimizer must hold the same parameters, in the same order");
   }
-  // Seconds spent in average() so far.
-  double seconds() const { return seconds_; }
 
- private:
-  struct Bucket {
-    std::size_t first, last, elems;
-  };
+  // Sets shared_ when every node runs the same number of ranks (two or more, unless
+  // node_shared_memory is asked for).
+  void make_shared_reduction(Reduction reduction, MPI_Comm node) {
+    MPI_Comm local = MPI_COMM_NULL;
+    if (node == MPI_COMM_NULL)
+      detail::check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local),
+                    "MPI_Comm_split_type");
+    else
+      detail::check(MPI_Comm_dup(node, &local), "MPI_Comm_dup");
+    int local_rank = 0, local_size = 1;
+    MPI_Comm_rank(local, &local_rank);
+    MPI_Comm_size(local, &local_size);
+    int sizes[2] = {local_size, -local_size};  // the largest and the smallest node
+    detail::check(MPI_Allreduce(MPI_IN_PLACE, sizes, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD), "MPI_Allreduce of node sizes");
+    const bool even = sizes[0] == -sizes[1];
+    if (!even || (reduction == Reduction::automatic && local_size < 2)) {
+      MPI_Comm_free(&local);
+      if (reduction == Reduction::node_shared_memory && !even)
+        throw std::invalid_argument("bnrelu::dist::GradientAverager: node_shared_memory needs the same number of ranks on every node");
+      return;
+    }
+    MPI_Comm across = MPI_COMM_NULL;  // the ranks that own the same part on every node
+    detail::check(MPI_Comm_split(MPI_COMM_WORLD, local_rank, dist::rank(), &across), "MPI_Comm_split");
+    shared_ = std::make_unique<detail::NodeSharedReduction<T>>(params_, local, across);
+  }
+
   std::vector<ParamRef<T>> params_;
+  Reduction reduction_;
   std::vector<Bucket> buckets_;
   std::vector<T> buffer_;
+  std::unique_ptr<detail::NodeSharedReduction<T>> shared_;
   double seconds_ = 0;
 };
 
@@ -255,9 +583,8 @@ class DataParallel {
  public:
   using T = typename Model::value_type;
 
-  explicit DataParallel(Model& model, std::size_t bucket_bytes = 4u << 20)
-      : model_(model), averager_(model.named_parameters(), bucket_bytes) {
-    if (!running()) throw std::logic_error("bnrelu::dist::DataParallel: MPI is not initialised (use dist::Environment)");
+  explicit DataParallel(Model& model, std::size_t bucket_bytes = 4u << 20, Reduction reduction = Reduction::automatic)
+      : model_(model), averager_(checked(model).named_parameters(), bucket_bytes, reduction) {
     broadcast_state(model_);
     if (size() > 1) model_.set_batchnorm_reducer(std::make_shared<MpiBatchNormReducer>());
   }
@@ -285,12 +612,39 @@ class DataParallel {
       model_.backward_params(std::forward<Dy>(dy));
     }
   }
+  // The model's backward, then one step of opt (built on model.named_parameters()) from the
+  // gradients' mean over ranks, its work shared among the ranks of each node: see
+  // GradientAverager::step. Cheaper than backward_params then opt.step(); afterwards the
+  // gradients are not averaged, and the optimizer's state is current only in this rank's part
+  // until gather_optimizer_state(opt).
+  template <class Dy>
+  void backward_and_step(Dy&& dy, optim::Optimizer<T>& opt) {
+    if (size() > 1) {
+      auto scaled = std::remove_cvref_t<Dy>(std::forward<Dy>(dy));
+      scaled = scaled * static_cast<T>(1.0 / size());
+      model_.backward_params(std::move(scaled));
+      averager_.step(opt, false);
+    } else {
+      model_.backward_params(std::forward<Dy>(dy));
+      opt.step();
+    }
+  }
+  // Makes the optimizer's state whole on every rank after backward_and_step, before it is
+  // saved. Collective: every rank calls it.
+  void gather_optimizer_state(optim::Optimizer<T>& opt) {
+    if (size() > 1) averager_.gather_state(opt);
+  }
   const GradientAverager<T>& averager() const { return averager_; }
 
   // The mean of a per-rank scalar (such as the local loss) over ranks.
   static double mean_over_ranks(double v) { return sum_over_ranks(v) / dist::size(); }
 
  private:
+  static Model& checked(Model& model) {
+    if (!running()) throw std::logic_error("bnrelu::dist::DataParallel: MPI is not initialised (use dist::Environment)");
+    return model;
+  }
+
   Model& model_;
   GradientAverager<T> averager_;
 };

@@ -37,33 +37,26 @@ class AdamBase : public Optimizer<T> {
     }
   }
 
-  void step() override {
-    const std::int64_t t = this->steps_ + 1;
-    const T b1 = static_cast<T>(opt_.beta1), b2 = static_cast<T>(opt_.beta2);
-    const T wd = static_cast<T>(opt_.weight_decay), eps = static_cast<T>(opt_.eps);
-    const double bias1 = 1 - std::pow(opt_.beta1, static_cast<double>(t));
-    const double bias2 = 1 - std::pow(opt_.beta2, static_cast<double>(t));
-    const T step_size = static_cast<T>(this->lr_ / bias1);
-    const T bias2_sqrt = static_cast<T>(std::sqrt(bias2));
-    const T decay = static_cast<T>(1 - this->lr_ * opt_.weight_decay);
-    for (std::size_t k = 0; k < this->params_.size(); ++k) {
-      T* p = this->params_[k].value.data();
-      const T* grad = this->params_[k].grad.data();
-      T* m = m_[k].data();
-      T* v = v_[k].data();
-      const Index n = static_cast<Index>(this->params_[k].value.size());
-#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
-      for (Index i = 0; i < n; ++i) {
-        T g = grad[i];
-        if (decoupled_) p[i] *= decay;
-        else if (wd != 0) g += wd * p[i];
-        m[i] = m[i] * b1 + (1 - b1) * g;
-        v[i] = v[i] * b2 + (1 - b2) * g * g;
-        const T denom = std::sqrt(v[i]) / bias2_sqrt + eps;
-        p[i] -= step_size * (m[i] / denom);
-      }
+  void step_part(std::size_t k, std::size_t begin, std::size_t end, const T* grad) override {
+    const double t = static_cast<double>(this->steps_ + 1);
+    const Rule rule{static_cast<T>(opt_.beta1),
+                    static_cast<T>(opt_.beta2),
+                    static_cast<T>(opt_.weight_decay),
+                    static_cast<T>(opt_.eps),
+                    static_cast<T>(this->lr_ / (1 - std::pow(opt_.beta1, t))),
+                    static_cast<T>(std::sqrt(1 - std::pow(opt_.beta2, t))),
+                    static_cast<T>(1 - this->lr_ * opt_.weight_decay),
+                    decoupled_};
+    T* p = this->params_[k].value.data() + begin;
+    T* m = m_[k].data() + begin;
+    T* v = v_[k].data() + begin;
+    const Index n = static_cast<Index>(end - begin);
+    if (n > (1 << 16)) {  // a parallel region costs more than small parts take
+#pragma omp parallel for schedule(static)
+      for (Index c = 0; c < n; c += kChunk) update(rule, p + c, m + c, v + c, grad + c, std::min(kChunk, n - c));
+    } else {
+      update(rule, p, m, v, grad, n);
     }
-    ++this->steps_;
   }
 
   std::vector<std::pair<std::string, std::vector<T>*>> state() override {
@@ -76,6 +69,26 @@ class AdamBase : public Optimizer<T> {
   }
 
  private:
+  struct Rule {
+    T b1, b2, weight_decay, eps, step_size, bias2_sqrt, decay;
+    bool decoupled;
+  };
+  static constexpr Index kChunk = 1 << 14;
+
+  // p[i], m[i] and v[i] after one step from grad[i], for i < n.
+  static void update(const Rule r, T* __restrict p, T* __restrict m, T* __restrict v, const T* __restrict grad, Index n) {
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      T g = grad[i];
+      if (r.decoupled) p[i] *= r.decay;
+      else if (r.weight_decay != 0) g += r.weight_decay * p[i];
+      m[i] = m[i] * r.b1 + (1 - r.b1) * g;
+      v[i] = v[i] * r.b2 + (1 - r.b2) * g * g;
+      const T denom = std::sqrt(v[i]) / r.bias2_sqrt + r.eps;
+      p[i] -= r.step_size * (m[i] / denom);
+    }
+  }
+
   AdamOptions opt_;
   bool decoupled_;
   std::vector<std::vector<T>> m_, v_;
@@ -86,6 +99,8 @@ class AdamBase : public Optimizer<T> {
 template <class T>
 class Adam : public detail::AdamBase<T> {
  public:
+  using options_type = AdamOptions;
+
   Adam(std::vector<ParamRef<T>> params, const AdamOptions& opt) : detail::AdamBase<T>(std::move(params), opt, false, "Adam") {}
 };
 
@@ -101,6 +116,8 @@ struct AdamWOptions {
 template <class T>
 class AdamW : public detail::AdamBase<T> {
  public:
+  using options_type = AdamWOptions;
+
   AdamW(std::vector<ParamRef<T>> params, const AdamWOptions& o)
       : detail::AdamBase<T>(std::move(params),
                             {.lr = o.lr, .beta1 = o.beta1, .beta2 = o.beta2, .eps = o.eps, .weight_decay = o.weight_decay},

@@ -22,7 +22,17 @@ class Optimizer {
   void zero_grad() {
     for (auto& p : params_) std::fill(p.grad.begin(), p.grad.end(), T(0));
   }
-  virtual void step() = 0;
+  // One update of every parameter from its gradient.
+  void step() {
+    for (std::size_t k = 0; k < params_.size(); ++k) step_part(k, 0, params_[k].value.size(), params_[k].grad.data());
+    ++steps_;
+  }
+  // step()'s update of elements [begin, end) of parameter k, from the gradient values
+  // grad[0, end - begin) instead of the parameter's own gradient, without counting a step.
+  // bnrelu::dist uses it to give each rank its own shard of the parameters to update.
+  virtual void step_part(std::size_t k, std::size_t begin, std::size_t end, const T* grad) = 0;
+  // The parameters, in order.
+  const std::vector<ParamRef<T>>& parameters() const { return params_; }
 
   double lr() const { return lr_; }
   void set_lr(double lr) { lr_ = lr; }

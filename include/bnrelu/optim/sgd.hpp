@@ -21,6 +21,8 @@ struct SGDOptions {
 template <class T>
 class SGD : public Optimizer<T> {
  public:
+  using options_type = SGDOptions;
+
   SGD(std::vector<ParamRef<T>> params, const SGDOptions& opt) : Optimizer<T>(std::move(params)), opt_(opt) {
     this->check(opt.lr >= 0, "SGD", "lr must be >= 0");
     this->check(opt.momentum >= 0, "SGD", "momentum must be >= 0");
@@ -31,27 +33,19 @@ class SGD : public Optimizer<T> {
     for (auto& p : this->params_) buf_.emplace_back(opt.momentum != 0 ? p.value.size() : 0);
   }
 
-  void step() override {
-    const T lr = static_cast<T>(this->lr_), wd = static_cast<T>(opt_.weight_decay);
-    const T mom = static_cast<T>(opt_.momentum), damp = static_cast<T>(1 - opt_.dampening);
-    const bool first = this->steps_ == 0;
-    for (std::size_t k = 0; k < this->params_.size(); ++k) {
-      T* p = this->params_[k].value.data();
-      const T* grad = this->params_[k].grad.data();
-      T* buf = buf_[k].data();
-      const Index n = static_cast<Index>(this->params_[k].value.size());
-#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
-      for (Index i = 0; i < n; ++i) {
-        T g = grad[i];
-        if (wd != 0) g += wd * p[i];
-        if (mom != 0) {
-          buf[i] = first ? g : mom * buf[i] + damp * g;
-          g = opt_.nesterov ? g + mom * buf[i] : buf[i];
-        }
-        p[i] -= lr * g;
-      }
+  void step_part(std::size_t k, std::size_t begin, std::size_t end, const T* grad) override {
+    const Rule rule{static_cast<T>(this->lr_), static_cast<T>(opt_.weight_decay), static_cast<T>(opt_.momentum),
+                    static_cast<T>(1 - opt_.dampening), this->steps_ == 0, opt_.nesterov};
+    T* p = this->params_[k].value.data() + begin;
+    T* buf = rule.momentum != 0 ? buf_[k].data() + begin : nullptr;
+    const Index n = static_cast<Index>(end - begin);
+    if (n > (1 << 16)) {  // a parallel region costs more than small parts take
+#pragma omp parallel for schedule(static)
+      for (Index c = 0; c < n; c += kChunk)
+        update(rule, p + c, buf ? buf + c : nullptr, grad + c, std::min(kChunk, n - c));
+    } else {
+      update(rule, p, buf, grad, n);
     }
-    ++this->steps_;
   }
 
   std::vector<std::pair<std::string, std::vector<T>*>> state() override {
@@ -62,6 +56,26 @@ class SGD : public Optimizer<T> {
   }
 
  private:
+  struct Rule {
+    T lr, weight_decay, momentum, damp;
+    bool first, nesterov;
+  };
+  static constexpr Index kChunk = 1 << 14;
+
+  // p[i] and buf[i] (null without momentum) after one step from grad[i], for i < n.
+  static void update(const Rule r, T* __restrict p, T* __restrict buf, const T* __restrict grad, Index n) {
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      T g = grad[i];
+      if (r.weight_decay != 0) g += r.weight_decay * p[i];
+      if (r.momentum != 0) {
+        buf[i] = r.first ? g : r.momentum * buf[i] + r.damp * g;
+        g = r.nesterov ? g + r.momentum * buf[i] : buf[i];
+      }
+      p[i] -= r.lr * g;
+    }
+  }
+
   SGDOptions opt_;
   std::vector<std::vector<T>> buf_;
 };
