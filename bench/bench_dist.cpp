@@ -1,10 +1,11 @@
 // Data-parallel training steps of the seed CNN over MPI: global batch 64 split over the ranks
-// (SyncBatchNorm; the optimizer step shared among the ranks through node memory, and for
-// comparison bucketed MPI_Allreduce then a whole step on every rank), images/s of the whole job
-// and the time each step spends reducing gradients (and, when shared, stepping). Run under mpirun; every rank runs the same fixed number of
-// steps (collectives need it), and rank 0 reports. bench/dist_table.py runs the configurations
-// (1 rank x 1 thread, 1 rank x 2 threads, 2 ranks x 1 thread) and prints the README table and
-// the cost model.
+// (SyncBatchNorm; DataParallel::backward_and_step with fc1's weight kept once in node memory
+// and the optimizer step shared among the ranks; for comparison the same with a copy of the
+// weights per rank, and bucketed MPI_Allreduce then a whole step on every rank), images/s of
+// the whole job and the time each step spends reducing gradients (and, when shared, stepping).
+// Run under mpirun; every rank runs the same fixed number of steps (collectives need it), and
+// rank 0 reports. bench/dist_table.py runs the configurations (1 rank x 1 thread, 1 rank x 2
+// threads, 2 ranks x 1 thread) and prints the README table and the cost model.
 #include <bnrelu/dist/mpi.hpp>
 #include <bnrelu/models/seed_cnn.hpp>
 #include <bnrelu/nn/loss.hpp>
@@ -21,15 +22,20 @@ namespace {
 using bnrelu::Index;
 namespace dist = bnrelu::dist;
 
-// shared_step: ddp.backward_and_step (the optimizer's work shared through node memory);
-// otherwise ddp.backward_params (MPI_Allreduce) then opt.step() on every rank.
-void data_parallel_step(benchmark::State& state, bool shared_step) {
+enum class Mode {
+  shared_weights,  // backward_and_step, large weights kept once in node memory (the default)
+  shared_step,     // backward_and_step, every rank with its own weights
+  allreduce,       // backward_params (MPI_Allreduce), then opt.step() on every rank
+};
+
+void data_parallel_step(benchmark::State& state, Mode mode) {
+  const bool shared_step = mode != Mode::allreduce;
   const Index global = state.range(0);
   const int ranks = dist::size();
   const Index local = global / ranks;
   bnrelu::manual_seed(0);
   auto model = bnrelu::models::seed_cnn<float>(1, 10);
-  dist::DataParallel ddp(model);
+  dist::DataParallel ddp(model, dist::DataParallelOptions{.share_weights = mode == Mode::shared_weights});
   bnrelu::nn::CrossEntropyLoss<float> loss;
   bnrelu::optim::SGD<float> opt(model.named_parameters(), {.lr = 0.01, .momentum = 0.9});
   bnrelu::manual_seed(1 + static_cast<std::uint64_t>(dist::rank()));
@@ -57,6 +63,7 @@ void data_parallel_step(benchmark::State& state, bool shared_step) {
   state.counters["gradient_MB"] = ranks > 1 ? static_cast<double>(ddp.averager().bytes()) / 1e6 : 0.0;
   state.counters["buckets"] = static_cast<double>(ddp.averager().num_buckets());
   state.counters["shared_step"] = shared_step && ddp.averager().shares_step();
+  state.counters["shared_weights"] = ddp.shares_weights();
   state.counters["ranks"] = ranks;
   state.counters["threads"] = bnrelu::num_threads();
 }
@@ -66,7 +73,7 @@ void data_parallel_step(benchmark::State& state, bool shared_step) {
 int main(int argc, char** argv) {
   dist::Environment mpi(&argc, &argv);
   if (mpi.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) return 1;  // rank 0 reports
-  benchmark::RegisterBenchmark("data_parallel_step", data_parallel_step, true)
+  benchmark::RegisterBenchmark("data_parallel_step", data_parallel_step, Mode::shared_weights)
       ->ArgName("global_batch")
       ->Arg(64)
       ->Arg(32)  // on one rank: the per-rank work of two ranks, without communication
@@ -74,8 +81,16 @@ int main(int argc, char** argv) {
       ->Repetitions(3)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond);
-  // gradients averaged by MPI_Allreduce, then every rank steps the optimizer: for comparison
-  benchmark::RegisterBenchmark("data_parallel_step_allreduce", data_parallel_step, false)
+  // for comparison: the shared step with a copy of the weights per rank, and MPI_Allreduce
+  // then a whole step on every rank
+  benchmark::RegisterBenchmark("data_parallel_step_copied_weights", data_parallel_step, Mode::shared_step)
+      ->ArgName("global_batch")
+      ->Arg(64)
+      ->Iterations(25)
+      ->Repetitions(3)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("data_parallel_step_allreduce", data_parallel_step, Mode::allreduce)
       ->ArgName("global_batch")
       ->Arg(64)
       ->Iterations(25)

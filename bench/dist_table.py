@@ -5,8 +5,8 @@ the step time at 8, 64 and 256 ranks.
 
     python3 bench/dist_table.py build/release/bench/bench_dist
 
-"reduce ms/step" is the time in the gradient reduction: with the shared step (the default of
-DataParallel::backward_and_step on one machine) it includes the optimizer step, which is then
+"reduce ms/step" is the time in the gradient reduction: with the shared step
+(DataParallel::backward_and_step on one machine) it includes the optimizer step, which is then
 split between the ranks; with MPI_Allreduce it does not (every rank then steps all parameters).
 
 The cost model keeps 64 images per rank, one rank per node (weak scaling) and adds a ring allreduce of the
@@ -41,13 +41,15 @@ def main(binary):
     one = run(binary, 1, 1)
     two_threads = run(binary, 1, 2)
     two_ranks = run(binary, 2, 1)
-    shared, plain = "data_parallel_step/global_batch:64", "data_parallel_step_allreduce/global_batch:64"
+    shared = "data_parallel_step/global_batch:64"
+    copied, plain = "data_parallel_step_copied_weights/global_batch:64", "data_parallel_step_allreduce/global_batch:64"
     base = one[shared]["images/s"]
     print("| layout (global batch 64) | images/s | vs 1 x 1 | reduce ms/step | gradient MB/step (per rank) |")
     print("|---|---|---|---|---|")
     for name, r in (("1 rank x 1 thread", one[shared]), ("1 rank x 2 threads", two_threads[shared]),
-                    ("2 ranks x 1 thread (batch 32 each), shared step", two_ranks[shared]),
-                    ("2 ranks x 1 thread, MPI_Allreduce then a whole step each", two_ranks[plain])):
+                    ("2 ranks x 1 thread (batch 32 each): shared weights, shared step", two_ranks[shared]),
+                    ("2 ranks x 1 thread: a copy of the weights each, shared step", two_ranks[copied]),
+                    ("2 ranks x 1 thread: MPI_Allreduce, then a whole step each", two_ranks[plain])):
         print(f"| {name} | {r['images/s']:.0f} | {r['images/s'] / base:.2f}x | {r['reduce_ms']:.2f} | {r['gradient_MB']:.1f} |")
     half = one["data_parallel_step/global_batch:32"]["images/s"]
     print(f"\nOne rank alone at batch 32 (a rank's share of the work, no communication): {half:.0f} images/s, "

@@ -337,7 +337,9 @@ int run(Config cfg) {
 #ifdef BNRELU_TRAIN_MPI
   std::unique_ptr<bnrelu::dist::DataParallel<decltype(model)>> ddp;  // declared after the model: dies first
   if (cfg.distributed) {
-    ddp = std::make_unique<bnrelu::dist::DataParallel<decltype(model)>>(model);
+    // fc1's weight kept once for the ranks of a machine; the optimizer follows it there
+    ddp = std::make_unique<bnrelu::dist::DataParallel<decltype(model)>>(model, bnrelu::dist::DataParallelOptions{.share_weights = true});
+    opt->rebind(model.named_parameters());
     replicas.ddp = ddp.get();
   }
 #endif

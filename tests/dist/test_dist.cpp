@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -47,7 +48,8 @@ enum class Steps {
 
 template <class T, class Opt = bnrelu::optim::SGD<T>>
 void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::averaged,
-                                 typename Opt::options_type options = {.lr = 0.05, .momentum = 0.9}) {
+                                 typename Opt::options_type options = {.lr = 0.05, .momentum = 0.9},
+                                 dist::DataParallelOptions ddp_options = {}) {
   ASSERT_EQ(dist::size(), 2) << "run with mpiexec -np 2";
   const int rank = dist::rank();
   const Index global = 64, local = global / 2;
@@ -55,7 +57,9 @@ void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::a
   auto reference = bnrelu::models::seed_cnn<T>(1, 10);
   bnrelu::manual_seed(11 + static_cast<std::uint64_t>(rank));  // rank 1 starts different: broadcast must fix it
   auto model = bnrelu::models::seed_cnn<T>(1, 10);
-  dist::DataParallel ddp(model);
+  auto ddp_owned = std::make_unique<dist::DataParallel<decltype(model)>>(model, ddp_options);
+  auto& ddp = *ddp_owned;
+  EXPECT_EQ(ddp.shares_weights(), ddp_options.share_weights);
   Opt opt_ref(reference.named_parameters(), options);
   Opt opt(model.named_parameters(), options);
   bnrelu::nn::CrossEntropyLoss<T> loss_ref, loss;
@@ -128,8 +132,19 @@ void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::a
   for (std::size_t i = 0; i < state.size(); ++i)
     EXPECT_LE(rel_diff(*state[i].second, *want_state[i].second, state_scale), tol) << state[i].first;
   EXPECT_EQ(opt.steps(), 20);
-  // the model is a plain model again: eval and checkpoints behave as for one process
+  if (ddp.shares_weights()) {
+    EXPECT_THROW(ddp.average_gradients(), std::logic_error);
+    EXPECT_THROW(model.template get<9>().weight(), std::logic_error);  // fc1: shared in either test
+  }
+  // the model is a plain model again: eval and checkpoints behave as for one process, and
+  // shared weights are back in their layers
+  ddp_owned.reset();
   EXPECT_EQ(model.template get<1>().num_batches_tracked(), 20);
+  auto p = model.named_parameters(), q = reference.named_parameters();
+  for (std::size_t i = 0; i < p.size(); ++i) EXPECT_LE(rel_diff(p[i].value, q[i].value), tol) << p[i].name;
+  const auto fc1 = std::find_if(p.begin(), p.end(), [](const auto& param) { return param.name == "9.weight"; });
+  ASSERT_NE(fc1, p.end());
+  EXPECT_EQ(fc1->value.data(), model.template get<9>().weight().data());  // the layer's own tensor again
 }
 
 TEST(DataParallel, TwoRanksOfBatch32EqualOneProcessOfBatch64Double) { two_ranks_equal_one_process<double>(1e-9, false); }
@@ -142,6 +157,39 @@ TEST(DataParallel, SharedStepsEqualOneProcessFloatEachStep) { two_ranks_equal_on
 TEST(DataParallel, SharedAdamStepsEqualOneProcessDouble) {
   two_ranks_equal_one_process<double, bnrelu::optim::Adam<double>>(1e-9, false, Steps::shared, {.lr = 1e-3, .weight_decay = 1e-2});
 }
+TEST(DataParallel, SharedWeightsEqualOneProcessDouble) {
+  // every weight of the model placed in node memory, between parameters that are not
+  two_ranks_equal_one_process<double>(1e-9, false, Steps::shared, {.lr = 0.05, .momentum = 0.9},
+                                      {.share_weights = true, .shared_weight_bytes = 0});
+}
+TEST(DataParallel, SharedWeightsEqualOneProcessFloatEachStep) {
+  // fc1's weight alone (12.8 MB) placed in node memory
+  two_ranks_equal_one_process<float>(1e-5, true, Steps::shared, {.lr = 0.05, .momentum = 0.9}, {.share_weights = true});
+}
+// An optimizer built before the weights moved to node memory is refused until rebound.
+TEST(DataParallel, SharedWeightsNeedTheOptimizerRebound) {
+  bnrelu::manual_seed(3);
+  auto model = bnrelu::models::seed_cnn<float>(1, 10);
+  bnrelu::optim::SGD<float> opt(model.named_parameters(), {.lr = 0.01, .momentum = 0.9});
+  dist::DataParallel ddp(model, {.share_weights = true});
+  ASSERT_TRUE(ddp.shares_weights());
+  Tensor<float, 4> x(4, 1, 28, 28);
+  x.setConstant(0.5f);
+  x(0, 0, 3, 3) = static_cast<float>(dist::rank());
+  const std::vector<std::int64_t> labels{1, 2, 3, 4};
+  bnrelu::nn::CrossEntropyLoss<float> loss;
+  loss.forward(model.forward(x), labels);
+  EXPECT_THROW(ddp.backward_and_step(loss.backward(), opt), std::invalid_argument);
+  auto other = bnrelu::models::seed_cnn<float>(1, 7);  // fc2 of another size
+  EXPECT_THROW(opt.rebind(other.named_parameters()), bnrelu::shape_error);
+  opt.rebind(model.named_parameters());
+  opt.zero_grad();
+  loss.forward(model.forward(x), labels);
+  EXPECT_NO_THROW(ddp.backward_and_step(loss.backward(), opt));
+  EXPECT_EQ(opt.steps(), 1);
+  EXPECT_THROW(ddp.backward_params(loss.backward()), std::logic_error);
+}
+
 TEST(DataParallel, SharedNesterovStepsEqualOneProcessDouble) {
   two_ranks_equal_one_process<double>(1e-9, false, Steps::shared,
                                       {.lr = 0.05, .momentum = 0.9, .weight_decay = 1e-3, .nesterov = true});

@@ -237,35 +237,67 @@ class NodeSharedReduction {
  public:
   // Takes over the two communicators (it frees them): node, the ranks that share memory with
   // this one, and across, the ranks of the other nodes with the same rank on their node.
-  NodeSharedReduction(std::vector<ParamRef<T>> params, MPI_Comm node, MPI_Comm across)
-      : flat_(std::move(params)), node_(node), across_(across) {
+  // shared[k] (optional) marks parameters to be kept in the window, to be placed there by the
+  // caller (see place_weight): their values once for the node, their gradients per rank.
+  NodeSharedReduction(std::vector<ParamRef<T>> params, MPI_Comm node, MPI_Comm across, std::vector<bool> shared = {})
+      : flat_(std::move(params)), node_(node), across_(across), shared_(std::move(shared)) {
     MPI_Comm_rank(node_, &local_rank_);
     MPI_Comm_size(node_, &local_size_);
     MPI_Comm_size(across_, &nodes_);
     const std::size_t n = flat_.size();
-    constexpr std::size_t kAlign = 64 / sizeof(T);  // parts start on cache lines
     for (int q = 0; q < local_size_; ++q)
-      bounds_.push_back(std::min(n, (n * static_cast<std::size_t>(q) / static_cast<std::size_t>(local_size_) + kAlign - 1) /
-                                        kAlign * kAlign));
+      bounds_.push_back(std::min(n, lines(n * static_cast<std::size_t>(q) / static_cast<std::size_t>(local_size_))));
     bounds_.push_back(n);
+    shared_.resize(flat_.count(), false);
+    std::size_t kept = 0;  // elements of the shared parameters, each starting on a cache line
+    for (std::size_t k = 0; k < flat_.count(); ++k) {
+      placed_at_.push_back(kept);
+      if (shared_[k]) kept += lines(flat_[k].value.size());
+    }
+    // Every rank's segment: its slot (n), the shared parameters' gradients (kept); local rank 0's
+    // also the shared parameters' values (kept). Each piece on a cache line, wherever the
+    // segment starts.
+    const std::size_t segment = lines(n) + kept + (local_rank_ == 0 ? kept : 0) + kAlign;
     MPI_Info info;
     MPI_Info_create(&info);
-    MPI_Info_set(info, "alloc_shared_noncontig", "true");  // each slot on its owner's pages
+    MPI_Info_set(info, "alloc_shared_noncontig", "true");  // each segment on its owner's pages
     T* mine = nullptr;
-    const int code = MPI_Win_allocate_shared(static_cast<MPI_Aint>((n + kAlign) * sizeof(T)), static_cast<int>(sizeof(T)),
-                                             info, node_, &mine, &win_);
+    const int code = MPI_Win_allocate_shared(static_cast<MPI_Aint>(segment * sizeof(T)), static_cast<int>(sizeof(T)), info,
+                                             node_, &mine, &win_);
     MPI_Info_free(&info);
     check(code, "MPI_Win_allocate_shared of the gradient slots");
     for (int q = 0; q < local_size_; ++q) {
       MPI_Aint bytes = 0;
       int unit = 0;
-      T* slot = nullptr;
-      check(MPI_Win_shared_query(win_, q, &bytes, &unit, &slot), "MPI_Win_shared_query");
+      T* base = nullptr;
+      check(MPI_Win_shared_query(win_, q, &bytes, &unit, &base), "MPI_Win_shared_query");
       // on a cache line: the same place in every process, as they map the window page-aligned
-      const auto misaligned = reinterpret_cast<std::uintptr_t>(slot) % 64;
-      slots_.push_back(misaligned ? slot + (64 - misaligned) / sizeof(T) : slot);
+      const auto misaligned = reinterpret_cast<std::uintptr_t>(base) % 64;
+      slots_.push_back(misaligned ? base + (64 - misaligned) / sizeof(T) : base);
+      grads_.push_back(slots_.back() + lines(n));
     }
+    values_ = grads_[0] + kept;
     check(MPI_Win_lock_all(MPI_MODE_NOCHECK, win_), "MPI_Win_lock_all");
+  }
+  // Where shared parameter k's values (one copy for the node) and this rank's gradient of it
+  // are to be placed.
+  T* shared_value(std::size_t k) const { return values_ + placed_at_[k]; }
+  T* shared_grad(std::size_t k) const { return grads_[static_cast<std::size_t>(local_rank_)] + placed_at_[k]; }
+  // The parameters again, once the shared ones have been placed: the same names and sizes.
+  void rebind(std::vector<ParamRef<T>> params) {
+    FlatParameters<T> moved(std::move(params));
+    bool same = moved.count() == flat_.count();
+    for (std::size_t k = 0; same && k < moved.count(); ++k)
+      same = moved[k].name == flat_[k].name && moved[k].value.size() == flat_[k].value.size() &&
+             (!shared_[k] || (moved[k].value.data() == shared_value(k) && moved[k].grad.data() == shared_grad(k)));
+    if (!same) throw std::logic_error("bnrelu::dist: the parameters changed, or a shared one is not where it belongs");
+    flat_ = std::move(moved);
+  }
+  // Makes every rank's window writes so far visible to the node's other ranks, and theirs to it.
+  void synchronise() {
+    check(MPI_Win_sync(win_), "MPI_Win_sync");
+    check(MPI_Barrier(node_), "MPI_Barrier");
+    check(MPI_Win_sync(win_), "MPI_Win_sync");
   }
   ~NodeSharedReduction() {
     MPI_Win_unlock_all(win_);
@@ -276,8 +308,10 @@ class NodeSharedReduction {
   NodeSharedReduction(const NodeSharedReduction&) = delete;
   NodeSharedReduction& operator=(const NodeSharedReduction&) = delete;
 
-  // grad = scale * (sum over all ranks of grad).
+  // grad = scale * (sum over all ranks of grad). Not with shared parameters.
   void average(T scale) {
+    if (std::find(shared_.begin(), shared_.end(), true) != shared_.end())
+      throw std::logic_error("bnrelu::dist: with shared weights, gradients are averaged only inside step()");
     publish_gradients();
     synchronise();
     for_each_sum(scale, [&](std::size_t k, std::size_t offset, T* slot, const T* sum, std::size_t n) {
@@ -297,7 +331,7 @@ class NodeSharedReduction {
     synchronise();
     for_each_sum(scale, [&](std::size_t k, std::size_t offset, T* slot, const T* sum, std::size_t n) {
       opt.step_part(k, offset, offset + n, sum);
-      std::copy_n(flat_[k].value.data() + offset, n, slot);
+      if (!shared_[k]) std::copy_n(flat_[k].value.data() + offset, n, slot);  // else updated in place for all
     });
     synchronise();
     copy_from_owners([](const ParamRef<T>& p) { return p.value.data(); });
@@ -327,7 +361,7 @@ class NodeSharedReduction {
     for (int q = 0; q < local_size_; ++q)
       if (q != local_rank_)
         flat_.for_each_piece(part_begin(q), part_end(q), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
-          std::copy_n(flat_[k].grad.data() + offset, n, slot(local_rank_) + at);
+          if (!shared_[k]) std::copy_n(flat_[k].grad.data() + offset, n, slot(local_rank_) + at);
         });
   }
 
@@ -344,7 +378,10 @@ class NodeSharedReduction {
       const T* g = flat_[k].grad.data() + offset;
       for (std::size_t b = 0; b < n; b += kBlock) {
         const std::size_t m = std::min(kBlock, n - b);
-        auto from = [&](int q) { return q == me ? g + b : slot(q) + at + b; };
+        auto from = [&](int q) -> const T* {
+          if (shared_[k]) return grads_[static_cast<std::size_t>(q)] + placed_at_[k] + offset + b;
+          return q == me ? g + b : slot(q) + at + b;
+        };
         if (local_size_ == 1) {
           std::copy_n(g + b, m, sum);
         } else {
@@ -387,23 +424,23 @@ class NodeSharedReduction {
     for (int q = 0; q < local_size_; ++q)
       if (q != local_rank_)
         flat_.for_each_piece(part_begin(q), part_end(q), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
-          std::copy_n(slot(q) + at, n, data(flat_[k]) + offset);
+          if (!shared_[k]) std::copy_n(slot(q) + at, n, data(flat_[k]) + offset);
         });
   }
 
-  // Makes every rank's window writes so far visible to the node's other ranks, and theirs to it.
-  void synchronise() {
-    check(MPI_Win_sync(win_), "MPI_Win_sync");
-    check(MPI_Barrier(node_), "MPI_Barrier");
-    check(MPI_Win_sync(win_), "MPI_Win_sync");
-  }
+  static constexpr std::size_t kAlign = 64 / sizeof(T);
+  // n rounded up to whole cache lines of T.
+  static std::size_t lines(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
   FlatParameters<T> flat_;
   MPI_Comm node_, across_;
   int local_rank_ = 0, local_size_ = 1, nodes_ = 1;
   std::vector<std::size_t> bounds_;  // part q is flat [bounds_[q], bounds_[q + 1])
+  std::vector<bool> shared_;         // per parameter: kept in the window
+  std::vector<std::size_t> placed_at_;
   MPI_Win win_ = MPI_WIN_NULL;
-  std::vector<T*> slots_;
+  std::vector<T*> slots_, grads_;  // per local rank
+  T* values_ = nullptr;            // the shared parameters' values
 };
 
 }  // namespace detail
@@ -420,10 +457,15 @@ class NodeSharedReduction {
 template <class T>
 class GradientAverager {
  public:
+  //
+  // shared (optional) marks parameters to keep in node-shared memory when the window is made:
+  // see shared_value.
   explicit GradientAverager(std::vector<ParamRef<T>> params, std::size_t bucket_bytes = 4u << 20,
-                            Reduction reduction = Reduction::automatic, MPI_Comm node = MPI_COMM_NULL)
+                            Reduction reduction = Reduction::automatic, MPI_Comm node = MPI_COMM_NULL,
+                            std::vector<bool> shared = {})
       : params_(std::move(params)), reduction_(reduction) {
-    if (reduction != Reduction::mpi_allreduce && running() && dist::size() > 1) make_shared_reduction(reduction, node);
+    if (reduction != Reduction::mpi_allreduce && running() && dist::size() > 1)
+      make_shared_reduction(reduction, node, std::move(shared));
     std::size_t start = 0, elems = 0;
     auto close = [&](std::size_t end) {
       if (end > start) buckets_.push_back({start, end, elems});
@@ -495,6 +537,21 @@ class GradientAverager {
   }
   // Whether step() shares the optimizer's work through node-shared memory.
   bool shares_step() const { return shared_ != nullptr; }
+  // With shares_step(): where parameter k, when marked shared at construction, is to live
+  // (one copy of its values for the node, this rank's gradient of it), for its owner to place
+  // it there before rebind(); and this rank's rank on its node (0 puts the values there).
+  T* shared_value(std::size_t k) const { return shared_->shared_value(k); }
+  T* shared_grad(std::size_t k) const { return shared_->shared_grad(k); }
+  int local_rank() const { return local_rank_; }
+  // The parameters again after the shared ones were placed (the same names and sizes), once
+  // every rank of the node has placed them.
+  void rebind(std::vector<ParamRef<T>> params) {
+    if (shared_) {
+      shared_->synchronise();
+      shared_->rebind(params);
+    }
+    params_ = std::move(params);
+  }
   // The number of MPI_Allreduce buckets of average().
   std::size_t num_buckets() const { return buckets_.size(); }
   // Bytes of gradients each rank contributes to one average().
@@ -542,7 +599,7 @@ class GradientAverager {
 
   // Sets shared_ when every node runs the same number of ranks (two or more, unless
   // node_shared_memory is asked for).
-  void make_shared_reduction(Reduction reduction, MPI_Comm node) {
+  void make_shared_reduction(Reduction reduction, MPI_Comm node, std::vector<bool> shared) {
     MPI_Comm local = MPI_COMM_NULL;
     if (node == MPI_COMM_NULL)
       detail::check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local),
@@ -563,7 +620,8 @@ class GradientAverager {
     }
     MPI_Comm across = MPI_COMM_NULL;  // the ranks that own the same part on every node
     detail::check(MPI_Comm_split(MPI_COMM_WORLD, local_rank, dist::rank(), &across), "MPI_Comm_split");
-    shared_ = std::make_unique<detail::NodeSharedReduction<T>>(params_, local, across);
+    shared_ = std::make_unique<detail::NodeSharedReduction<T>>(params_, local, across, std::move(shared));
+    local_rank_ = local_rank;
   }
 
   std::vector<ParamRef<T>> params_;
@@ -571,30 +629,61 @@ class GradientAverager {
   std::vector<Bucket> buckets_;
   std::vector<T> buffer_;
   std::unique_ptr<detail::NodeSharedReduction<T>> shared_;
+  int local_rank_ = 0;
   double seconds_ = 0;
+};
+
+struct DataParallelOptions {
+  // MPI_Allreduce buckets (see GradientAverager).
+  std::size_t bucket_bytes = 4u << 20;
+  Reduction reduction = Reduction::automatic;
+  // Keep one copy of each large weight (of a Linear or Conv2d at the model's top level, from
+  // shared_weight_bytes up) for all ranks of a machine, in node-shared memory: the ranks read
+  // the same weight, and backward_and_step updates each part of it in place, once, instead of
+  // copying it between processes. Each rank's gradient of it lives there too. Training must
+  // then step through backward_and_step (backward_params and average_gradients throw), with an
+  // optimizer built on model.named_parameters() after the DataParallel (or rebind()-ed to
+  // them); the layers' weight() and weight_grad() throw while shared (named_parameters() views
+  // them). Without node-shared memory (one rank per machine, Reduction::mpi_allreduce) the
+  // weights stay where they are.
+  bool share_weights = false;
+  std::size_t shared_weight_bytes = 1u << 20;
 };
 
 // Wraps a model (a Sequential) for data parallelism over MPI_COMM_WORLD: copies rank 0's state
 // to every rank, makes every batch norm a SyncBatchNorm (fused with its ReLU as before), and
 // averages gradients after backward. The model stays a plain model: checkpoints saved from any
-// rank load into a single process.
+// rank load into a single process (shared weights go back into their layers when the
+// DataParallel is destroyed).
 template <class Model>
 class DataParallel {
  public:
   using T = typename Model::value_type;
 
   explicit DataParallel(Model& model, std::size_t bucket_bytes = 4u << 20, Reduction reduction = Reduction::automatic)
-      : model_(model), averager_(checked(model).named_parameters(), bucket_bytes, reduction) {
+      : DataParallel(model, DataParallelOptions{.bucket_bytes = bucket_bytes, .reduction = reduction}) {}
+  DataParallel(Model& model, const DataParallelOptions& options)
+      : model_(checked(model)),
+        sharable_(sharable(model, options)),
+        averager_(model.named_parameters(), options.bucket_bytes, options.reduction, MPI_COMM_NULL, sharable_) {
     broadcast_state(model_);
     if (size() > 1) model_.set_batchnorm_reducer(std::make_shared<MpiBatchNormReducer>());
+    if (averager_.shares_step()) place_weights(true);
   }
-  ~DataParallel() { model_.set_batchnorm_reducer(nullptr); }
+  ~DataParallel() {
+    if (shares_weights_) place_weights(false);
+    model_.set_batchnorm_reducer(nullptr);
+  }
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;
+
+  // Whether weights live in node-shared memory (DataParallelOptions::share_weights).
+  bool shares_weights() const { return shares_weights_; }
 
   Model& model() { return model_; }
   // After the model's own backward: every gradient becomes the mean over ranks.
   void average_gradients() {
+    refuse_with_shared_weights("average_gradients");
     if (size() > 1) averager_.average();
   }
   // The model's backward_params and average_gradients in one, cheaper: dy (the gradient of this
@@ -603,6 +692,7 @@ class DataParallel {
   // alone leaves the mean and no pass over the gradients is needed to divide them.
   template <class Dy>
   void backward_params(Dy&& dy) {
+    refuse_with_shared_weights("backward_params");
     if (size() > 1) {
       auto scaled = std::remove_cvref_t<Dy>(std::forward<Dy>(dy));
       scaled = scaled * static_cast<T>(1.0 / size());
@@ -645,8 +735,55 @@ class DataParallel {
     return model;
   }
 
+  // Calls f(k, layer) for each layer at the top of the model whose weight can be placed
+  // elsewhere, k being the index of "<layer>.weight" in named_parameters().
+  template <class F>
+  static void for_each_placeable(Model& model, F&& f) {
+    const auto params = model.named_parameters();
+    model.for_each_indexed([&](std::size_t i, auto& layer) {
+      if constexpr (requires { layer.place_weight(nullptr, nullptr, true); }) {
+        const std::string name = std::to_string(i) + ".weight";
+        for (std::size_t k = 0; k < params.size(); ++k)
+          if (params[k].name == name) f(k, layer);
+      }
+    });
+  }
+
+  static std::vector<bool> sharable(Model& model, const DataParallelOptions& options) {
+    std::vector<bool> shared(model.named_parameters().size(), false);
+    if (!options.share_weights) return shared;
+    const auto params = model.named_parameters();
+    for_each_placeable(model, [&](std::size_t k, auto&) {
+      shared[k] = params[k].value.size() * sizeof(T) >= options.shared_weight_bytes;
+    });
+    return shared;
+  }
+
+  // Moves the shared weights into node memory (local rank 0 copies the values: they are the
+  // same on every rank after the broadcast), or back into their layers.
+  void place_weights(bool shared) {
+    const auto marked = sharable_;
+    for_each_placeable(model_, [&](std::size_t k, auto& layer) {
+      if (!marked[k]) return;
+      if (shared)
+        layer.place_weight(averager_.shared_value(k), averager_.shared_grad(k), averager_.local_rank() == 0);
+      else
+        layer.place_weight(nullptr, nullptr);
+    });
+    shares_weights_ = shared && std::find(marked.begin(), marked.end(), true) != marked.end();
+    if (shared) averager_.rebind(model_.named_parameters());
+  }
+
+  void refuse_with_shared_weights(const char* what) const {
+    if (shares_weights_)
+      throw std::logic_error(std::string("bnrelu::dist::DataParallel::") + what +
+                             ": the weights are shared between ranks; step with backward_and_step");
+  }
+
   Model& model_;
+  std::vector<bool> sharable_;
   GradientAverager<T> averager_;
+  bool shares_weights_ = false;
 };
 
 }  // namespace bnrelu::dist

@@ -116,8 +116,8 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
 
   void backward_impl(T* dx, const Tensor<T, 4>& dy, const kernels::Conv2dGeometry& g) {
     workspace_.resize(static_cast<std::size_t>(kernels::conv2d_backward_workspace<T>(g, algorithm_)));
-    kernels::conv2d_backward(dx, this->dweight_.data(), this->dbias_data(), workspace_.data(), dy.data(),
-                             x_.get().data(), this->weight_.data(), g, algorithm_);
+    kernels::conv2d_backward(dx, this->dweight_data(), this->dbias_data(), workspace_.data(), dy.data(),
+                             x_.get().data(), this->weight_data(), g, algorithm_);
   }
 
   Tensor<T, 4> forward_impl(const Tensor<T, 4>& x, Tensor<T, 4>* owned) {
@@ -125,7 +125,7 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
     if (this->relu_ && is_training()) detail::inference_only("Conv2d");
     Tensor<T, 4> y = y_.take({g.N, g.O, g.HO, g.WO});
     workspace_.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
-    kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), this->weight_.data(), this->bias_data(), g,
+    kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), this->weight_data(), this->bias_data(), g,
                             this->relu_, algorithm_);
     x_.keep(x, owned, is_training());
     return y;

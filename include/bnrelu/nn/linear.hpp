@@ -82,15 +82,15 @@ class Linear : public Module, public detail::WeightAndBias<T, 2> {
   }
 
   void backward_impl(T* dx, const Tensor<T, 2>& dy) {
-    kernels::linear_backward(dx, this->dweight_.data(), this->dbias_data(), dy.data(), x_.get().data(),
-                             this->weight_.data(), dy.dimension(0), opt_.in_features, opt_.out_features);
+    kernels::linear_backward(dx, this->dweight_data(), this->dbias_data(), dy.data(), x_.get().data(),
+                             this->weight_data(), dy.dimension(0), opt_.in_features, opt_.out_features);
   }
 
   Tensor<T, 2> forward_impl(const Tensor<T, 2>& x, Tensor<T, 2>* owned) {
     const auto out = output_dims(dims_of(x));  // throws before any change
     if (this->relu_ && is_training()) detail::inference_only("Linear");
     Tensor<T, 2> y = y_.take(out);
-    kernels::linear_forward(y.data(), x.data(), this->weight_.data(), this->bias_data(), out[0],
+    kernels::linear_forward(y.data(), x.data(), this->weight_data(), this->bias_data(), out[0],
                             opt_.in_features, opt_.out_features);
     if (this->relu_) kernels::relu_forward(y.data(), static_cast<std::uint8_t*>(nullptr), y.data(), y.size());
     x_.keep(x, owned, is_training());

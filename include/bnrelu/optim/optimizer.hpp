@@ -33,6 +33,16 @@ class Optimizer {
   virtual void step_part(std::size_t k, std::size_t begin, std::size_t end, const T* grad) = 0;
   // The parameters, in order.
   const std::vector<ParamRef<T>>& parameters() const { return params_; }
+  // Points the optimizer at its parameters after they moved (as DataParallel's shared weights
+  // move them), keeping its state: the names and sizes must be the same.
+  void rebind(std::vector<ParamRef<T>> params) {
+    bool same = params.size() == params_.size();
+    for (std::size_t k = 0; same && k < params.size(); ++k)
+      same = params[k].name == params_[k].name && params[k].value.size() == params_[k].value.size() &&
+             params[k].grad.size() == params_[k].grad.size();
+    if (!same) throw shape_error("optimizer: rebind needs the same parameters (names and sizes), in the same order");
+    params_ = std::move(params);
+  }
 
   double lr() const { return lr_; }
   void set_lr(double lr) { lr_ = lr; }
