@@ -73,30 +73,21 @@ void data_parallel_step(benchmark::State& state, Mode mode) {
 int main(int argc, char** argv) {
   dist::Environment mpi(&argc, &argv);
   if (mpi.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) return 1;  // rank 0 reports
-  benchmark::RegisterBenchmark("data_parallel_step", data_parallel_step, Mode::shared_weights)
-      ->ArgName("global_batch")
-      ->Arg(64)
-      ->Arg(32)  // on one rank: the per-rank work of two ranks, without communication
-      ->Iterations(25)  // fixed: every rank must run the same steps
-      ->Repetitions(3)
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
+  // every rank must run the same steps: a fixed count
+  auto steps = [](const char* name, Mode mode) {
+    return benchmark::RegisterBenchmark(name, data_parallel_step, mode)
+        ->ArgName("global_batch")
+        ->Arg(64)
+        ->Iterations(25)
+        ->Repetitions(3)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  };
+  steps("data_parallel_step", Mode::shared_weights)->Arg(32);  // on one rank: a rank's share of two, alone
   // for comparison: the shared step with a copy of the weights per rank, and MPI_Allreduce
   // then a whole step on every rank
-  benchmark::RegisterBenchmark("data_parallel_step_copied_weights", data_parallel_step, Mode::shared_step)
-      ->ArgName("global_batch")
-      ->Arg(64)
-      ->Iterations(25)
-      ->Repetitions(3)
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("data_parallel_step_allreduce", data_parallel_step, Mode::allreduce)
-      ->ArgName("global_batch")
-      ->Arg(64)
-      ->Iterations(25)
-      ->Repetitions(3)
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
+  steps("data_parallel_step_copied_weights", Mode::shared_step);
+  steps("data_parallel_step_allreduce", Mode::allreduce);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
