@@ -20,6 +20,8 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -76,10 +78,13 @@ void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::a
     const std::vector<std::int64_t> ls(labels.begin() + rank * local, labels.begin() + (rank + 1) * local);
 
     if (resync) {
+      // shared weights are one copy for both ranks: no rank may still be reading them
+      if (ddp.shares_weights()) MPI_Barrier(MPI_COMM_WORLD);
       auto p = model.named_parameters(), q = reference.named_parameters();
       for (std::size_t i = 0; i < p.size(); ++i) std::copy(q[i].value.begin(), q[i].value.end(), p[i].value.begin());
       auto b = model.named_buffers(), c = reference.named_buffers();
       for (std::size_t i = 0; i < b.size(); ++i) std::copy(c[i].value.begin(), c[i].value.end(), b[i].value.begin());
+      if (ddp.shares_weights()) MPI_Barrier(MPI_COMM_WORLD);
     }
     opt_ref.zero_grad();
     const double want = loss_ref.forward(reference.forward(x), labels);
@@ -179,6 +184,7 @@ TEST(DataParallel, SharedWeightsNeedTheOptimizerRebound) {
   const std::vector<std::int64_t> labels{1, 2, 3, 4};
   bnrelu::nn::CrossEntropyLoss<float> loss;
   loss.forward(model.forward(x), labels);
+  opt.zero_grad();  // writes where the weights were: still valid memory, unused
   EXPECT_THROW(ddp.backward_and_step(loss.backward(), opt), std::invalid_argument);
   auto other = bnrelu::models::seed_cnn<float>(1, 7);  // fc2 of another size
   EXPECT_THROW(opt.rebind(other.named_parameters()), bnrelu::shape_error);
@@ -188,6 +194,15 @@ TEST(DataParallel, SharedWeightsNeedTheOptimizerRebound) {
   EXPECT_NO_THROW(ddp.backward_and_step(loss.backward(), opt));
   EXPECT_EQ(opt.steps(), 1);
   EXPECT_THROW(ddp.backward_params(loss.backward()), std::logic_error);
+  // a copy of the model owns its weights: the next step leaves it as it was
+  auto snapshot = model;
+  const auto& kept = snapshot.template get<9>().weight();
+  const std::vector<float> before(kept.data(), kept.data() + kept.size());
+  opt.zero_grad();
+  loss.forward(model.forward(x), labels);
+  ddp.backward_and_step(loss.backward(), opt);
+  EXPECT_EQ(std::vector<float>(kept.data(), kept.data() + kept.size()), before);
+  EXPECT_NE(std::vector<float>(model.named_parameters()[8].value.begin(), model.named_parameters()[8].value.end()), before);
 }
 
 TEST(DataParallel, SharedNesterovStepsEqualOneProcessDouble) {
@@ -260,8 +275,11 @@ TEST(GradientAverager, SharedStepEqualsAverageThenStep) {
       shared.step(opt_a);
       mpi.step(opt_b);
       for (std::size_t k = 0; k < a.values.size(); ++k) EXPECT_EQ(a.values[k], b.values[k]) << "tensor " << k;
-      for (auto& g : a.grads) g.assign(g.size(), 0.5f);  // new gradients, the same on both sides
-      for (auto& g : b.grads) g.assign(g.size(), 0.5f);
+      Gradients<float> next(20 + static_cast<std::uint64_t>(round));  // new gradients, different on each rank
+      for (std::size_t k = 0; k < next.grads.size(); ++k) {  // in place: the optimizers view them
+        std::copy(next.grads[k].begin(), next.grads[k].end(), a.grads[k].begin());
+        std::copy(next.grads[k].begin(), next.grads[k].end(), b.grads[k].begin());
+      }
     }
     EXPECT_EQ(opt_a.steps(), 3);
     shared.gather_state(opt_a);
@@ -273,6 +291,44 @@ TEST(GradientAverager, SharedStepEqualsAverageThenStep) {
     EXPECT_THROW(shared.step(other), std::invalid_argument);
   }
   for (MPI_Comm c : owned) MPI_Comm_free(&c);
+}
+
+// An optimizer that updates whole tensors only (no step_part): plain SGD written as step().
+template <class T>
+class WholeTensorSGD : public bnrelu::optim::Optimizer<T> {
+ public:
+  WholeTensorSGD(std::vector<bnrelu::ParamRef<T>> params, double lr) : bnrelu::optim::Optimizer<T>(std::move(params)) {
+    this->lr_ = lr;
+  }
+  void step() override {
+    for (auto& p : this->params_)
+      for (std::size_t i = 0; i < p.value.size(); ++i) p.value[i] -= static_cast<T>(this->lr_) * p.grad[i];
+    this->set_steps(this->steps() + 1);
+  }
+  std::vector<std::pair<std::string, std::vector<T>*>> state() override { return {}; }
+};
+
+// Such an optimizer still takes shared steps, as average() then step(); shared weights refuse it.
+TEST(GradientAverager, OptimizersWithoutStepPartAverageThenStep) {
+  Gradients<float> a(30), b(30);
+  dist::GradientAverager<float> shared(a.refs, 4u << 20, dist::Reduction::node_shared_memory);
+  dist::GradientAverager<float> mpi(b.refs, 4u << 20, dist::Reduction::mpi_allreduce);
+  WholeTensorSGD<float> whole(a.refs, 0.1);
+  bnrelu::optim::SGD<float> sgd(b.refs, {.lr = 0.1});
+  ASSERT_FALSE(whole.has_step_part());
+  shared.step(whole);
+  mpi.step(sgd);
+  for (std::size_t k = 0; k < a.values.size(); ++k) EXPECT_EQ(a.values[k], b.values[k]) << "tensor " << k;
+
+  bnrelu::manual_seed(3);
+  auto model = bnrelu::models::seed_cnn<float>(1, 10);
+  dist::DataParallel ddp(model, {.share_weights = true});
+  WholeTensorSGD<float> opt(model.named_parameters(), 0.1);
+  Tensor<float, 4> x(2, 1, 28, 28);
+  x.setConstant(0.25f);
+  bnrelu::nn::CrossEntropyLoss<float> loss;
+  loss.forward(model.forward(x), std::vector<std::int64_t>{0, 1});
+  EXPECT_THROW(ddp.backward_and_step(loss.backward(), opt), std::logic_error);
 }
 
 TEST(DataParallel, ShardsAreDisjointAndMakeTheGlobalBatch) {

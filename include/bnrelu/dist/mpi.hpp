@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
+#include <limits>
 #include <memory>
 #include <span>
 #include <stdexcept>
@@ -299,7 +301,12 @@ class NodeSharedReduction {
     check(MPI_Barrier(node_), "MPI_Barrier");
     check(MPI_Win_sync(win_), "MPI_Win_sync");
   }
+  // Freeing the window is collective: it waits for the node's other ranks. While an exception
+  // unwinds (one rank failed alone, say writing a checkpoint), it would wait forever for ranks
+  // that are in another collective, and keep the program from its MPI_Abort; the window is
+  // then left to MPI_Abort or MPI_Finalize.
   ~NodeSharedReduction() {
+    if (std::uncaught_exceptions() > exceptions_at_start_) return;
     MPI_Win_unlock_all(win_);
     MPI_Win_free(&win_);
     MPI_Comm_free(&node_);
@@ -308,9 +315,12 @@ class NodeSharedReduction {
   NodeSharedReduction(const NodeSharedReduction&) = delete;
   NodeSharedReduction& operator=(const NodeSharedReduction&) = delete;
 
+  // Whether some parameters live in the window.
+  bool holds_parameters() const { return std::find(shared_.begin(), shared_.end(), true) != shared_.end(); }
+
   // grad = scale * (sum over all ranks of grad). Not with shared parameters.
   void average(T scale) {
-    if (std::find(shared_.begin(), shared_.end(), true) != shared_.end())
+    if (holds_parameters())
       throw std::logic_error("bnrelu::dist: with shared weights, gradients are averaged only inside step()");
     publish_gradients();
     synchronise();
@@ -342,6 +352,8 @@ class NodeSharedReduction {
   // each part copied from the rank that updates it.
   void gather_state(std::size_t k, std::span<T> state) {
     std::vector<int> counts, displs;
+    if (state.size() > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+      throw std::length_error("bnrelu::dist: optimizer state of more than 2^31 - 1 elements");
     for (int q = 0; q < local_size_; ++q) {
       const auto [first, last] = flat_.overlap(k, part_begin(q), part_end(q));
       counts.push_back(static_cast<int>(last - first));
@@ -361,7 +373,7 @@ class NodeSharedReduction {
     for (int q = 0; q < local_size_; ++q)
       if (q != local_rank_)
         flat_.for_each_piece(part_begin(q), part_end(q), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
-          if (!shared_[k]) std::copy_n(flat_[k].grad.data() + offset, n, slot(local_rank_) + at);
+          if (!shared_[k]) copy(flat_[k].grad.data() + offset, n, slot(local_rank_) + at);
         });
   }
 
@@ -370,14 +382,11 @@ class NodeSharedReduction {
   // and slot the same elements' place in this rank's slot. The blocks stay in L1.
   template <class Use>
   void for_each_sum(T scale, Use&& use) {
-    constexpr std::size_t kBlock = 2048;
-    T sum[kBlock];
     const int me = local_rank_;
     const bool across = nodes_ > 1;
     flat_.for_each_piece(part_begin(me), part_end(me), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
       const T* g = flat_[k].grad.data() + offset;
-      for (std::size_t b = 0; b < n; b += kBlock) {
-        const std::size_t m = std::min(kBlock, n - b);
+      for_each_block(n, [&](std::size_t b, std::size_t m, T* sum) {
         auto from = [&](int q) -> const T* {
           if (shared_[k]) return grads_[static_cast<std::size_t>(q)] + placed_at_[k] + offset + b;
           return q == me ? g + b : slot(q) + at + b;
@@ -394,12 +403,12 @@ class NodeSharedReduction {
         }
         if (across) {  // the node's sum, to be allreduced between nodes below
           std::copy_n(sum, m, slot(me) + at + b);
-          continue;
+          return;
         }
         if (scale != T(1))
           for (std::size_t i = 0; i < m; ++i) sum[i] *= scale;
         use(k, offset + b, slot(me) + at + b, sum, m);
-      }
+      });
     });
     if (!across) return;
     T* part = slot(me) + part_begin(me);
@@ -410,12 +419,36 @@ class NodeSharedReduction {
                           across_),
             "MPI_Allreduce of gradients between nodes");
     flat_.for_each_piece(part_begin(me), part_end(me), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
-      for (std::size_t b = 0; b < n; b += kBlock) {
-        const std::size_t m = std::min(kBlock, n - b);
+      for_each_block(n, [&](std::size_t b, std::size_t m, T* sum) {
         for (std::size_t i = 0; i < m; ++i) sum[i] = slot(me)[at + b + i] * scale;
         use(k, offset + b, slot(me) + at + b, sum, m);
-      }
+      });
     });
+  }
+
+  // f(b, m, sum) for the blocks [b, b + m) of [0, n), which stay in L1, with a buffer of m
+  // values for each; in parallel over the rank's threads (the blocks are disjoint).
+  template <class F>
+  static void for_each_block(std::size_t n, F&& f) {
+    constexpr std::size_t kBlock = 2048;
+    const auto blocks = static_cast<std::ptrdiff_t>((n + kBlock - 1) / kBlock);
+#pragma omp parallel for schedule(static) if (blocks > 64)
+    for (std::ptrdiff_t i = 0; i < blocks; ++i) {
+      T sum[kBlock];
+      const std::size_t b = static_cast<std::size_t>(i) * kBlock;
+      f(b, std::min(kBlock, n - b), sum);
+    }
+  }
+
+  // A large copy in parallel over the rank's threads.
+  static void copy(const T* from, std::size_t n, T* to) {
+    constexpr std::size_t kChunk = 1 << 16;
+    const auto chunks = static_cast<std::ptrdiff_t>((n + kChunk - 1) / kChunk);
+#pragma omp parallel for schedule(static) if (chunks > 4)
+    for (std::ptrdiff_t i = 0; i < chunks; ++i) {
+      const std::size_t b = static_cast<std::size_t>(i) * kChunk;
+      std::copy_n(from + b, std::min(kChunk, n - b), to + b);
+    }
   }
 
   // 3. data(p) is where parameter p's flat elements go (its values or its gradient).
@@ -424,7 +457,7 @@ class NodeSharedReduction {
     for (int q = 0; q < local_size_; ++q)
       if (q != local_rank_)
         flat_.for_each_piece(part_begin(q), part_end(q), [&](std::size_t k, std::size_t offset, std::size_t at, std::size_t n) {
-          if (!shared_[k]) std::copy_n(slot(q) + at, n, data(flat_[k]) + offset);
+          if (!shared_[k]) copy(slot(q) + at, n, data(flat_[k]) + offset);
         });
   }
 
@@ -441,6 +474,7 @@ class NodeSharedReduction {
   MPI_Win win_ = MPI_WIN_NULL;
   std::vector<T*> slots_, grads_;  // per local rank
   T* values_ = nullptr;            // the shared parameters' values
+  int exceptions_at_start_ = std::uncaught_exceptions();
 };
 
 }  // namespace detail
@@ -464,8 +498,11 @@ class GradientAverager {
                             Reduction reduction = Reduction::automatic, MPI_Comm node = MPI_COMM_NULL,
                             std::vector<bool> shared = {})
       : params_(std::move(params)), reduction_(reduction) {
-    if (reduction != Reduction::mpi_allreduce && running() && dist::size() > 1)
-      make_shared_reduction(reduction, node, std::move(shared));
+    if (reduction != Reduction::mpi_allreduce && running() && dist::size() > 1) find_node(reduction, node);
+    // the window now when it is needed from the start, else at the first step()
+    if (can_share_ &&
+        (reduction == Reduction::node_shared_memory || std::find(shared.begin(), shared.end(), true) != shared.end()))
+      make_window(std::move(shared));
     std::size_t start = 0, elems = 0;
     auto close = [&](std::size_t end) {
       if (end > start) buckets_.push_back({start, end, elems});
@@ -485,6 +522,14 @@ class GradientAverager {
     }
     close(params_.size());
   }
+
+  ~GradientAverager() {
+    if (std::uncaught_exceptions() > exceptions_at_start_) return;  // see ~NodeSharedReduction
+    if (node_ != MPI_COMM_NULL) MPI_Comm_free(&node_);
+    if (across_ != MPI_COMM_NULL) MPI_Comm_free(&across_);
+  }
+  GradientAverager(const GradientAverager&) = delete;
+  GradientAverager& operator=(const GradientAverager&) = delete;
 
   // grad = (sum over ranks of grad) / ranks, for every parameter; without the division when
   // divide is false (the gradients were scaled by 1 / ranks already).
@@ -508,7 +553,10 @@ class GradientAverager {
   // then opt.step().
   void step(optim::Optimizer<T>& opt, bool divide = true) {
     check_parameters(opt);
-    if (!shared_) {
+    if (!opt.has_step_part() && shared_ && shared_->holds_parameters())
+      throw std::logic_error("bnrelu::dist: shared weights need an optimizer with step_part (SGD, Adam, AdamW)");
+    if (can_share_ && !shared_ && opt.has_step_part()) make_window({});
+    if (!shared_ || !opt.has_step_part()) {
       average(divide);
       opt.step();
       return;
@@ -523,25 +571,39 @@ class GradientAverager {
     check_parameters(opt);
     if (!shared_) return;
     for (auto& [name, values] : opt.state()) {
-      std::size_t k = 0;  // the parameter whose state this is: "<parameter name>.<state>"
-      while (k < params_.size() && name.rfind(params_[k].name + ".", 0) != 0) ++k;
+      // the parameter whose state this is: "<parameter name>.<state>", the longest such name
+      std::size_t k = params_.size();
+      for (std::size_t i = 0; i < params_.size(); ++i)
+        if (name.rfind(params_[i].name + ".", 0) == 0 && (k == params_.size() || params_[i].name.size() > params_[k].name.size()))
+          k = i;
       if (k == params_.size() || values->size() != params_[k].value.size())
         throw std::invalid_argument("bnrelu::dist::GradientAverager: optimizer state " + name + " matches no parameter");
       shared_->gather_state(k, *values);
     }
   }
 
+  // Throws std::invalid_argument unless opt holds these parameters, in this order.
+  void check_parameters(const optim::Optimizer<T>& opt) const {
+    const auto& theirs = opt.parameters();
+    bool same = theirs.size() == params_.size();
+    for (std::size_t k = 0; same && k < params_.size(); ++k)
+      same = theirs[k].value.data() == params_[k].value.data() && theirs[k].value.size() == params_[k].value.size();
+    if (!same)
+      throw std::invalid_argument(
+          "bnrelu::dist::GradientAverager: the optimizer must hold the same parameters, in the same order (built after "
+          "a DataParallel that shares weights, or rebind()-ed to model.named_parameters())");
+  }
   // The reduction that average() uses: mpi_allreduce or node_shared_memory.
   Reduction reduction() const {
     return shared_ && reduction_ == Reduction::node_shared_memory ? Reduction::node_shared_memory : Reduction::mpi_allreduce;
   }
   // Whether step() shares the optimizer's work through node-shared memory.
-  bool shares_step() const { return shared_ != nullptr; }
+  bool shares_step() const { return can_share_; }
   // With shares_step(): where parameter k, when marked shared at construction, is to live
   // (one copy of its values for the node, this rank's gradient of it), for its owner to place
   // it there before rebind(); and this rank's rank on its node (0 puts the values there).
-  T* shared_value(std::size_t k) const { return shared_->shared_value(k); }
-  T* shared_grad(std::size_t k) const { return shared_->shared_grad(k); }
+  T* shared_value(std::size_t k) const { return window("shared_value").shared_value(k); }
+  T* shared_grad(std::size_t k) const { return window("shared_grad").shared_grad(k); }
   int local_rank() const { return local_rank_; }
   // The parameters again after the shared ones were placed (the same names and sizes), once
   // every rank of the node has placed them.
@@ -588,18 +650,16 @@ class GradientAverager {
     }
   }
 
-  void check_parameters(const optim::Optimizer<T>& opt) const {
-    const auto& theirs = opt.parameters();
-    bool same = theirs.size() == params_.size();
-    for (std::size_t k = 0; same && k < params_.size(); ++k)
-      same = theirs[k].value.data() == params_[k].value.data() && theirs[k].value.size() == params_[k].value.size();
-    if (!same)
-      throw std::invalid_argument("bnrelu::dist::GradientAverager: the optimizer must hold the same parameters, in the same order");
+  detail::NodeSharedReduction<T>& window(const char* what) const {
+    if (!shared_) throw std::logic_error(std::string("bnrelu::dist::GradientAverager::") + what + ": no shared parameters");
+    return *shared_;
   }
 
-  // Sets shared_ when every node runs the same number of ranks (two or more, unless
-  // node_shared_memory is asked for).
-  void make_shared_reduction(Reduction reduction, MPI_Comm node, std::vector<bool> shared) {
+
+  // Finds this rank's node (the ranks that share memory with it) and the ranks that own the
+  // same part on the other nodes. Node-shared memory is possible (can_share_) when every node
+  // runs the same number of ranks: two or more, unless node_shared_memory is asked for.
+  void find_node(Reduction reduction, MPI_Comm node) {
     MPI_Comm local = MPI_COMM_NULL;
     if (node == MPI_COMM_NULL)
       detail::check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local),
@@ -620,8 +680,16 @@ class GradientAverager {
     }
     MPI_Comm across = MPI_COMM_NULL;  // the ranks that own the same part on every node
     detail::check(MPI_Comm_split(MPI_COMM_WORLD, local_rank, dist::rank(), &across), "MPI_Comm_split");
-    shared_ = std::make_unique<detail::NodeSharedReduction<T>>(params_, local, across, std::move(shared));
+    node_ = local;
+    across_ = across;
     local_rank_ = local_rank;
+    can_share_ = true;
+  }
+
+  // The window (collective over the node), which takes over the two communicators.
+  void make_window(std::vector<bool> shared) {
+    shared_ = std::make_unique<detail::NodeSharedReduction<T>>(params_, node_, across_, std::move(shared));
+    node_ = across_ = MPI_COMM_NULL;
   }
 
   std::vector<ParamRef<T>> params_;
@@ -629,7 +697,10 @@ class GradientAverager {
   std::vector<Bucket> buckets_;
   std::vector<T> buffer_;
   std::unique_ptr<detail::NodeSharedReduction<T>> shared_;
+  MPI_Comm node_ = MPI_COMM_NULL, across_ = MPI_COMM_NULL;  // until the window takes them
+  bool can_share_ = false;
   int local_rank_ = 0;
+  int exceptions_at_start_ = std::uncaught_exceptions();
   double seconds_ = 0;
 };
 
@@ -668,7 +739,8 @@ class DataParallel {
         averager_(model.named_parameters(), options.bucket_bytes, options.reduction, MPI_COMM_NULL, sharable_) {
     broadcast_state(model_);
     if (size() > 1) model_.set_batchnorm_reducer(std::make_shared<MpiBatchNormReducer>());
-    if (averager_.shares_step()) place_weights(true);
+    if (std::find(sharable_.begin(), sharable_.end(), true) != sharable_.end() && averager_.shares_step())
+      place_weights(true);
   }
   ~DataParallel() {
     if (shares_weights_) place_weights(false);
@@ -709,6 +781,9 @@ class DataParallel {
   // until gather_optimizer_state(opt).
   template <class Dy>
   void backward_and_step(Dy&& dy, optim::Optimizer<T>& opt) {
+    averager_.check_parameters(opt);  // before the backward's collectives
+    if (shares_weights_ && !opt.has_step_part())
+      throw std::logic_error("bnrelu::dist::DataParallel: shared weights need an optimizer with step_part (SGD, Adam, AdamW)");
     if (size() > 1) {
       auto scaled = std::remove_cvref_t<Dy>(std::forward<Dy>(dy));
       scaled = scaled * static_cast<T>(1.0 / size());

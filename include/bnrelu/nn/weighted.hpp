@@ -63,17 +63,14 @@ class WeightAndBias {
   // weight's size), or back into the layer (both null). Both are copied over, the values only
   // when copy_values (false when another process has put the same values there already).
   // bnrelu::dist keeps one copy of a large weight for all processes of a machine this way. The
-  // memory must outlive the placement.
+  // memory must outlive the placement. The layer keeps its own tensors meanwhile, unused: views
+  // taken before the move (an optimizer built earlier) still point at valid memory.
   void place_weight(T* value, T* grad, bool copy_values = true) {
     const std::size_t n = weight_size();
     if (value) {
       if (copy_values) std::copy_n(weight_data(), n, value);
       std::copy_n(dweight_data(), n, grad);
-      weight_ = Tensor<T, WeightRank>();  // no second copy
-      dweight_ = Tensor<T, WeightRank>();
     } else if (placed_value_) {
-      weight_.resize(shape_);
-      dweight_.resize(shape_);
       std::copy_n(placed_value_, n, weight_.data());
       std::copy_n(placed_grad_, n, dweight_.data());
     }
@@ -82,6 +79,21 @@ class WeightAndBias {
   }
 
  protected:
+  // A copy owns its weight, wherever the original's lives.
+  WeightAndBias(const WeightAndBias& other)
+      : shape_(other.shape_), weight_(other.shape_), dweight_(other.shape_), bias_(other.bias_), dbias_(other.dbias_),
+        has_bias_(other.has_bias_), relu_(other.relu_) {
+    std::copy_n(other.weight_view(), weight_size(), weight_.data());
+    std::copy_n(other.dweight_data(), weight_size(), dweight_.data());
+  }
+  WeightAndBias& operator=(const WeightAndBias& other) {
+    if (this != &other) *this = WeightAndBias(other);
+    return *this;
+  }
+  WeightAndBias(WeightAndBias&&) noexcept = default;
+  WeightAndBias& operator=(WeightAndBias&&) noexcept = default;
+  ~WeightAndBias() = default;
+
   // Weight of the given shape and, if wanted, a bias of its first dimension, both drawn from
   // U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's kaiming_uniform_(a = sqrt(5)) and bias init).
   WeightAndBias(const Dims<WeightRank>& shape, bool bias, Index fan_in) : shape_(shape), has_bias_(bias) {
@@ -104,6 +116,7 @@ class WeightAndBias {
   T* weight_data() { return placed_value_ ? placed_value_ : weight_.data(); }
   T* dweight_data() { return placed_grad_ ? placed_grad_ : dweight_.data(); }
   const T* dweight_data() const { return placed_grad_ ? placed_grad_ : dweight_.data(); }
+  const T* weight_view() const { return placed_value_ ? placed_value_ : weight_.data(); }
   std::size_t weight_size() const {
     std::size_t n = 1;
     for (Index d : shape_) n *= static_cast<std::size_t>(d);
@@ -113,7 +126,7 @@ class WeightAndBias {
   T* dbias_data() { return has_bias_ ? dbias_.data() : nullptr; }
 
   Dims<WeightRank> shape_;
-  Tensor<T, WeightRank> weight_, dweight_;  // empty while placed elsewhere
+  Tensor<T, WeightRank> weight_, dweight_;  // unused while placed elsewhere
   T* placed_value_ = nullptr;
   T* placed_grad_ = nullptr;
   Tensor<T, 1> bias_, dbias_;  // empty without bias

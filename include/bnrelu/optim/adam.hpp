@@ -37,6 +37,7 @@ class AdamBase : public Optimizer<T> {
     }
   }
 
+  bool has_step_part() const override { return true; }
   void step_part(std::size_t k, std::size_t begin, std::size_t end, const T* grad) override {
     const double t = static_cast<double>(this->steps_ + 1);
     const Rule rule{static_cast<T>(opt_.beta1),

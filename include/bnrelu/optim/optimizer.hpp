@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -22,15 +23,22 @@ class Optimizer {
   void zero_grad() {
     for (auto& p : params_) std::fill(p.grad.begin(), p.grad.end(), T(0));
   }
-  // One update of every parameter from its gradient.
-  void step() {
+  // One update of every parameter from its gradient (by default step_part over each whole
+  // parameter, then one step counted).
+  virtual void step() {
     for (std::size_t k = 0; k < params_.size(); ++k) step_part(k, 0, params_[k].value.size(), params_[k].grad.data());
     ++steps_;
   }
   // step()'s update of elements [begin, end) of parameter k, from the gradient values
-  // grad[0, end - begin) instead of the parameter's own gradient, without counting a step.
-  // bnrelu::dist uses it to give each rank its own shard of the parameters to update.
-  virtual void step_part(std::size_t k, std::size_t begin, std::size_t end, const T* grad) = 0;
+  // grad[0, end - begin) instead of the parameter's own gradient, without counting a step: for
+  // element-wise updates, as SGD's and Adam's. bnrelu::dist uses it to give each rank its own
+  // shard of the parameters to update. An optimizer that needs whole tensors overrides step()
+  // alone, and cannot take a shared step.
+  virtual void step_part(std::size_t /*k*/, std::size_t /*begin*/, std::size_t /*end*/, const T* /*grad*/) {
+    throw std::logic_error("optimizer: this optimizer updates whole tensors only (no step_part)");
+  }
+  // Whether step_part is implemented.
+  virtual bool has_step_part() const { return false; }
   // The parameters, in order.
   const std::vector<ParamRef<T>>& parameters() const { return params_; }
   // Points the optimizer at its parameters after they moved (as DataParallel's shared weights

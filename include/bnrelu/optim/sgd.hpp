@@ -33,6 +33,7 @@ class SGD : public Optimizer<T> {
     for (auto& p : this->params_) buf_.emplace_back(opt.momentum != 0 ? p.value.size() : 0);
   }
 
+  bool has_step_part() const override { return true; }
   void step_part(std::size_t k, std::size_t begin, std::size_t end, const T* grad) override {
     const Rule rule{static_cast<T>(this->lr_), static_cast<T>(opt_.weight_decay), static_cast<T>(opt_.momentum),
                     static_cast<T>(1 - opt_.dampening), this->steps_ == 0, opt_.nesterov};
