@@ -331,6 +331,37 @@ TEST(GradientAverager, OptimizersWithoutStepPartAverageThenStep) {
   EXPECT_THROW(ddp.backward_and_step(loss.backward(), opt), std::logic_error);
 }
 
+// The SyncBatchNorm backward works in groups of channels (here 8 groups of 2), each with its own
+// reduction: ranks with different batches must still make the same groups, and the result is the
+// whole batch's.
+TEST(DataParallel, SyncBatchNormGroupsChannelsAlikeOnUnevenRanks) {
+  const Index rows0 = 1, rows1 = 5, total = rows0 + rows1, C = 16, H = 64, W = 64;
+  bnrelu::manual_seed(23);
+  Tensor<double, 4> x(total, C, H, W), dy(total, C, H, W);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = bnrelu::uniform(-2, 2);
+  for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = bnrelu::uniform(-1, 1);
+  bnrelu::nn::BatchNormReLU2d<double> whole({.num_features = C}), mine({.num_features = C});
+  const auto want = whole.forward(x);
+  const auto want_dx = whole.backward(dy);
+  mine.set_reducer(std::make_shared<dist::MpiBatchNormReducer>());
+  const Index first = dist::rank() == 0 ? 0 : rows0, n = dist::rank() == 0 ? rows0 : rows1, image = C * H * W;
+  Tensor<double, 4> xs(n, C, H, W), dys(n, C, H, W);
+  std::copy_n(x.data() + first * image, n * image, xs.data());
+  std::copy_n(dy.data() + first * image, n * image, dys.data());
+  const auto got = mine.forward(xs);
+  const auto got_dx = mine.backward(dys);
+  double err = 0, err_dx = 0;
+  for (Index i = 0; i < got.size(); ++i) err = std::max(err, std::abs(got.data()[i] - want.data()[first * image + i]));
+  for (Index i = 0; i < got_dx.size(); ++i)
+    err_dx = std::max(err_dx, std::abs(got_dx.data()[i] - want_dx.data()[first * image + i]));
+  EXPECT_LE(err, 1e-12);
+  EXPECT_LE(err_dx, 1e-12);
+  // the parameter gradients are this rank's share: summed over ranks, the whole batch's
+  std::vector<double> dw(mine.weight_grad().data(), mine.weight_grad().data() + C);
+  MPI_Allreduce(MPI_IN_PLACE, dw.data(), static_cast<int>(C), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+  for (Index c = 0; c < C; ++c) EXPECT_NEAR(dw[static_cast<std::size_t>(c)], whole.weight_grad()(c), 1e-9);
+}
+
 TEST(DataParallel, ShardsAreDisjointAndMakeTheGlobalBatch) {
   bnrelu::data::Mnist set;
   set.images = Tensor<float, 4>(103, 1, 2, 2);

@@ -153,6 +153,7 @@ class MpiBatchNormReducer : public nn::BatchNormReducer {
   void sum(std::span<double> values) override {
     detail::allreduce_sum(values.data(), values.size(), MPI_DOUBLE, "MPI_Allreduce of batch-norm gradient sums");
   }
+  int replicas() const override { return dist::size(); }
 
  private:
   std::vector<double> send_, all_;

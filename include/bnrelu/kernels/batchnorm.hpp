@@ -639,35 +639,38 @@ void batchnorm_statistics(double* mean, double* var, const T* x, Index N, Index 
 }
 
 // Per-channel sum(g) and sum(g * (x - mean)), g the ReLU-masked (or plain) dy, as in
-// batchnorm_backward.
+// batchnorm_backward; for channels [first, last) when given (last < 0: to C).
 template <class T>
 void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, const double* mean,
                              const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S,
-                             bool relu) {
-  const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());
-  const Index nblocks = (C + G - 1) / G;
+                             bool relu, Index first = 0, Index last = -1) {
+  if (last < 0) last = C;
+  const Index G = detail::channel_block(N, last - first, S, 2 * sizeof(T), num_threads());
+  const Index nblocks = (last - first + G - 1) / G;
 #pragma omp parallel for schedule(static)
   for (Index blk = 0; blk < nblocks; ++blk) {
-    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
+    const Index c0 = first + blk * G, c1 = std::min(last, c0 + G);
     std::fill(sum + c0, sum + c1, 0.0);
     std::fill(dot + c0, dot + c1, 0.0);
     detail::backward_sums(sum + c0, dot + c0, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu);
   }
 }
 
-// dx from given per-channel sums over M values (all replicas' for SyncBatchNorm).
+// dx from given per-channel sums over M values (all replicas' for SyncBatchNorm); for channels
+// [first, last) when given (last < 0: to C).
 template <class T>
 void batchnorm_backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x,
                            const double* mean, const double* invstd, const T* weight, const T* bias, Index N,
-                           Index C, Index S, bool relu) {
-  const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());
-  const Index nblocks = (C + G - 1) / G;
+                           Index C, Index S, bool relu, Index first = 0, Index last = -1) {
+  if (last < 0) last = C;
+  const Index G = detail::channel_block(N, last - first, S, 2 * sizeof(T), num_threads());
+  const Index nblocks = (last - first + G - 1) / G;
   const bool stream = detail::stream_output<T>(N * C * S);
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
     for (Index blk = 0; blk < nblocks; ++blk) {
-      const Index c0 = blk * G, c1 = std::min(C, c0 + G);
+      const Index c0 = first + blk * G, c1 = std::min(last, c0 + G);
       detail::backward_dx(dx, sum + c0, dot + c0, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu,
                           stream);
     }

@@ -34,6 +34,8 @@ class BatchNormReducer {
   virtual void combine_statistics(double& count, std::span<double> mean, std::span<double> m2) = 0;
   // Element-wise sum over all replicas, in place.
   virtual void sum(std::span<double> values) = 0;
+  // The number of replicas (for sizing work alike on all of them).
+  virtual int replicas() const { return 1; }
 };
 
 namespace detail {
@@ -289,23 +291,49 @@ class BatchNormBase : public Module {
   }
 
   // SyncBatchNorm backward: the parameter gradients from this replica's sums (data-parallel
-  // gradient averaging combines them), the input gradient from the sums of all replicas.
+  // gradient averaging combines them), the input gradient from the sums of all replicas. In
+  // groups of channels whose x and dy fit in a core's L2: a group's sums, their reduction,
+  // then its dx while the group is still in cache, instead of a second read of the whole
+  // tensor from memory.
   void backward_synced(Tensor<T, Rank>& dx, const Tensor<T, Rank>& dy, Index N, Index C, Index S, bool relu) {
     const T* w = opt_.affine ? weight_.data() : nullptr;
     const T* b = opt_.affine ? bias_.data() : nullptr;
     sums_.resize(2 * static_cast<std::size_t>(C));
     double* sum = sums_.data();
     double* dot = sum + C;
-    kernels::batchnorm_backward_sums(sum, dot, dy.data(), x_.data(), mean_.data(), invstd_.data(), w, b, N, C, S,
-                                     relu);
-    if (opt_.affine)
-      for (Index c = 0; c < C; ++c) {
-        dbias_(c) += static_cast<T>(sum[c]);
-        dweight_(c) += static_cast<T>(dot[c] * invstd_[c]);
+    const Index group = sync_group_channels(C);
+    for (Index c0 = 0; c0 < C; c0 += group) {
+      const Index c1 = std::min(C, c0 + group), n = c1 - c0;
+      kernels::batchnorm_backward_sums(sum, dot, dy.data(), x_.data(), mean_.data(), invstd_.data(), w, b, N, C, S,
+                                       relu, c0, c1);
+      if (opt_.affine)
+        for (Index c = c0; c < c1; ++c) {
+          dbias_(c) += static_cast<T>(sum[c]);
+          dweight_(c) += static_cast<T>(dot[c] * invstd_[c]);
+        }
+      if (group >= C) {
+        reducer_->sum(sums_);
+      } else {  // the group's sums and dots side by side, as the reducer takes them
+        group_sums_.resize(2 * static_cast<std::size_t>(n));
+        std::copy(sum + c0, sum + c1, group_sums_.begin());
+        std::copy(dot + c0, dot + c1, group_sums_.begin() + n);
+        reducer_->sum(group_sums_);
+        std::copy(group_sums_.begin(), group_sums_.begin() + n, sum + c0);
+        std::copy(group_sums_.begin() + n, group_sums_.end(), dot + c0);
       }
-    reducer_->sum(sums_);
-    kernels::batchnorm_backward_dx(dx.data(), sum, dot, count_, dy.data(), x_.data(), mean_.data(), invstd_.data(),
-                                   w, b, N, C, S, relu);
+      kernels::batchnorm_backward_dx(dx.data(), sum, dot, count_, dy.data(), x_.data(), mean_.data(), invstd_.data(),
+                                     w, b, N, C, S, relu, c0, c1);
+    }
+  }
+
+  // Channels per group of the SyncBatchNorm backward: as many as keep a replica's share of x and
+  // dy (the global count over the replicas) within 512 KiB, as channel_block does in one
+  // process. From global figures only, so that every replica makes the same groups: their
+  // reductions must pair up.
+  Index sync_group_channels(Index C) const {
+    const double share = count_ / std::max(1, reducer_->replicas());
+    const double bytes = std::max(1.0, share) * 2.0 * static_cast<double>(sizeof(T));
+    return std::clamp<Index>(static_cast<Index>(static_cast<double>(512 << 10) / bytes), 1, std::max<Index>(C, 1));
   }
 
   void drop_cache() {
@@ -323,6 +351,7 @@ class BatchNormBase : public Module {
   std::vector<double> mean_, var_, invstd_;  // batch statistics of the cached forward
   std::vector<T> scale_, shift_;             // eval's per-channel affine map
   std::vector<double> sums_;                 // SyncBatchNorm backward: sum(g), sum(g * (x - mean))
+  std::vector<double> group_sums_;           // one group's sums then dots, for the reducer
   double count_ = 0;                         // values per channel in the cached forward (all replicas)
   std::shared_ptr<BatchNormReducer> reducer_;
   Recycler<T, Rank> y_, dx_;                 // storage for the next output and input gradient
