@@ -50,6 +50,9 @@ void allreduce_sum(T* data, std::size_t n, MPI_Datatype type, const char* what) 
           what);
 }
 
+// Whether any parameter is marked.
+inline bool any_marked(const std::vector<bool>& marks) { return std::find(marks.begin(), marks.end(), true) != marks.end(); }
+
 template <class T>
 MPI_Datatype mpi_type() {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float or double");
@@ -317,7 +320,7 @@ class NodeSharedReduction {
   NodeSharedReduction& operator=(const NodeSharedReduction&) = delete;
 
   // Whether some parameters live in the window.
-  bool holds_parameters() const { return std::find(shared_.begin(), shared_.end(), true) != shared_.end(); }
+  bool holds_parameters() const { return any_marked(shared_); }
 
   // grad = scale * (sum over all ranks of grad). Not with shared parameters.
   void average(T scale) {
@@ -492,7 +495,6 @@ class NodeSharedReduction {
 template <class T>
 class GradientAverager {
  public:
-  //
   // shared (optional) marks parameters to keep in node-shared memory when the window is made:
   // see shared_value.
   explicit GradientAverager(std::vector<ParamRef<T>> params, std::size_t bucket_bytes = 4u << 20,
@@ -501,9 +503,7 @@ class GradientAverager {
       : params_(std::move(params)), reduction_(reduction) {
     if (reduction != Reduction::mpi_allreduce && running() && dist::size() > 1) find_node(reduction, node);
     // the window now when it is needed from the start, else at the first step()
-    if (can_share_ &&
-        (reduction == Reduction::node_shared_memory || std::find(shared.begin(), shared.end(), true) != shared.end()))
-      make_window(std::move(shared));
+    if (can_share_ && (reduction == Reduction::node_shared_memory || detail::any_marked(shared))) make_window(std::move(shared));
     std::size_t start = 0, elems = 0;
     auto close = [&](std::size_t end) {
       if (end > start) buckets_.push_back({start, end, elems});
@@ -656,7 +656,6 @@ class GradientAverager {
     return *shared_;
   }
 
-
   // Finds this rank's node (the ranks that share memory with it) and the ranks that own the
   // same part on the other nodes. Node-shared memory is possible (can_share_) when every node
   // runs the same number of ranks: two or more, unless node_shared_memory is asked for.
@@ -740,8 +739,7 @@ class DataParallel {
         averager_(model.named_parameters(), options.bucket_bytes, options.reduction, MPI_COMM_NULL, sharable_) {
     broadcast_state(model_);
     if (size() > 1) model_.set_batchnorm_reducer(std::make_shared<MpiBatchNormReducer>());
-    if (std::find(sharable_.begin(), sharable_.end(), true) != sharable_.end() && averager_.shares_step())
-      place_weights(true);
+    if (detail::any_marked(sharable_) && averager_.shares_step()) place_weights(true);
   }
   ~DataParallel() {
     if (shares_weights_) place_weights(false);
@@ -766,14 +764,8 @@ class DataParallel {
   template <class Dy>
   void backward_params(Dy&& dy) {
     refuse_with_shared_weights("backward_params");
-    if (size() > 1) {
-      auto scaled = std::remove_cvref_t<Dy>(std::forward<Dy>(dy));
-      scaled = scaled * static_cast<T>(1.0 / size());
-      model_.backward_params(std::move(scaled));
-      averager_.average(false);
-    } else {
-      model_.backward_params(std::forward<Dy>(dy));
-    }
+    backward_of_mean(std::forward<Dy>(dy));
+    if (size() > 1) averager_.average(false);
   }
   // The model's backward, then one step of opt (built on model.named_parameters()) from the
   // gradients' mean over ranks, its work shared among the ranks of each node: see
@@ -785,15 +777,11 @@ class DataParallel {
     averager_.check_parameters(opt);  // before the backward's collectives
     if (shares_weights_ && !opt.has_step_part())
       throw std::logic_error("bnrelu::dist::DataParallel: shared weights need an optimizer with step_part (SGD, Adam, AdamW)");
-    if (size() > 1) {
-      auto scaled = std::remove_cvref_t<Dy>(std::forward<Dy>(dy));
-      scaled = scaled * static_cast<T>(1.0 / size());
-      model_.backward_params(std::move(scaled));
+    backward_of_mean(std::forward<Dy>(dy));
+    if (size() > 1)
       averager_.step(opt, false);
-    } else {
-      model_.backward_params(std::forward<Dy>(dy));
+    else
       opt.step();
-    }
   }
   // Makes the optimizer's state whole on every rank after backward_and_step, before it is
   // saved. Collective: every rank calls it.
@@ -806,6 +794,15 @@ class DataParallel {
   static double mean_over_ranks(double v) { return sum_over_ranks(v) / dist::size(); }
 
  private:
+  // The model's backward from dy / ranks: the summed gradients are then the mean's.
+  template <class Dy>
+  void backward_of_mean(Dy&& dy) {
+    if (size() == 1) return model_.backward_params(std::forward<Dy>(dy));
+    auto scaled = std::remove_cvref_t<Dy>(std::forward<Dy>(dy));
+    scaled = scaled * static_cast<T>(1.0 / size());
+    model_.backward_params(std::move(scaled));
+  }
+
   static Model& checked(Model& model) {
     if (!running()) throw std::logic_error("bnrelu::dist::DataParallel: MPI is not initialised (use dist::Environment)");
     return model;
@@ -838,15 +835,14 @@ class DataParallel {
   // Moves the shared weights into node memory (local rank 0 copies the values: they are the
   // same on every rank after the broadcast), or back into their layers.
   void place_weights(bool shared) {
-    const auto marked = sharable_;
     for_each_placeable(model_, [&](std::size_t k, auto& layer) {
-      if (!marked[k]) return;
+      if (!sharable_[k]) return;
       if (shared)
         layer.place_weight(averager_.shared_value(k), averager_.shared_grad(k), averager_.local_rank() == 0);
       else
         layer.place_weight(nullptr, nullptr);
     });
-    shares_weights_ = shared && std::find(marked.begin(), marked.end(), true) != marked.end();
+    shares_weights_ = shared;
     if (shared) averager_.rebind(model_.named_parameters());
   }
 

@@ -311,16 +311,13 @@ class BatchNormBase : public Module {
           dbias_(c) += static_cast<T>(sum[c]);
           dweight_(c) += static_cast<T>(dot[c] * invstd_[c]);
         }
-      if (group >= C) {
-        reducer_->sum(sums_);
-      } else {  // the group's sums and dots side by side, as the reducer takes them
-        group_sums_.resize(2 * static_cast<std::size_t>(n));
-        std::copy(sum + c0, sum + c1, group_sums_.begin());
-        std::copy(dot + c0, dot + c1, group_sums_.begin() + n);
-        reducer_->sum(group_sums_);
-        std::copy(group_sums_.begin(), group_sums_.begin() + n, sum + c0);
-        std::copy(group_sums_.begin() + n, group_sums_.end(), dot + c0);
-      }
+      // the group's sums and dots side by side, as the reducer takes them
+      group_sums_.resize(2 * static_cast<std::size_t>(n));
+      std::copy(sum + c0, sum + c1, group_sums_.begin());
+      std::copy(dot + c0, dot + c1, group_sums_.begin() + n);
+      reducer_->sum(group_sums_);
+      std::copy(group_sums_.begin(), group_sums_.begin() + n, sum + c0);
+      std::copy(group_sums_.begin() + n, group_sums_.end(), dot + c0);
       kernels::batchnorm_backward_dx(dx.data(), sum, dot, count_, dy.data(), x_.data(), mean_.data(), invstd_.data(),
                                      w, b, N, C, S, relu, c0, c1);
     }

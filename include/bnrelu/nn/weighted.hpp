@@ -83,7 +83,7 @@ class WeightAndBias {
   WeightAndBias(const WeightAndBias& other)
       : shape_(other.shape_), weight_(other.shape_), dweight_(other.shape_), bias_(other.bias_), dbias_(other.dbias_),
         has_bias_(other.has_bias_), relu_(other.relu_) {
-    std::copy_n(other.weight_view(), weight_size(), weight_.data());
+    std::copy_n(other.weight_data(), weight_size(), weight_.data());
     std::copy_n(other.dweight_data(), weight_size(), dweight_.data());
   }
   WeightAndBias& operator=(const WeightAndBias& other) {
@@ -116,7 +116,7 @@ class WeightAndBias {
   T* weight_data() { return placed_value_ ? placed_value_ : weight_.data(); }
   T* dweight_data() { return placed_grad_ ? placed_grad_ : dweight_.data(); }
   const T* dweight_data() const { return placed_grad_ ? placed_grad_ : dweight_.data(); }
-  const T* weight_view() const { return placed_value_ ? placed_value_ : weight_.data(); }
+  const T* weight_data() const { return placed_value_ ? placed_value_ : weight_.data(); }
   std::size_t weight_size() const {
     std::size_t n = 1;
     for (Index d : shape_) n *= static_cast<std::size_t>(d);

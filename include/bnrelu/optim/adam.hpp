@@ -51,13 +51,8 @@ class AdamBase : public Optimizer<T> {
     T* p = this->params_[k].value.data() + begin;
     T* m = m_[k].data() + begin;
     T* v = v_[k].data() + begin;
-    const Index n = static_cast<Index>(end - begin);
-    if (n > (1 << 16)) {  // a parallel region costs more than small parts take
-#pragma omp parallel for schedule(static)
-      for (Index c = 0; c < n; c += kChunk) update(rule, p + c, m + c, v + c, grad + c, std::min(kChunk, n - c));
-    } else {
-      update(rule, p, m, v, grad, n);
-    }
+    this->in_chunks(static_cast<Index>(end - begin),
+                    [&](Index c, Index n) { update(rule, p + c, m + c, v + c, grad + c, n); });
   }
 
   std::vector<std::pair<std::string, std::vector<T>*>> state() override {
@@ -74,8 +69,6 @@ class AdamBase : public Optimizer<T> {
     T b1, b2, weight_decay, eps, step_size, bias2_sqrt, decay;
     bool decoupled;
   };
-  static constexpr Index kChunk = 1 << 14;
-
   // p[i], m[i] and v[i] after one step from grad[i], for i < n.
   static void update(const Rule r, T* __restrict p, T* __restrict m, T* __restrict v, const T* __restrict grad, Index n) {
 #pragma omp simd

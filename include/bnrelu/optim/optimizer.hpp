@@ -63,6 +63,16 @@ class Optimizer {
   void set_steps(std::int64_t s) { steps_ = s; }
 
  protected:
+  // f(begin, n) over [0, n) in chunks, in parallel over the threads when n is large enough to
+  // pay for a parallel region (step_part is also called on small blocks).
+  template <class F>
+  static void in_chunks(Index n, F&& f) {
+    constexpr Index kChunk = 1 << 14;
+    if (n <= (1 << 16)) return f(Index(0), n);
+#pragma omp parallel for schedule(static)
+    for (Index c = 0; c < n; c += kChunk) f(c, std::min(kChunk, n - c));
+  }
+
   static void check(bool ok, const char* opt, const std::string& what) {
     if (!ok) throw shape_error(std::string(opt) + ": invalid option: " + what);
   }

@@ -39,14 +39,8 @@ class SGD : public Optimizer<T> {
                     static_cast<T>(1 - opt_.dampening), this->steps_ == 0, opt_.nesterov};
     T* p = this->params_[k].value.data() + begin;
     T* buf = rule.momentum != 0 ? buf_[k].data() + begin : nullptr;
-    const Index n = static_cast<Index>(end - begin);
-    if (n > (1 << 16)) {  // a parallel region costs more than small parts take
-#pragma omp parallel for schedule(static)
-      for (Index c = 0; c < n; c += kChunk)
-        update(rule, p + c, buf ? buf + c : nullptr, grad + c, std::min(kChunk, n - c));
-    } else {
-      update(rule, p, buf, grad, n);
-    }
+    this->in_chunks(static_cast<Index>(end - begin),
+                    [&](Index c, Index n) { update(rule, p + c, buf ? buf + c : nullptr, grad + c, n); });
   }
 
   std::vector<std::pair<std::string, std::vector<T>*>> state() override {
@@ -61,8 +55,6 @@ class SGD : public Optimizer<T> {
     T lr, weight_decay, momentum, damp;
     bool first, nesterov;
   };
-  static constexpr Index kChunk = 1 << 14;
-
   // p[i] and buf[i] (null without momentum) after one step from grad[i], for i < n.
   static void update(const Rule r, T* __restrict p, T* __restrict buf, const T* __restrict grad, Index n) {
 #pragma omp simd
