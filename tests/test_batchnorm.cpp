@@ -160,6 +160,32 @@ TEST(BatchNorm, LargeOffsetKeepsVarianceAccurate) {
   EXPECT_NEAR(bn.running_var()(0), m2 / (x.size() - 1), 1e-4 * m2 / x.size());
 }
 
+TEST(BatchNorm, VarianceStaysAccurateWhenImagesDrift) {
+  // Each image's chunk of a channel is summed in one pass around the first image's mean; chunks
+  // whose mean lies far from it (here every image after an outlying first one, 1000 standard
+  // deviations away, and a channel whose images climb by 50 each) are summed exactly instead.
+  constexpr bnrelu::Index N = 256, C = 2, S = 64;
+  std::vector<float> x(N * C * S);
+  for (bnrelu::Index n = 0; n < N; ++n)
+    for (bnrelu::Index i = 0; i < S; ++i) {
+      x[(n * C + 0) * S + i] = (n == 0 ? 1000.0f : 0.0f) + static_cast<float>(bnrelu::uniform(-1.7, 1.7));
+      x[(n * C + 1) * S + i] = 50.0f * static_cast<float>(n) + static_cast<float>(bnrelu::uniform(-0.1, 0.1));
+    }
+  double mean[C], var[C];
+  bnrelu::kernels::batchnorm_statistics(mean, var, x.data(), N, C, S);
+  for (bnrelu::Index c = 0; c < C; ++c) {
+    double m = 0, m2 = 0;
+    for (bnrelu::Index n = 0; n < N; ++n)
+      for (bnrelu::Index i = 0; i < S; ++i) m += x[(n * C + c) * S + i];
+    m /= N * S;
+    for (bnrelu::Index n = 0; n < N; ++n)
+      for (bnrelu::Index i = 0; i < S; ++i) m2 += (x[(n * C + c) * S + i] - m) * (x[(n * C + c) * S + i] - m);
+    // one pass for every chunk would be off by 2e-8 (mean) and 5e-7 (variance) here
+    EXPECT_NEAR(mean[c], m, 1e-9 * std::abs(m)) << "channel " << c;
+    EXPECT_NEAR(var[c], m2 / (N * S), 1e-9 * m2 / (N * S)) << "channel " << c;
+  }
+}
+
 TEST(BatchNorm, ConstantChannelGivesFiniteResults) {
   nn::BatchNorm2d<float> bn({.num_features = 2});
   Tensor<float, 4> x(2, 2, 3, 3);

@@ -222,3 +222,51 @@ TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
   }
   k::detail::stream_threshold() = saved;
 }
+
+// Blocks whose x and dy do not fit in L2 take the backward's second pass in reverse image order
+// (and ask fewer images ahead in the first); forced here onto small tensors, that walk must give
+// the same bits, for the layer and for SyncBatchNorm's separate passes.
+TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
+  using T = TypeParam;
+  namespace k = bnrelu::kernels;
+  const Index saved = k::detail::backward_spill_bytes();
+  for (const auto& d : std::vector<bnrelu::Dims<4>>{{3, 5, 7, 3}, {5, 3, 28, 28}, {1, 4, 2, 2}}) {
+    SCOPED_TRACE(bnrelu::shape_string(d));
+    const auto x = random_tensor<T, 4>(d, -2, 3);
+    const auto dy = random_tensor<T, 4>(d);
+    const Index N = d[0], C = d[1], S = d[2] * d[3];
+    std::vector<Tensor<T, 4>> out;
+    std::vector<std::vector<T>> grads;
+    std::vector<std::vector<double>> sums;
+    for (Index spill : {std::numeric_limits<Index>::max(), Index{0}}) {
+      k::detail::backward_spill_bytes() = spill;
+      EXPECT_EQ(k::detail::backward_walk(N, S, 1, sizeof(T)).reverse, spill == 0);
+      nn::BatchNormReLU2d<T> l({.num_features = C});
+      for (auto& p : l.named_parameters())
+        for (auto& v : p.value) v = static_cast<T>(0.5 - 0.2 * static_cast<double>(&v - p.value.data()));
+      l.forward(x);
+      out.push_back(l.backward(dy));
+      for (auto& p : l.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
+      std::vector<double> mean(C), var(C), invstd(C), sum(C), dot(C);
+      k::batchnorm_statistics(mean.data(), var.data(), x.data(), N, C, S);
+      for (Index c = 0; c < C; ++c) invstd[c] = 1 / std::sqrt(var[c] + 1e-5);
+      k::batchnorm_backward_sums(sum.data(), dot.data(), dy.data(), x.data(), mean.data(), invstd.data(),
+                                 static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), N, C, S, true);
+      sums.push_back(sum);
+      sums.push_back(dot);
+      Tensor<T, 4> dx(d);
+      k::batchnorm_backward_dx(dx.data(), sum.data(), dot.data(), static_cast<double>(N * S), dy.data(), x.data(),
+                               mean.data(), invstd.data(), static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                               N, C, S, true);
+      out.push_back(dx);
+    }
+    k::detail::backward_spill_bytes() = saved;
+    EXPECT_TRUE(close_to(out[2], out[0], 0));
+    EXPECT_TRUE(close_to(out[3], out[1], 0));
+    for (std::size_t i = 0; i < grads.size() / 2; ++i)
+      EXPECT_EQ(grads[grads.size() / 2 + i], grads[i]) << "gradient " << i;
+    EXPECT_EQ(sums[2], sums[0]);
+    EXPECT_EQ(sums[3], sums[1]);
+  }
+  k::detail::backward_spill_bytes() = saved;
+}
