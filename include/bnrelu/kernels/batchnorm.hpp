@@ -121,9 +121,9 @@ struct Ahead {
   }
 };
 
-// How many images ahead the passes reading from memory ask for. Measured on one thread: the
-// statistics pass (one stream) at 256 x 64 x 28 x 28, right after a backward, runs best 2
-// ahead (1.7 ms, 2.0 ms at 3 and 2.3 ms at 4). The backward's first pass: see backward_walk.
+// How many images ahead the statistics pass (one stream) asks for. Measured on one thread at
+// 256 x 64 x 28 x 28, right after a backward: 1.7-1.8 ms 2 ahead, 1.8-2.1 ms 3 ahead. The
+// backward's first pass: see backward_walk.
 inline constexpr Index kAheadStatistics = 2;
 
 // Sums over i in [0, n): pf(i) gives a packet of terms i .. i+width-1, sf(i) the scalar term
