@@ -823,9 +823,9 @@ class DataParallel {
   }
 
   static std::vector<bool> sharable(Model& model, const DataParallelOptions& options) {
-    std::vector<bool> shared(model.named_parameters().size(), false);
-    if (!options.share_weights) return shared;
     const auto params = model.named_parameters();
+    std::vector<bool> shared(params.size(), false);
+    if (!options.share_weights) return shared;
     for_each_placeable(model, [&](std::size_t k, auto&) {
       shared[k] = params[k].value.size() * sizeof(T) >= options.shared_weight_bytes;
     });

@@ -710,7 +710,8 @@ void batchnorm_statistics(double* mean, double* var, const T* x, Index N, Index 
 }
 
 // Per-channel sum(g) and sum(g * (x - mean)), g the ReLU-masked (or plain) dy, as in
-// batchnorm_backward; for channels [first, last) when given (last < 0: to C).
+// batchnorm_backward; for channels [first, last) when given (last < 0: to C), channel c's into
+// sum[c - first] and dot[c - first].
 template <class T>
 void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, const double* mean,
                              const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S,
@@ -722,14 +723,16 @@ void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, 
 #pragma omp parallel for schedule(static)
   for (Index blk = 0; blk < nblocks; ++blk) {
     const Index c0 = first + blk * G, c1 = std::min(last, c0 + G);
-    std::fill(sum + c0, sum + c1, 0.0);
-    std::fill(dot + c0, dot + c1, 0.0);
-    detail::backward_sums(sum + c0, dot + c0, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, walk);
+    double* block_sum = sum + (c0 - first);
+    double* block_dot = dot + (c0 - first);
+    std::fill(block_sum, block_sum + (c1 - c0), 0.0);
+    std::fill(block_dot, block_dot + (c1 - c0), 0.0);
+    detail::backward_sums(block_sum, block_dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, walk);
   }
 }
 
 // dx from given per-channel sums over M values (all replicas' for SyncBatchNorm); for channels
-// [first, last) when given (last < 0: to C).
+// [first, last) when given (last < 0: to C), channel c's sums at sum[c - first], dot[c - first].
 template <class T>
 void batchnorm_backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x,
                            const double* mean, const double* invstd, const T* weight, const T* bias, Index N,
@@ -744,8 +747,8 @@ void batchnorm_backward_dx(T* dx, const double* sum, const double* dot, double M
 #pragma omp for schedule(static)
     for (Index blk = 0; blk < nblocks; ++blk) {
       const Index c0 = first + blk * G, c1 = std::min(last, c0 + G);
-      detail::backward_dx(dx, sum + c0, dot + c0, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu,
-                          stream, walk);
+      detail::backward_dx(dx, sum + (c0 - first), dot + (c0 - first), M, dy, x, mean, invstd, weight, bias, N, C, S,
+                          c0, c1, relu, stream, walk);
     }
     if (stream) simd::stream_fence();
   }

@@ -298,26 +298,21 @@ class BatchNormBase : public Module {
   void backward_synced(Tensor<T, Rank>& dx, const Tensor<T, Rank>& dy, Index N, Index C, Index S, bool relu) {
     const T* w = opt_.affine ? weight_.data() : nullptr;
     const T* b = opt_.affine ? bias_.data() : nullptr;
-    sums_.resize(2 * static_cast<std::size_t>(C));
-    double* sum = sums_.data();
-    double* dot = sum + C;
     const Index group = sync_group_channels(C);
     for (Index c0 = 0; c0 < C; c0 += group) {
       const Index c1 = std::min(C, c0 + group), n = c1 - c0;
+      // the group's sums then its dots, side by side as the reducer takes them
+      sums_.resize(2 * static_cast<std::size_t>(n));
+      double* sum = sums_.data();
+      double* dot = sum + n;
       kernels::batchnorm_backward_sums(sum, dot, dy.data(), x_.data(), mean_.data(), invstd_.data(), w, b, N, C, S,
                                        relu, c0, c1);
       if (opt_.affine)
         for (Index c = c0; c < c1; ++c) {
-          dbias_(c) += static_cast<T>(sum[c]);
-          dweight_(c) += static_cast<T>(dot[c] * invstd_[c]);
+          dbias_(c) += static_cast<T>(sum[c - c0]);
+          dweight_(c) += static_cast<T>(dot[c - c0] * invstd_[c]);
         }
-      // the group's sums and dots side by side, as the reducer takes them
-      group_sums_.resize(2 * static_cast<std::size_t>(n));
-      std::copy(sum + c0, sum + c1, group_sums_.begin());
-      std::copy(dot + c0, dot + c1, group_sums_.begin() + n);
-      reducer_->sum(group_sums_);
-      std::copy(group_sums_.begin(), group_sums_.begin() + n, sum + c0);
-      std::copy(group_sums_.begin() + n, group_sums_.end(), dot + c0);
+      reducer_->sum(sums_);
       kernels::batchnorm_backward_dx(dx.data(), sum, dot, count_, dy.data(), x_.data(), mean_.data(), invstd_.data(),
                                      w, b, N, C, S, relu, c0, c1);
     }
@@ -347,8 +342,7 @@ class BatchNormBase : public Module {
   Tensor<T, Rank> x_;  // cache for backward: the input, from which the ReLU mask is recomputed
   std::vector<double> mean_, var_, invstd_;  // batch statistics of the cached forward
   std::vector<T> scale_, shift_;             // eval's per-channel affine map
-  std::vector<double> sums_;                 // SyncBatchNorm backward: sum(g), sum(g * (x - mean))
-  std::vector<double> group_sums_;           // one group's sums then dots, for the reducer
+  std::vector<double> sums_;                 // SyncBatchNorm backward: a group's sum(g), then sum(g * (x - mean))
   double count_ = 0;                         // values per channel in the cached forward (all replicas)
   std::shared_ptr<BatchNormReducer> reducer_;
   Recycler<T, Rank> y_, dx_;                 // storage for the next output and input gradient

@@ -23,8 +23,8 @@ class WeightAndBias {
 
   // "weight" then "bias" (when present), as PyTorch names them.
   std::vector<ParamRef<T>> named_parameters() {
-    std::vector<ParamRef<T>> p{{"weight", std::vector<Index>(shape_.begin(), shape_.end()),
-                                {weight_data(), weight_size()}, {dweight_data(), weight_size()}}};
+    std::vector<ParamRef<T>> p{
+        {"weight", shape_vector(weight_), {weight_data(), weight_size()}, {dweight_data(), weight_size()}}};
     if (has_bias_) p.push_back({"bias", shape_vector(bias_), span_of(bias_), span_of(dbias_)});
     return p;
   }
@@ -33,7 +33,7 @@ class WeightAndBias {
   // W's rows and b (a bias is added if there was none). For inference: Sequential's
   // fuse_for_inference folds an eval-mode BatchNorm (and the ReLU after it) this way.
   void fold_affine(const std::vector<double>& scale, const std::vector<double>& shift, bool relu) {
-    const Index O = shape_[0], per_row = static_cast<Index>(weight_size()) / O;
+    const Index O = weight_.dimension(0), per_row = weight_.size() / O;
     if (!has_bias_) {
       bias_.resize(O);
       dbias_.resize(O);
@@ -81,8 +81,8 @@ class WeightAndBias {
  protected:
   // A copy owns its weight, wherever the original's lives.
   WeightAndBias(const WeightAndBias& other)
-      : shape_(other.shape_), weight_(other.shape_), dweight_(other.shape_), bias_(other.bias_), dbias_(other.dbias_),
-        has_bias_(other.has_bias_), relu_(other.relu_) {
+      : weight_(other.weight_.dimensions()), dweight_(other.weight_.dimensions()), bias_(other.bias_),
+        dbias_(other.dbias_), has_bias_(other.has_bias_), relu_(other.relu_) {
     std::copy_n(other.weight_data(), weight_size(), weight_.data());
     std::copy_n(other.dweight_data(), weight_size(), dweight_.data());
   }
@@ -96,7 +96,7 @@ class WeightAndBias {
 
   // Weight of the given shape and, if wanted, a bias of its first dimension, both drawn from
   // U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's kaiming_uniform_(a = sqrt(5)) and bias init).
-  WeightAndBias(const Dims<WeightRank>& shape, bool bias, Index fan_in) : shape_(shape), has_bias_(bias) {
+  WeightAndBias(const Dims<WeightRank>& shape, bool bias, Index fan_in) : has_bias_(bias) {
     weight_.resize(shape);
     dweight_.resize(shape);
     init::uniform_fan_in(weight_, fan_in);
@@ -117,16 +117,12 @@ class WeightAndBias {
   T* dweight_data() { return placed_grad_ ? placed_grad_ : dweight_.data(); }
   const T* dweight_data() const { return placed_grad_ ? placed_grad_ : dweight_.data(); }
   const T* weight_data() const { return placed_value_ ? placed_value_ : weight_.data(); }
-  std::size_t weight_size() const {
-    std::size_t n = 1;
-    for (Index d : shape_) n *= static_cast<std::size_t>(d);
-    return n;
-  }
+  // The layer's own weight tensor keeps its shape while the values live elsewhere.
+  std::size_t weight_size() const { return static_cast<std::size_t>(weight_.size()); }
   T* bias_data() { return has_bias_ ? bias_.data() : nullptr; }
   T* dbias_data() { return has_bias_ ? dbias_.data() : nullptr; }
 
-  Dims<WeightRank> shape_;
-  Tensor<T, WeightRank> weight_, dweight_;  // unused while placed elsewhere
+  Tensor<T, WeightRank> weight_, dweight_;  // unused, but keep the shape, while placed elsewhere
   T* placed_value_ = nullptr;
   T* placed_grad_ = nullptr;
   Tensor<T, 1> bias_, dbias_;  // empty without bias
