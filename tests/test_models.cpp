@@ -3,6 +3,7 @@
 #include <bnrelu/models/seed_cnn.hpp>
 #include <bnrelu/nn/loss.hpp>
 
+#include <algorithm>
 #include <cmath>
 
 #include "golden.hpp"
@@ -102,4 +103,45 @@ TEST(SeedCnn, LayoutNamesAndShapes) {
   EXPECT_EQ(model.get<12>().named_parameters()[0].shape, (std::vector<bnrelu::Index>{7, 512}));
   EXPECT_EQ(model.output_dims({5, 3, 28, 28}), (bnrelu::Dims<2>{5, 7}));
   EXPECT_THROW(model.output_dims({5, 3, 32, 32}), bnrelu::shape_error);  // 8192 != 6272 features
+}
+
+// Every output and input gradient of the whole model, and every parameter gradient but the
+// convolutions' weights and biases (summed from per-thread partials in a fixed order for a
+// thread count), are the same bits for 1 and 2 threads: training forward, backward, and eval.
+TEST(SeedCnn, SameResultForAnyThreadCount) {
+  struct Run {
+    Tensor<float, 2> logits, eval_logits;
+    Tensor<float, 4> dx;
+    std::vector<std::vector<float>> grads;
+  };
+  auto run = [](int threads) {
+    bnrelu::set_num_threads(threads);
+    auto model = bnrelu::models::seed_cnn<float>(1, 10);
+    formula_fill(model);
+    bnrelu::manual_seed(5);
+    Tensor<float, 4> x(6, 1, 28, 28);
+    for (bnrelu::Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(bnrelu::uniform(-1, 2));
+    Run r;
+    r.logits = model.forward(x);
+    Tensor<float, 2> dy(r.logits.dimensions());
+    for (bnrelu::Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(bnrelu::uniform(-1, 1));
+    r.dx = model.backward(dy);
+    for (auto& p : model.named_parameters())
+      if (p.name != "0.weight" && p.name != "0.bias" && p.name != "4.weight" && p.name != "4.bias")
+        r.grads.emplace_back(p.grad.begin(), p.grad.end());
+    model.eval();
+    r.eval_logits = model.forward(x);
+    return r;
+  };
+  const int before = bnrelu::num_threads();
+  const Run one = run(1), two = run(2);
+  bnrelu::set_num_threads(before);
+  auto same = [](const auto& a, const auto& b) {
+    return a.size() == b.size() && std::equal(a.data(), a.data() + a.size(), b.data());
+  };
+  EXPECT_TRUE(same(one.logits, two.logits));
+  EXPECT_TRUE(same(one.eval_logits, two.eval_logits));
+  EXPECT_TRUE(same(one.dx, two.dx));
+  ASSERT_EQ(one.grads.size(), two.grads.size());
+  for (std::size_t i = 0; i < one.grads.size(); ++i) EXPECT_EQ(one.grads[i], two.grads[i]) << i;
 }

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "detail/eigen.hpp"
 #include <unsupported/Eigen/CXX11/Tensor>
 
 namespace bnrelu {

@@ -1,13 +1,12 @@
-// Thread-count control: one knob for bnrelu's OpenMP loops and Eigen's GEMM.
+// Thread-count control: one knob for bnrelu's OpenMP loops (Eigen's products run inside them).
 #pragma once
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include <atomic>
 #include <string>
-
-#include <Eigen/Core>
 
 #include "error.hpp"
 
@@ -29,24 +28,38 @@ inline void keep_blas_single_threaded() {
 }
 }  // namespace detail
 
+namespace detail {
+// The thread count, one for the process: set_num_threads on any std::thread changes it for
+// every thread (OpenMP's own setting, omp_set_num_threads, belongs to the thread that calls it).
+// Every parallel region of bnrelu asks for num_threads() explicitly.
+inline std::atomic<int>& thread_count() {
+#ifdef _OPENMP
+  static std::atomic<int> n{omp_get_max_threads()};
+#else
+  static std::atomic<int> n{1};
+#endif
+  return n;
+}
+}  // namespace detail
+
+// The most threads set_num_threads takes.
+inline constexpr int kMaxThreads = 1024;
+
 // Threads used by kernels and products. Defaults to OMP_NUM_THREADS where set, else the
 // cores; 1 in a build without OpenMP.
 inline int num_threads() {
   detail::keep_blas_single_threaded();
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
+  return detail::thread_count().load(std::memory_order_relaxed);
 }
 
+// Sets the thread count for every thread of the process. A call made while another thread runs
+// bnrelu code takes effect at that thread's next parallel loop. shape_error unless
+// 1 <= n <= kMaxThreads.
 inline void set_num_threads(int n) {
-  if (n < 1) throw shape_error("set_num_threads: expected n >= 1, got " + std::to_string(n));
+  if (n < 1 || n > kMaxThreads)
+    throw shape_error("set_num_threads: expected 1 <= n <= " + std::to_string(kMaxThreads) + ", got " + std::to_string(n));
   detail::keep_blas_single_threaded();
-#ifdef _OPENMP
-  omp_set_num_threads(n);
-#endif
-  Eigen::setNbThreads(n);
+  detail::thread_count().store(n, std::memory_order_relaxed);
 }
 
 namespace detail {

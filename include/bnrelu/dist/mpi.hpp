@@ -436,7 +436,7 @@ class NodeSharedReduction {
   static void for_each_block(std::size_t n, F&& f) {
     constexpr std::size_t kBlock = 2048;
     const auto blocks = static_cast<std::ptrdiff_t>((n + kBlock - 1) / kBlock);
-#pragma omp parallel for schedule(static) if (blocks > 64)
+#pragma omp parallel for schedule(static) if (blocks > 64) num_threads(bnrelu::num_threads())
     for (std::ptrdiff_t i = 0; i < blocks; ++i) {
       T sum[kBlock];
       const std::size_t b = static_cast<std::size_t>(i) * kBlock;
@@ -448,7 +448,7 @@ class NodeSharedReduction {
   static void copy(const T* from, std::size_t n, T* to) {
     constexpr std::size_t kChunk = 1 << 16;
     const auto chunks = static_cast<std::ptrdiff_t>((n + kChunk - 1) / kChunk);
-#pragma omp parallel for schedule(static) if (chunks > 4)
+#pragma omp parallel for schedule(static) if (chunks > 4) num_threads(bnrelu::num_threads())
     for (std::ptrdiff_t i = 0; i < chunks; ++i) {
       const std::size_t b = static_cast<std::size_t>(i) * kChunk;
       std::copy_n(from + b, std::min(kChunk, n - b), to + b);

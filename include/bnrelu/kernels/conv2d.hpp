@@ -6,7 +6,7 @@
 #include <cstring>
 #include <vector>
 
-#include <Eigen/Core>
+#include "../detail/eigen.hpp"
 
 #include "../tensor.hpp"
 #include "../threads.hpp"

@@ -170,7 +170,7 @@ void maxpool2x2_plane_backward(T* dx, const T* dy, const std::int32_t* argmax, c
 template <class T>
 void maxpool2d_forward(T* y, std::int32_t* argmax, const T* x, const Pool2dGeometry& g) {
   const Index planes = g.N * g.C;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index p = 0; p < planes; ++p) {
     const T* xp = x + p * g.H * g.W;
     T* yp = y + p * g.HO * g.WO;
@@ -208,7 +208,7 @@ template <class T>
 void maxpool2d_backward(T* dx, const T* dy, const std::int32_t* argmax, const Pool2dGeometry& g) {
   const Index planes = g.N * g.C;
   const bool tiles = detail::tiling_pool(g);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index p = 0; p < planes; ++p) {
     T* dxp = dx + p * g.H * g.W;
     const T* dyp = dy + p * g.HO * g.WO;

@@ -13,7 +13,7 @@ namespace bnrelu::kernels {
 // as PyTorch's threshold_backward decides.
 template <class T>
 void relu_forward(T* y, std::uint8_t* mask, const T* x, Index n) {
-#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
+#pragma omp parallel for simd schedule(static) if (n > (1 << 16)) num_threads(bnrelu::num_threads())
   for (Index i = 0; i < n; ++i) {
     y[i] = relu_value(x[i]);
     if (mask) mask[i] = !(y[i] <= T(0));
@@ -23,7 +23,7 @@ void relu_forward(T* y, std::uint8_t* mask, const T* x, Index n) {
 // dx = dy where the forward output was positive, else 0.
 template <class T>
 void relu_backward(T* dx, const T* dy, const std::uint8_t* mask, Index n) {
-#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
+#pragma omp parallel for simd schedule(static) if (n > (1 << 16)) num_threads(bnrelu::num_threads())
   for (Index i = 0; i < n; ++i) dx[i] = mask[i] ? dy[i] : T(0);
 }
 

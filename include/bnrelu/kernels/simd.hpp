@@ -3,7 +3,7 @@
 // auto-vectoriser does not give (several accumulators, masks next to double reductions).
 #pragma once
 
-#include <Eigen/Core>
+#include "../detail/eigen.hpp"
 
 #include <cstdint>
 #if defined(EIGEN_VECTORIZE_SSE2)

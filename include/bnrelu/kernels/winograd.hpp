@@ -24,7 +24,7 @@
 
 #include <algorithm>
 
-#include <Eigen/Core>
+#include "../detail/eigen.hpp"
 
 #include "../tensor.hpp"
 #include "simd.hpp"

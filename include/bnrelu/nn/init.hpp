@@ -13,7 +13,7 @@ namespace bnrelu::nn::init {
 template <class T, int Rank>
 void uniform_fan_in(Tensor<T, Rank>& t, Index fan_in) {
   const double bound = fan_in > 0 ? 1.0 / std::sqrt(static_cast<double>(fan_in)) : 0.0;
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<T>(uniform(-bound, bound));
+  fill_uniform(t.data(), t.size(), -bound, bound);
 }
 
 }  // namespace bnrelu::nn::init

@@ -9,6 +9,7 @@
 
 #include "../error.hpp"
 #include "../tensor.hpp"
+#include "../threads.hpp"
 
 namespace bnrelu::optim {
 
@@ -53,7 +54,11 @@ class Optimizer {
   }
 
   double lr() const { return lr_; }
-  void set_lr(double lr) { lr_ = lr; }
+  // shape_error unless lr is finite and >= 0.
+  void set_lr(double lr) {
+    check(finite_nonnegative(lr), "optimizer", "lr must be finite and >= 0, got " + std::to_string(lr));
+    lr_ = lr;
+  }
   // The number of step() calls so far.
   std::int64_t steps() const { return steps_; }
 
@@ -69,10 +74,11 @@ class Optimizer {
   static void in_chunks(Index n, F&& f) {
     constexpr Index kChunk = 1 << 14;
     if (n <= (1 << 16)) return f(Index(0), n);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
     for (Index c = 0; c < n; c += kChunk) f(c, std::min(kChunk, n - c));
   }
 
+  static bool finite_nonnegative(double v) { return std::isfinite(v) && v >= 0; }
   static void check(bool ok, const char* opt, const std::string& what) {
     if (!ok) throw shape_error(std::string(opt) + ": invalid option: " + what);
   }

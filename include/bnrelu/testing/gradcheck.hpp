@@ -52,7 +52,7 @@ GradcheckResult gradcheck(LayerT& layer, const X& x, const GradcheckOptions& opt
   auto y0 = layer.forward(x);
   restore();
   auto r = y0;
-  for (Index i = 0; i < r.size(); ++i) r.data()[i] = uniform(-1, 1);
+  fill_uniform(r.data(), r.size(), -1, 1);
   auto loss = [&](const X& xin) {
     auto y = layer.forward(xin);
     restore();
