@@ -55,7 +55,8 @@ struct Shape {
 // Everything one BN-ReLU layer touches, allocated once outside the timed loop.
 struct Buffers {
   Shape sh;
-  std::vector<float> x, y, dy, dx, weight, bias, scale, shift, dweight, dbias, t;
+  std::vector<float> x, y, dy, dx, weight, bias, dweight, dbias, t;
+  bnrelu::kernels::ChannelAffines<float> eval_maps;  // the eval pass's per-channel maps
   std::vector<std::uint8_t> mask;
   std::vector<double> mean, var, invstd;
   explicit Buffers(const Shape& s) : sh(s) {
@@ -72,8 +73,10 @@ struct Buffers {
     mask.assign(n, 0);
     fill(weight, s.C, 0.5, 1.5);
     fill(bias, s.C, -0.3, 0.3);
-    fill(scale, s.C, 0.5, 1.5);
-    fill(shift, s.C, -0.3, 0.3);
+    eval_maps.resize(s.C);
+    fill(eval_maps.centre, s.C, -0.3, 0.3);
+    fill(eval_maps.scale, s.C, 0.5, 1.5);
+    fill(eval_maps.shift, s.C, -0.3, 0.3);
     dweight.assign(s.C, 0);
     dbias.assign(s.C, 0);
     mean.assign(s.C, 0);
@@ -101,10 +104,10 @@ struct Buffers {
                           invstd.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S, false);
   }
   void fused_eval() {
-    k::batchnorm_forward_eval(y.data(), x.data(), scale.data(), shift.data(), sh.N, sh.C, sh.S, true);
+    k::batchnorm_forward_eval(y.data(), x.data(), eval_maps, sh.N, sh.C, sh.S, true);
   }
   void unfused_eval() {
-    k::batchnorm_forward_eval(t.data(), x.data(), scale.data(), shift.data(), sh.N, sh.C, sh.S, false);
+    k::batchnorm_forward_eval(t.data(), x.data(), eval_maps, sh.N, sh.C, sh.S, false);
     k::relu_forward(y.data(), static_cast<std::uint8_t*>(nullptr), t.data(), static_cast<Index>(t.size()));
   }
 };

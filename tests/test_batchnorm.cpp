@@ -160,6 +160,98 @@ TEST(BatchNorm, LargeOffsetKeepsVarianceAccurate) {
   EXPECT_NEAR(bn.running_var()(0), m2 / (x.size() - 1), 1e-4 * m2 / x.size());
 }
 
+// The output, not only the statistics, stays accurate when the mean is far larger than the
+// spread: float outputs against a double evaluation of the same float inputs, for offsets up
+// to 1e6 (PyTorch 1.13 float32 is off by 0.003 at 1e5 and 0.04 at 1e6 on such data), in the
+// training forward (plain and fused with ReLU, 2-D and 1-D) and in eval.
+TEST(BatchNorm, LargeOffsetKeepsOutputAccurate) {
+  for (double offset : {1e4, 1e5, 1e6}) {
+    SCOPED_TRACE(offset);
+    constexpr bnrelu::Index N = 16, C = 3, S = 100;
+    Tensor<float, 4> x(N, C, 10, 10);
+    Tensor<float, 2> x1(N * S, C);
+    for (bnrelu::Index n = 0; n < N; ++n)
+      for (bnrelu::Index c = 0; c < C; ++c)
+        for (bnrelu::Index i = 0; i < S; ++i) {
+          const float v = static_cast<float>(offset * (c + 1) + bnrelu::uniform(-1.7, 1.7));
+          x.data()[(n * C + c) * S + i] = v;
+          x1(n * S + i, c) = v;
+        }
+    // the double reference per channel: mean, biased variance, y = (x - mean) / sqrt(var + eps) * w + b
+    std::vector<double> mean(C, 0), var(C, 0);
+    for (bnrelu::Index c = 0; c < C; ++c) {
+      for (bnrelu::Index n = 0; n < N; ++n)
+        for (bnrelu::Index i = 0; i < S; ++i) mean[c] += x.data()[(n * C + c) * S + i];
+      mean[c] /= N * S;
+      for (bnrelu::Index n = 0; n < N; ++n)
+        for (bnrelu::Index i = 0; i < S; ++i) {
+          const double d = x.data()[(n * C + c) * S + i] - mean[c];
+          var[c] += d * d;
+        }
+      var[c] /= N * S;
+    }
+    auto want = [](float v, float w, float b, double m, double vr) {
+      return (static_cast<double>(v) - m) / std::sqrt(vr + 1e-5) * w + b;
+    };
+    for (bool relu : {false, true}) {
+      nn::BatchNorm2d<float> bn({.num_features = C});
+      bn.weight().setValues({1.5f, 0.5f, 2.0f});
+      bn.bias().setValues({0.25f, -0.5f, 0.0f});
+      const auto y = relu ? bn.forward_fused_relu(x) : bn.forward(x);
+      double err = 0;
+      for (bnrelu::Index n = 0; n < N; ++n)
+        for (bnrelu::Index c = 0; c < C; ++c)
+          for (bnrelu::Index i = 0; i < S; ++i) {
+            const auto at = (n * C + c) * S + i;
+            double w = want(x.data()[at], bn.weight()(c), bn.bias()(c), mean[c], var[c]);
+            if (relu) w = std::max(w, 0.0);
+            err = std::max(err, std::abs(y.data()[at] - w));
+          }
+      EXPECT_LE(err, 2e-6) << (relu ? "fused" : "plain") << " 2-D training forward";
+    }
+    nn::BatchNorm1d<float> bn1({.num_features = C});
+    const auto y1 = bn1.forward(x1);
+    double err1 = 0;
+    for (bnrelu::Index r = 0; r < N * S; ++r)
+      for (bnrelu::Index c = 0; c < C; ++c)
+        err1 = std::max(err1, std::abs(y1(r, c) - want(x1(r, c), 1.0f, 0.0f, mean[c], var[c])));
+    EXPECT_LE(err1, 2e-6) << "1-D training forward";
+    // eval with running statistics at the offset
+    nn::BatchNorm2d<float> ev({.num_features = C});
+    for (bnrelu::Index c = 0; c < C; ++c) {
+      ev.running_mean()(c) = static_cast<float>(mean[c]);
+      ev.running_var()(c) = static_cast<float>(var[c]);
+    }
+    ev.eval();
+    const auto ye = ev.forward(x);
+    double erre = 0;
+    for (bnrelu::Index n = 0; n < N; ++n)
+      for (bnrelu::Index c = 0; c < C; ++c)
+        for (bnrelu::Index i = 0; i < S; ++i) {
+          const auto at = (n * C + c) * S + i;
+          erre = std::max(erre, std::abs(ye.data()[at] - want(x.data()[at], 1.0f, 0.0f, ev.running_mean()(c),
+                                                                 ev.running_var()(c))));
+        }
+    EXPECT_LE(erre, 2e-6) << "eval forward";
+  }
+}
+
+// An infinite input gives an infinite mean, as in PyTorch (mean +inf, variance NaN), not NaN.
+TEST(BatchNorm, InfiniteInputGivesInfiniteRunningMean) {
+  for (bnrelu::Index S : {1, 64}) {
+    SCOPED_TRACE(S);
+    nn::BatchNorm2d<float> bn({.num_features = 2});
+    Tensor<float, 4> x(4, 2, S, 1);
+    for (bnrelu::Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(bnrelu::uniform(-1, 1));
+    x(2, 0, 0, 0) = std::numeric_limits<float>::infinity();
+    x(1, 1, 0, 0) = -std::numeric_limits<float>::infinity();
+    bn.forward(x);
+    EXPECT_EQ(bn.running_mean()(0), std::numeric_limits<float>::infinity());
+    EXPECT_EQ(bn.running_mean()(1), -std::numeric_limits<float>::infinity());
+    EXPECT_TRUE(std::isnan(bn.running_var()(0)));
+  }
+}
+
 TEST(BatchNorm, VarianceStaysAccurateWhenImagesDrift) {
   // Each image's chunk of a channel is summed in one pass around the first image's mean; chunks
   // whose mean lies far from it (here every image after an outlying first one, 1000 standard

@@ -17,10 +17,12 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../tensor.hpp"
 #include "../threads.hpp"
@@ -58,15 +60,53 @@ inline T relu_grad(T pre, T dy) {
   return std::bit_cast<T>(std::bit_cast<U>(dy) & (U(0) - U(!(pre <= T(0)))));
 }
 
-// scale and shift of channel c from its statistics, rounded once from double; forward, eval
-// and backward all derive them here.
+// The normalisation of one channel as y = (x - centre) * scale + shift, with
+//   centre = mean rounded to T,  scale = weight * invstd,  shift = bias - (mean - centre) * scale.
+// Centring first keeps the output accurate when |mean| >> std (data like 1e6 + noise in
+// float): x - centre is exact for x near the mean, and shift stays of the order of bias,
+// whereas the uncentred x * scale + (bias - mean * scale) rounds a shift of size mean/std.
+// Forward, eval and backward (which recomputes the ReLU mask from x) all evaluate it through
+// apply(), one subtraction and one multiply-add in the packet and the scalar path alike.
 template <class T>
-inline void bn_scale_shift(T& scale, T& shift, double mean, double invstd, const T* weight,
-                           const T* bias, Index c) {
-  const double s = (weight ? static_cast<double>(weight[c]) : 1.0) * invstd;
-  scale = static_cast<T>(s);
-  shift = static_cast<T>((bias ? static_cast<double>(bias[c]) : 0.0) - mean * s);
-}
+struct ChannelAffine {
+  T centre{}, scale{}, shift{};
+  ChannelAffine() = default;
+  ChannelAffine(double mean, double invstd, const T* weight, const T* bias, Index c) : centre(static_cast<T>(mean)) {
+    const double s = (weight ? static_cast<double>(weight[c]) : 1.0) * invstd;
+    scale = static_cast<T>(s);
+    shift = static_cast<T>((bias ? static_cast<double>(bias[c]) : 0.0) - (mean - static_cast<double>(centre)) * s);
+  }
+  T operator()(T x) const { return bn_affine(x - centre, scale, shift); }
+  simd::Packet<T> operator()(const simd::Packet<T>& x) const {
+    return simd::pmadd(simd::psub(x, simd::set1(centre)), simd::set1(scale), simd::set1(shift));
+  }
+};
+
+// The per-channel maps of a layer, C of each, as separate arrays so that loops over channels
+// (the S = 1 kernels) vectorise.
+template <class T>
+struct ChannelAffines {
+  std::vector<T> centre, scale, shift;
+  void resize(Index C) {
+    centre.resize(static_cast<std::size_t>(C));
+    scale.resize(static_cast<std::size_t>(C));
+    shift.resize(static_cast<std::size_t>(C));
+  }
+  void set(Index c, const ChannelAffine<T>& f) {
+    const auto i = static_cast<std::size_t>(c);
+    centre[i] = f.centre;
+    scale[i] = f.scale;
+    shift[i] = f.shift;
+  }
+  ChannelAffine<T> operator[](Index c) const {
+    const auto i = static_cast<std::size_t>(c);
+    ChannelAffine<T> f;
+    f.centre = centre[i];
+    f.scale = scale[i];
+    f.shift = shift[i];
+    return f;
+  }
+};
 
 // The mean split as hi + lo in T: (x - hi) - lo is x - mean to nearly double accuracy even
 // when |mean| >> std (data like 1e4 + noise in float): x - hi is exact for x near hi.
@@ -78,21 +118,19 @@ struct SplitMean {
 };
 
 // What backward needs of one channel to turn dy into the ReLU-masked gradient g and x into
-// x - mean, in both the packet and the scalar (tail) path.
+// x - mean, in both the packet and the scalar (tail) path. mu.hi is the affine map's centre.
 template <class T>
 struct ChannelGrad {
-  T scale{}, shift{};
+  ChannelAffine<T> f;
   SplitMean<T> mu;
   bool relu = false;
   ChannelGrad() = default;
   ChannelGrad(const double* mean, const double* invstd, const T* weight, const T* bias, Index c, bool relu_)
-      : mu(mean[c]), relu(relu_) {
-    bn_scale_shift(scale, shift, mean[c], invstd[c], weight, bias, c);
-  }
+      : f(mean[c], invstd[c], weight, bias, c), mu(mean[c]), relu(relu_) {}
   simd::Packet<T> grad(const simd::Packet<T>& x, const simd::Packet<T>& dy) const {
-    return relu ? simd::relu_grad(simd::pmadd(x, simd::set1(scale), simd::set1(shift)), dy) : dy;
+    return relu ? simd::relu_grad(f(x), dy) : dy;
   }
-  T grad(T x, T dy) const { return relu ? relu_grad(bn_affine(x, scale, shift), dy) : dy; }
+  T grad(T x, T dy) const { return relu ? relu_grad(f(x), dy) : dy; }
 };
 
 namespace detail {
@@ -390,22 +428,29 @@ void block_mean_var(double* mean, double* var, const T* x, T* x_copy, Index N, I
   for (Index c = c0; c < c1; ++c) {
     mean[c - c0] = m[c - c0].mean;
     var[c - c0] = m[c - c0].m2 / m[c - c0].count;
+    // An infinite value turns the shifted sums into inf - inf = NaN; the plain sum gives the
+    // mean PyTorch gives (+-inf, or NaN for both signs), and the variance is then NaN.
+    if (!std::isfinite(mean[c - c0])) {
+      double total = 0;
+      for (Index n = 0; n < N; ++n)
+        for (Index i = 0; i < S; ++i) total += static_cast<double>(x[(n * C + c) * S + i]);
+      mean[c - c0] = total / m[c - c0].count;
+      var[c - c0] = std::numeric_limits<double>::quiet_NaN();
+    }
   }
 }
 
-// y = [relu](x * scale + shift) over n contiguous values.
+// y = [relu](f(x)) over n contiguous values.
 template <class T>
-void affine(T* y, const T* x, Index n, T scale, T shift, bool relu, bool stream = false,
+void affine(T* y, const T* x, Index n, const ChannelAffine<T>& f, bool relu, bool stream = false,
             const Ahead<T>& ahead = {}) {
-  const auto ps = simd::set1(scale), ph = simd::set1(shift);
   if (relu)
     write_each(
-        y, n, stream, [&](Index i) { return simd::relu(simd::pmadd(simd::load(x + i), ps, ph)); },
-        [&](Index i) { return relu_value(bn_affine(x[i], scale, shift)); }, ahead);
+        y, n, stream, [&](Index i) { return simd::relu(f(simd::load(x + i))); },
+        [&](Index i) { return relu_value(f(x[i])); }, ahead);
   else
     write_each(
-        y, n, stream, [&](Index i) { return simd::pmadd(simd::load(x + i), ps, ph); },
-        [&](Index i) { return bn_affine(x[i], scale, shift); }, ahead);
+        y, n, stream, [&](Index i) { return f(simd::load(x + i)); }, [&](Index i) { return f(x[i]); }, ahead);
 }
 
 // Pass 1 of the backward for channels [c0, c1): sum[c - c0] += sum(g), dot[c - c0] +=
@@ -511,11 +556,11 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
     // N x C: vectorise across channels, walk rows; each thread owns a block of channels.
     constexpr Index kBlock = 64;
     const Index nblocks = (C + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
     for (Index b = 0; b < nblocks; ++b) {
       const Index c0 = b * kBlock, c1 = std::min(C, c0 + kBlock), w = c1 - c0;
       double acc[kBlock] = {}, m2[kBlock] = {};
-      T scale[kBlock], shift[kBlock];
+      T centre[kBlock], scale[kBlock], shift[kBlock];
       const T* src = x;
       if (x_copy) {
         for (Index n = 0; n < N; ++n) std::memcpy(x_copy + n * C + c0, x + n * C + c0, w * sizeof(T));
@@ -540,17 +585,20 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
         mean[c] = acc[j];
         var[c] = m2[j] / M;
         invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-        bn_scale_shift(scale[j], shift[j], mean[c], invstd[c], weight, bias, c);
+        const ChannelAffine<T> f(mean[c], invstd[c], weight, bias, c);
+        centre[j] = f.centre;
+        scale[j] = f.scale;
+        shift[j] = f.shift;
       }
       for (Index n = 0; n < N; ++n) {
         const T* xr = src + n * C + c0;
         T* yr = y + n * C + c0;
         if (relu) {
 #pragma omp simd
-          for (Index j = 0; j < w; ++j) yr[j] = relu_value(bn_affine(xr[j], scale[j], shift[j]));
+          for (Index j = 0; j < w; ++j) yr[j] = relu_value(bn_affine(xr[j] - centre[j], scale[j], shift[j]));
         } else {
 #pragma omp simd
-          for (Index j = 0; j < w; ++j) yr[j] = bn_affine(xr[j], scale[j], shift[j]);
+          for (Index j = 0; j < w; ++j) yr[j] = bn_affine(xr[j] - centre[j], scale[j], shift[j]);
         }
       }
     }
@@ -559,56 +607,58 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
   const Index G = detail::channel_block(N, C, S, sizeof(T), num_threads());
   const Index nblocks = (C + G - 1) / G;
   const bool stream = detail::stream_output<T>(N * C * S);
-#pragma omp parallel
+#pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
     for (Index blk = 0; blk < nblocks; ++blk) {
       const Index c0 = blk * G, c1 = std::min(C, c0 + G);
       detail::block_mean_var(mean + c0, var + c0, x, x_copy, N, C, S, c0, c1);
       const T* src = x_copy ? x_copy : x;
-      T scale[detail::kMaxBlock], shift[detail::kMaxBlock];
+      ChannelAffine<T> f[detail::kMaxBlock];
       for (Index c = c0; c < c1; ++c) {
         invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-        bn_scale_shift(scale[c - c0], shift[c - c0], mean[c], invstd[c], weight, bias, c);
+        f[c - c0] = ChannelAffine<T>(mean[c], invstd[c], weight, bias, c);
       }
       for (Index n = 0; n < N; ++n)
         for (Index c = c0; c < c1; ++c) {
           const Index at = (n * C + c) * S;
           detail::Ahead<T> ahead;
           if (n + 1 < N) ahead = {src + at + C * S, nullptr, stream ? nullptr : y + at + C * S};
-          detail::affine(y + at, src + at, S, scale[c - c0], shift[c - c0], relu, stream, ahead);
+          detail::affine(y + at, src + at, S, f[c - c0], relu, stream, ahead);
         }
     }
     if (stream) simd::stream_fence();
   }
 }
 
-// Eval forward, one pass: y = [relu](x * scale[c] + shift[c]).
+// Eval forward, one pass: y = [relu](f[c](x)).
 template <class T>
-void batchnorm_forward_eval(T* y, const T* x, const T* scale, const T* shift, Index N, Index C,
-                            Index S, bool relu) {
+void batchnorm_forward_eval(T* y, const T* x, const ChannelAffines<T>& f, Index N, Index C, Index S, bool relu) {
   if (S == 1) {
-#pragma omp parallel for schedule(static)
+    const T* centre = f.centre.data();
+    const T* scale = f.scale.data();
+    const T* shift = f.shift.data();
+#pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
     for (Index n = 0; n < N; ++n) {
       const T* xr = x + n * C;
       T* yr = y + n * C;
       if (relu) {
 #pragma omp simd
-        for (Index c = 0; c < C; ++c) yr[c] = relu_value(bn_affine(xr[c], scale[c], shift[c]));
+        for (Index c = 0; c < C; ++c) yr[c] = relu_value(bn_affine(xr[c] - centre[c], scale[c], shift[c]));
       } else {
 #pragma omp simd
-        for (Index c = 0; c < C; ++c) yr[c] = bn_affine(xr[c], scale[c], shift[c]);
+        for (Index c = 0; c < C; ++c) yr[c] = bn_affine(xr[c] - centre[c], scale[c], shift[c]);
       }
     }
     return;
   }
   const bool stream = detail::stream_output<T>(N * C * S);
-#pragma omp parallel
+#pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for collapse(2) schedule(static)
     for (Index n = 0; n < N; ++n)
       for (Index c = 0; c < C; ++c)
-        detail::affine(y + (n * C + c) * S, x + (n * C + c) * S, S, scale[c], shift[c], relu, stream);
+        detail::affine(y + (n * C + c) * S, x + (n * C + c) * S, S, f[c], relu, stream);
     if (stream) simd::stream_fence();
   }
 }
@@ -628,23 +678,24 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
   if (S == 1) {
     constexpr Index kBlock = 64;
     const Index nblocks = (C + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
     for (Index b = 0; b < nblocks; ++b) {
       const Index c0 = b * kBlock, c1 = std::min(C, c0 + kBlock), w = c1 - c0;
       double sum[kBlock] = {}, dot[kBlock] = {};
-      T scale[kBlock], shift[kBlock], mu_hi[kBlock], mu_lo[kBlock];
+      T scale[kBlock], shift[kBlock], mu_hi[kBlock], mu_lo[kBlock];  // mu_hi: the affine map's centre
       for (Index j = 0; j < w; ++j) {
-        bn_scale_shift(scale[j], shift[j], mean[c0 + j], invstd[c0 + j], weight, bias, c0 + j);
-        const SplitMean<T> mu(mean[c0 + j]);
-        mu_hi[j] = mu.hi;
-        mu_lo[j] = mu.lo;
+        const ChannelGrad<T> ch(mean, invstd, weight, bias, c0 + j, relu);
+        scale[j] = ch.f.scale;
+        shift[j] = ch.f.shift;
+        mu_hi[j] = ch.mu.hi;
+        mu_lo[j] = ch.mu.lo;
       }
       for (Index n = 0; n < N; ++n) {
         const T* xr = x + n * C + c0;
         const T* dyr = dy + n * C + c0;
 #pragma omp simd
         for (Index j = 0; j < w; ++j) {
-          const T g = relu ? relu_grad(bn_affine(xr[j], scale[j], shift[j]), dyr[j]) : dyr[j];
+          const T g = relu ? relu_grad(bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]), dyr[j]) : dyr[j];
           sum[j] += static_cast<double>(g);
           dot[j] += static_cast<double>(g) * static_cast<double>((xr[j] - mu_hi[j]) - mu_lo[j]);
         }
@@ -665,7 +716,7 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
         T* dxr = dx + n * C + c0;
 #pragma omp simd
         for (Index j = 0; j < w; ++j) {
-          const T g = relu ? relu_grad(bn_affine(xr[j], scale[j], shift[j]), dyr[j]) : dyr[j];
+          const T g = relu ? relu_grad(bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]), dyr[j]) : dyr[j];
           dxr[j] = (g - ((xr[j] - mu_hi[j]) - mu_lo[j]) * k[j] - mean_g[j]) * gs[j];
         }
       }
@@ -676,7 +727,7 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
   const Index nblocks = (C + G - 1) / G;
   const bool stream = detail::stream_output<T>(N * C * S);
   const detail::BackwardWalk walk = detail::backward_walk(N, S, G, sizeof(T));
-#pragma omp parallel
+#pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
     for (Index blk = 0; blk < nblocks; ++blk) {
@@ -702,7 +753,7 @@ template <class T>
 void batchnorm_statistics(double* mean, double* var, const T* x, Index N, Index C, Index S) {
   const Index G = detail::channel_block(N, C, S, sizeof(T), num_threads());
   const Index nblocks = (C + G - 1) / G;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index blk = 0; blk < nblocks; ++blk) {
     const Index c0 = blk * G, c1 = std::min(C, c0 + G);
     detail::block_mean_var(mean + c0, var + c0, x, static_cast<T*>(nullptr), N, C, S, c0, c1);
@@ -720,7 +771,7 @@ void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, 
   const Index G = detail::channel_block(N, last - first, S, 2 * sizeof(T), num_threads());
   const Index nblocks = (last - first + G - 1) / G;
   const detail::BackwardWalk walk = detail::backward_walk(N, S, G, sizeof(T));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index blk = 0; blk < nblocks; ++blk) {
     const Index c0 = first + blk * G, c1 = std::min(last, c0 + G);
     double* block_sum = sum + (c0 - first);
@@ -742,7 +793,7 @@ void batchnorm_backward_dx(T* dx, const double* sum, const double* dot, double M
   const Index nblocks = (last - first + G - 1) / G;
   const bool stream = detail::stream_output<T>(N * C * S);
   const detail::BackwardWalk walk = detail::backward_walk(N, S, G, sizeof(T));
-#pragma omp parallel
+#pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
     for (Index blk = 0; blk < nblocks; ++blk) {

@@ -52,8 +52,8 @@ class BatchNormBase : public Module {
   using output_type = Tensor<T, Rank>;
 
   BatchNormBase(const BatchNormOptions& opt, const char* name) : opt_(opt), name_(name) {
-    check_option(opt.num_features > 0, name, "num_features must be > 0");
-    check_option(opt.eps > 0, name, "eps must be > 0");
+    check_extent(opt.num_features, 1, name, "num_features");
+    check_option(opt.eps > 0 && std::isfinite(opt.eps), name, "eps must be finite and > 0");
     check_option(opt.momentum >= 0 && opt.momentum <= 1, name, "momentum must be in [0, 1]");
     const Index C = opt.num_features;
     if (opt.affine) {
@@ -174,12 +174,11 @@ class BatchNormBase : public Module {
     const T* w = opt_.affine ? weight_.data() : nullptr;
     const T* b = opt_.affine ? bias_.data() : nullptr;
     if (!batch_stats) {
-      scale_.resize(static_cast<std::size_t>(C));
-      shift_.resize(static_cast<std::size_t>(C));
+      affine_.resize(C);
       for (Index c = 0; c < C; ++c)
-        kernels::bn_scale_shift(scale_[c], shift_[c], static_cast<double>(running_mean_(c)),
-                                1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps), w, b, c);
-      kernels::batchnorm_forward_eval(y.data(), x.data(), scale_.data(), shift_.data(), N, C, S, relu);
+        affine_.set(c, kernels::ChannelAffine<T>(static_cast<double>(running_mean_(c)),
+                                                 1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps), w, b, c));
+      kernels::batchnorm_forward_eval(y.data(), x.data(), affine_, N, C, S, relu);
       drop_cache();
       return y;
     }
@@ -279,14 +278,13 @@ class BatchNormBase : public Module {
       throw shape_error(std::string(name_) + ": expected more than 1 value per channel over all replicas, got " +
                         std::to_string(static_cast<long long>(count)));
     }
-    scale_.resize(static_cast<std::size_t>(C));
-    shift_.resize(static_cast<std::size_t>(C));
+    affine_.resize(C);
     for (Index c = 0; c < C; ++c) {
       var_[c] /= count;
       invstd_[c] = 1.0 / std::sqrt(var_[c] + opt_.eps);
-      kernels::bn_scale_shift(scale_[c], shift_[c], mean_[c], invstd_[c], w, b, c);
+      affine_.set(c, kernels::ChannelAffine<T>(mean_[c], invstd_[c], w, b, c));
     }
-    kernels::batchnorm_forward_eval(y, x, scale_.data(), shift_.data(), N, C, S, relu);
+    kernels::batchnorm_forward_eval(y, x, affine_, N, C, S, relu);
     return count;
   }
 
@@ -341,7 +339,7 @@ class BatchNormBase : public Module {
   std::int64_t num_batches_tracked_ = 0;
   Tensor<T, Rank> x_;  // cache for backward: the input, from which the ReLU mask is recomputed
   std::vector<double> mean_, var_, invstd_;  // batch statistics of the cached forward
-  std::vector<T> scale_, shift_;             // eval's per-channel affine map
+  kernels::ChannelAffines<T> affine_;        // eval's (and the synced forward's) per-channel maps
   std::vector<double> sums_;                 // SyncBatchNorm backward: a group's sum(g), then sum(g * (x - mean))
   double count_ = 0;                         // values per channel in the cached forward (all replicas)
   std::shared_ptr<BatchNormReducer> reducer_;
