@@ -1,6 +1,12 @@
 // libFuzzer target: parse_safetensors on arbitrary bytes, then a strict load into a small
 // model. Either succeeds or throws format_error; a failed load must leave the model unchanged.
+// The same bytes read from a file by read_safetensors (header first, then the declared body)
+// must be accepted or refused alike, and give the same tensors.
+#include <unistd.h>
+
 #include <cstdint>
+#include <cstdio>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -32,12 +38,30 @@ std::vector<float> snapshot(M& m) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static auto model = make_model();
   const std::string_view bytes(reinterpret_cast<const char*>(data), size);
-  bnrelu::io::SafetensorsFile file;
+  bnrelu::io::SafetensorsFile file, from_disk;
+  bool parsed = true, read = true;
   try {
     file = bnrelu::io::parse_safetensors(bytes, "fuzz input");
   } catch (const bnrelu::format_error&) {
-    return 0;
+    parsed = false;
   }
+  static const std::string path = "/tmp/bnrelu_fuzz_safetensors_" + std::to_string(::getpid());
+  if (std::FILE* f = std::fopen(path.c_str(), "wb")) {
+    std::fwrite(data, 1, size, f);
+    std::fclose(f);
+    try {
+      from_disk = bnrelu::io::read_safetensors(path);
+    } catch (const bnrelu::format_error&) {
+      read = false;
+    }
+    if (read != parsed) __builtin_trap();
+    if (read && (from_disk.metadata != file.metadata || from_disk.tensors.size() != file.tensors.size())) __builtin_trap();
+    for (const auto& [name, t] : from_disk.tensors) {
+      const auto it = file.tensors.find(name);
+      if (it == file.tensors.end() || it->second.bytes != t.bytes || it->second.shape != t.shape) __builtin_trap();
+    }
+  }
+  if (!parsed) return 0;
   const auto before = snapshot(model);
   try {
     bnrelu::io::load_state_dict(model, file, "fuzz input");

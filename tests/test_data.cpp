@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include "golden.hpp"
 
@@ -104,7 +105,8 @@ TEST(Idx, RejectsBadFilesClearly) {
   expect_error(idx_bytes(0x08, {3}, "ab"), "truncated");
   expect_error(idx_bytes(0x08, {2}, "abc"), "bytes after");
   expect_error(idx_bytes(0x08, {2, 3}, "ab").substr(0, 9), "inside its dimensions");
-  expect_error(idx_bytes(0x08, {0xFFFFFFFF, 0xFFFFFFFF, 4}, ""), "8 GiB");
+  expect_error(idx_bytes(0x08, {0xFFFFFFFF, 0xFFFFFFFF, 4}, ""), "more than the 8589934592 bytes allowed");
+  expect_error(idx_bytes(0xAB, {1}, "x"), "unknown element type 0xAB");
   EXPECT_THROW(data::read_idx(scratch("missing.idx").string()), bnrelu::format_error);
   // a truncated gzip stream
   const auto good = idx_bytes(0x08, {1000}, std::string(1000, 'a'));
@@ -113,6 +115,58 @@ TEST(Idx, RejectsBadFilesClearly) {
   std::string gz((std::istreambuf_iterator<char>(in)), {});
   write_raw(scratch("cut.gz"), gz.substr(0, gz.size() / 2));
   EXPECT_THROW(data::read_idx(scratch("cut.gz").string()), bnrelu::format_error);
+}
+
+namespace {
+std::string gz_bytes(const std::string& payload) {
+  write_gz(scratch("member.gz"), payload);
+  std::ifstream in(scratch("member.gz"), std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+}  // namespace
+
+// A gzip stream must be whole: its trailer present, and nothing after it but more members.
+TEST(Idx, GzipStreamsMustBeWhole) {
+  const auto good = idx_bytes(0x08, {1000}, std::string(1000, 'a'));
+  const auto gz = gz_bytes(good);
+  auto read = [&](const std::string& bytes) {
+    write_raw(scratch("t.idx.gz"), bytes);
+    return data::read_idx(scratch("t.idx.gz").string());
+  };
+  EXPECT_EQ(read(gz).size(), 1000);
+  for (std::size_t cut : {std::size_t{1}, std::size_t{4}, std::size_t{8}}) {  // trailer cut short or missing
+    try {
+      read(gz.substr(0, gz.size() - cut));
+      ADD_FAILURE() << "accepted a stream without the last " << cut << " bytes";
+    } catch (const bnrelu::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find("truncated"), std::string::npos) << e.what();
+    }
+  }
+  for (const std::string& junk : {std::string("x"), std::string("\x1f"), std::string("junk after the data")}) {
+    try {
+      read(gz + junk);
+      ADD_FAILURE() << "accepted junk after the stream";
+    } catch (const bnrelu::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find("after its gzip stream"), std::string::npos) << e.what();
+    }
+  }
+  // two members, the data split between them, are one stream (as gzip itself treats them)
+  const auto two = gz_bytes(good.substr(0, 600)) + gz_bytes(good.substr(600));
+  EXPECT_EQ(read(two).values<int>(), std::vector<int>(1000, 'a'));
+}
+
+// Decompression stops at what the caller allows, checked from the header before inflating.
+TEST(Idx, DecompressionIsCappedByTheCaller) {
+  const auto bomb = gz_bytes(idx_bytes(0x08, {1 << 20}, std::string(1 << 20, '\0')));  // 1 MiB of zeros
+  EXPECT_LT(bomb.size(), std::size_t{10} << 10);
+  write_raw(scratch("bomb.idx.gz"), bomb);
+  EXPECT_EQ(data::read_idx(scratch("bomb.idx.gz").string()).size(), 1 << 20);
+  try {
+    data::read_idx(scratch("bomb.idx.gz").string(), /*max_bytes=*/1 << 16);
+    ADD_FAILURE() << "read past the cap";
+  } catch (const bnrelu::format_error& e) {
+    EXPECT_NE(std::string(e.what()).find("more than the 65536 bytes allowed"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Mnist, FindsBothNamingsWithOrWithoutGz) {
@@ -188,6 +242,12 @@ TEST(DataLoader, SeededShufflePartialBatchAndNormalisation) {
   EXPECT_EQ(batch.labels[0], a.first[4]);
   EXPECT_THROW(loader.seek(0, 9), bnrelu::shape_error);
   EXPECT_THROW(data::DataLoader<float>(set, {.batch_size = 0}), bnrelu::shape_error);
+  // sizes whose products would overflow, and options that are not numbers
+  EXPECT_THROW(data::DataLoader<float>(set, {.batch_size = bnrelu::Index{1} << 62}), bnrelu::shape_error);
+  EXPECT_THROW(data::DataLoader<float>(set, {.batch_size = bnrelu::Index{1} << 30, .rank = 0, .world_size = 1 << 20}),
+               bnrelu::shape_error);
+  EXPECT_THROW(data::DataLoader<float>(set, {.std = std::numeric_limits<float>::infinity()}), bnrelu::shape_error);
+  EXPECT_THROW(data::DataLoader<float>(set, {.mean = std::numeric_limits<float>::quiet_NaN()}), bnrelu::shape_error);
 }
 
 // Data parallelism: replica r's batch k is the r-th part of the one-process batch k of the

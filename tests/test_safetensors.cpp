@@ -2,6 +2,7 @@
 #include <bnrelu/io/safetensors.hpp>
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -30,7 +31,10 @@ auto small_net() {
                         nn::Linear<float>({.in_features = 8, .out_features = 3})};
 }
 
-std::string slurp(const std::string& path) { return io::read_whole_file(path); }
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
 
 }  // namespace
 
@@ -167,4 +171,131 @@ TEST(Safetensors, KilledSaverNeverLosesTheCheckpoint) {
   }
   EXPECT_GT(saw_a + saw_b, 0);
   std::filesystem::remove_all(dir);  // including temporaries a killed saver left behind
+}
+
+// A file replaced by a save keeps its permission bits; a new one gets 0666 less the umask.
+TEST(AtomicFile, KeepsPermissionsAndHonoursTheUmask) {
+  const auto dir = std::filesystem::path(temp_path("perm_dir"));
+  std::filesystem::create_directories(dir);
+  const auto old_file = (dir / "old.bin").string(), new_file = (dir / "new.bin").string();
+  io::write_file_atomic(old_file, "a");
+  ASSERT_EQ(::chmod(old_file.c_str(), 0600), 0);
+  io::write_file_atomic(old_file, "bb");
+  struct stat st {};
+  ASSERT_EQ(::stat(old_file.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+  const mode_t before = ::umask(027);
+  io::write_file_atomic(new_file, "c");
+  ::umask(before);
+  ASSERT_EQ(::stat(new_file.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0640u);
+  std::filesystem::remove_all(dir);
+}
+
+// Saving through a symbolic link replaces the file it leads to and keeps the link.
+TEST(AtomicFile, FollowsSymbolicLinks) {
+  const auto dir = std::filesystem::path(temp_path("link_dir"));
+  std::filesystem::create_directories(dir / "real");
+  const auto target = dir / "real" / "model.safetensors", link = dir / "link.safetensors";
+  io::write_file_atomic(target.string(), "old");
+  std::filesystem::create_symlink(std::filesystem::path("real") / "model.safetensors", link);
+  io::write_file_atomic(link.string(), "new");
+  EXPECT_TRUE(std::filesystem::is_symlink(std::filesystem::symlink_status(link)));
+  EXPECT_EQ(slurp(target.string()), "new");
+  // a dangling link: the file it names is created
+  const auto dangling = dir / "dangling", missing = dir / "real" / "later.bin";
+  std::filesystem::create_symlink(std::filesystem::path("real") / "later.bin", dangling);
+  io::write_file_atomic(dangling.string(), "x");
+  EXPECT_TRUE(std::filesystem::is_symlink(std::filesystem::symlink_status(dangling)));
+  EXPECT_EQ(slurp(missing.string()), "x");
+  std::filesystem::remove_all(dir);
+}
+
+// Any valid file name can be written: the temporary file's name does not grow with it.
+TEST(AtomicFile, AcceptsTheLongestValidName) {
+  const auto dir = std::filesystem::path(temp_path("long_dir"));
+  std::filesystem::create_directories(dir);
+  const auto path = dir / std::string(255, 'n');  // NAME_MAX on Linux file systems
+  io::write_file_atomic(path.string(), "ok");
+  EXPECT_EQ(slurp(path.string()), "ok");
+  std::size_t files = 0;
+  for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator(dir)) ++files;
+  EXPECT_EQ(files, 1u);
+  std::filesystem::remove_all(dir);
+}
+
+// The header is checked before the body is read: a file that declares more than it holds, or
+// a stream without end, is refused after reading the header alone.
+TEST(Safetensors, ChecksTheHeaderBeforeReadingTheBody) {
+  auto expect_error = [](const std::string& path, const std::string& needle) {
+    try {
+      io::read_safetensors(path);
+      ADD_FAILURE() << "accepted " << path;
+    } catch (const bnrelu::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  // a header length beyond the file
+  const auto long_header = temp_path("long_header.safetensors");
+  {
+    std::ofstream out(long_header, std::ios::binary);
+    const std::uint64_t n = 1000;
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out << "{}";
+  }
+  expect_error(long_header, "exceeds the file");
+  // a header declaring 1 TB of data in a small file
+  const auto big_body = temp_path("big_body.safetensors");
+  {
+    const std::string h = R"({"w":{"dtype":"F32","shape":[250000000000],"data_offsets":[0,1000000000000]}})";
+    std::ofstream out(big_body, std::ios::binary);
+    const std::uint64_t n = h.size();
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out << h << "tiny";
+  }
+  expect_error(big_body, "the file holds 4");
+  // an endless stream of zeros: an empty header, refused at once
+  expect_error("/dev/zero", "header is not valid JSON");
+  // trailing bytes after the declared data
+  auto a = small_net();
+  const auto good = temp_path("trailing.safetensors");
+  io::save_safetensors(a, good);
+  { std::ofstream(good, std::ios::binary | std::ios::app) << "junk"; }
+  expect_error(good, "trailing bytes");
+}
+
+// A model after fuse_for_inference is no checkpoint: saving it, or loading into it, throws and
+// changes nothing.
+TEST(Safetensors, FoldedModelsAreRefused) {
+  auto a = small_net();
+  a.forward(random_tensor<float, 4>({3, 1, 4, 4}));
+  const auto path = temp_path("before_fold.safetensors");
+  io::save_safetensors(a, path);
+  a.fuse_for_inference();
+  EXPECT_THROW(io::save_safetensors(a, temp_path("folded.safetensors")), std::logic_error);
+  EXPECT_FALSE(std::filesystem::exists(temp_path("folded.safetensors")));
+  const auto before = state_of(a);
+  EXPECT_THROW(io::load_safetensors(a, path), std::logic_error);
+  EXPECT_EQ(state_of(a), before);
+  // a layer folded by hand is refused too
+  auto conv = nn::Conv2d<float>({.in_channels = 1, .out_channels = 2, .kernel_size = 3});
+  conv.fold_affine({1.0, 2.0}, {0.0, 0.5}, false);
+  EXPECT_THROW(io::state_dict(conv), std::logic_error);
+}
+
+// Metadata numbers are parsed whole and range-checked, never half-read.
+TEST(Safetensors, MetadataNumbersAreParsedStrictly) {
+  io::SafetensorsFile f;
+  f.metadata = {{"epoch", "3"}, {"neg", "-4"}, {"junk", "3x"}, {"empty", ""}, {"huge", std::string(400, '9')}, {"lr", "0.5"}};
+  EXPECT_EQ(io::metadata_number<int>(f, "epoch", 0, 10), 3);
+  EXPECT_EQ(io::metadata_number<double>(f, "lr"), 0.5);
+  for (const char* key : {"neg", "junk", "empty", "huge", "missing"}) {
+    try {
+      io::metadata_number<int>(f, key, 0, 10);
+      ADD_FAILURE() << "accepted " << key;
+    } catch (const bnrelu::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find(key), std::string::npos) << e.what();
+      EXPECT_LT(std::string(e.what()).size(), 200u) << e.what();
+    }
+  }
 }

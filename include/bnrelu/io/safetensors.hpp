@@ -9,12 +9,15 @@
 
 #include <algorithm>
 #include <bit>
+#include <charconv>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -176,17 +179,74 @@ inline SafetensorsFile parse_safetensors(std::string_view data, const std::strin
   return file;
 }
 
-inline std::string read_whole_file(const std::string& path) {
+// The bytes of a safetensors file, read as its header declares them: the 8-byte length and the
+// header first, then exactly the data buffer the header's offsets call for, then a check that
+// nothing follows. A file whose header is bad or declares more data than the file holds is
+// refused before its body is read, so a junk file (or /dev/zero) costs no more than its header.
+inline std::string read_safetensors_bytes(const std::string& path) {
+  auto bad = [&](const std::string& why) { return format_error("safetensors " + path + ": " + why); };
   std::ifstream in(path, std::ios::binary);
   if (!in) throw format_error("cannot open " + path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw format_error("cannot read " + path);
-  return std::move(ss).str();
+  std::string data(8, '\0');
+  if (!in.read(data.data(), 8)) throw bad("shorter than the 8-byte header length");
+  std::uint64_t n = 0;
+  std::memcpy(&n, data.data(), 8);
+  if (n > kMaxHeaderBytes) throw bad("header length " + std::to_string(n) + " exceeds the format's 100 MB limit");
+  // a regular file's size bounds what may be read; other files (pipes, devices) are read as far
+  // as the header says and no further
+  std::error_code ec;
+  const auto file_size = std::filesystem::is_regular_file(path, ec) ? std::filesystem::file_size(path, ec)
+                                                                      : static_cast<std::uintmax_t>(-1);
+  if (!ec && file_size != static_cast<std::uintmax_t>(-1) && n > file_size - 8)
+    throw bad("header length " + std::to_string(n) + " exceeds the file");
+  data.resize(8 + n);
+  if (!in.read(data.data() + 8, static_cast<std::streamsize>(n))) throw bad("header length " + std::to_string(n) + " exceeds the file");
+  std::uint64_t body = 0;  // the end of the last tensor's data, as declared
+  try {
+    const auto header = nlohmann::json::parse(std::string_view(data).substr(8));
+    if (header.is_object())
+      for (auto& [name, entry] : header.items())
+        if (name != "__metadata__" && entry.is_object() && entry.contains("data_offsets") &&
+            entry["data_offsets"].is_array() && entry["data_offsets"].size() == 2 &&
+            entry["data_offsets"][1].is_number_unsigned())
+          body = std::max(body, entry["data_offsets"][1].get<std::uint64_t>());
+  } catch (const nlohmann::json::exception& e) {
+    throw bad(std::string("header is not valid JSON: ") + e.what());
+  }
+  if (file_size != static_cast<std::uintmax_t>(-1) && body > file_size - 8 - n)
+    throw bad("the header declares " + std::to_string(body) + " bytes of tensor data, the file holds " +
+              std::to_string(file_size - 8 - n));
+  // read in pieces, so that a stream shorter than declared never allocates the whole amount
+  constexpr std::uint64_t kPiece = std::uint64_t{64} << 20;
+  for (std::uint64_t done = 0; done < body;) {
+    const std::uint64_t piece = std::min(kPiece, body - done);
+    data.resize(static_cast<std::size_t>(8 + n + done + piece));
+    if (!in.read(data.data() + 8 + n + done, static_cast<std::streamsize>(piece)))
+      throw bad("the header declares " + std::to_string(body) + " bytes of tensor data, the file ends before");
+    done += piece;
+  }
+  if (in.peek() != std::char_traits<char>::eof()) throw bad("the data buffer has trailing bytes");
+  return data;
 }
 
 inline SafetensorsFile read_safetensors(const std::string& path) {
-  return parse_safetensors(read_whole_file(path), path);
+  return parse_safetensors(read_safetensors_bytes(path), path);
+}
+
+// The metadata entry key of file as a number of type N (an integer type or double), parsed
+// whole; format_error naming the key when it is missing, not a number, or outside [lo, hi].
+template <class N>
+N metadata_number(const SafetensorsFile& file, const std::string& key, N lo = std::numeric_limits<N>::lowest(),
+                  N hi = std::numeric_limits<N>::max()) {
+  const auto it = file.metadata.find(key);
+  if (it == file.metadata.end()) throw format_error("safetensors metadata lacks the entry " + key);
+  const std::string& text = it->second;
+  N value{};
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc{} || end != text.data() + text.size() || text.empty() || !(value >= lo && value <= hi))
+    throw format_error("safetensors metadata entry " + key + " = \"" + text.substr(0, 40) + "\" is not a number in [" +
+                       std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return value;
 }
 
 // Serialises tensors (in the given order) and metadata into safetensors bytes.
@@ -217,9 +277,14 @@ inline void write_safetensors(const std::string& path,
 
 
 // The model's state_dict: parameters, running buffers and num_batches_tracked (I64).
+// std::logic_error for a model after fuse_for_inference: its folded weights would load into a
+// PyTorch model (or a fresh bnrelu one) without error and compute something else.
 template <class Model>
 std::vector<std::pair<std::string, RawTensor>> state_dict(Model& model) {
   using T = typename Model::value_type;
+  if (nn::any_folded(model))
+    throw std::logic_error("state_dict: the model was folded for inference (fuse_for_inference); its weights are no "
+                           "checkpoint. Save before folding, and fold after loading");
   std::vector<std::pair<std::string, RawTensor>> out;
   for (auto& p : model.named_parameters())
     out.emplace_back(p.name, RawTensor::from<T>(p.value, p.shape));
@@ -240,9 +305,13 @@ void save_safetensors(Model& model, const std::string& path,
 
 // Loads a state_dict into the model. Strict: a missing, unexpected or wrongly shaped tensor,
 // or a non-numeric dtype, is a format_error and the model is left unchanged.
+// std::logic_error (and no change) for a model after fuse_for_inference: load, then fold.
 template <class Model>
 void load_state_dict(Model& model, const SafetensorsFile& file, const std::string& what) {
   using T = typename Model::value_type;
+  if (nn::any_folded(model))
+    throw std::logic_error("load_state_dict " + what + ": the model was folded for inference (fuse_for_inference); "
+                           "load into an unfolded model, then fold it");
   auto bad = [&](const std::string& why) { return format_error("load_safetensors " + what + ": " + why); };
   struct Target {
     std::string name;

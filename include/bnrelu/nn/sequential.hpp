@@ -166,6 +166,9 @@ class Sequential : public Module {
     inference_only_ = true;
   }
 
+  // Whether fuse_for_inference has run.
+  bool inference_only() const { return inference_only_; }
+
   // "<index>.<name>" for every layer's parameters, in layer order (PyTorch's state_dict order).
   std::vector<ParamRef<value_type>> named_parameters() {
     std::vector<ParamRef<value_type>> out;

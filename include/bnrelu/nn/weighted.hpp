@@ -48,9 +48,13 @@ class WeightAndBias {
       bias_(o) = static_cast<T>(s * static_cast<double>(bias_(o)) + shift[static_cast<std::size_t>(o)]);
     }
     relu_ = relu_ || relu;
+    folded_ = true;
   }
   // Whether the output goes through a folded ReLU.
   bool folded_relu() const { return relu_; }
+  // Whether fold_affine changed the layer: its parameters are no longer PyTorch's Conv2d's or
+  // Linear's alone, so checkpoints refuse it.
+  bool folded() const { return folded_; }
 
   // The weight and its gradient (named_parameters() views them wherever they live; these throw
   // std::logic_error while place_weight has them elsewhere).
@@ -82,7 +86,7 @@ class WeightAndBias {
   // A copy owns its weight, wherever the original's lives.
   WeightAndBias(const WeightAndBias& other)
       : weight_(other.weight_.dimensions()), dweight_(other.weight_.dimensions()), bias_(other.bias_),
-        dbias_(other.dbias_), has_bias_(other.has_bias_), relu_(other.relu_) {
+        dbias_(other.dbias_), has_bias_(other.has_bias_), relu_(other.relu_), folded_(other.folded_) {
     std::copy_n(other.weight_data(), weight_size(), weight_.data());
     std::copy_n(other.dweight_data(), weight_size(), dweight_.data());
   }
@@ -127,7 +131,8 @@ class WeightAndBias {
   T* placed_grad_ = nullptr;
   Tensor<T, 1> bias_, dbias_;  // empty without bias
   bool has_bias_;
-  bool relu_ = false;  // a folded ReLU on the output
+  bool relu_ = false;    // a folded ReLU on the output
+  bool folded_ = false;  // fold_affine was called
 };
 
 // The input of the last training-mode forward: moved in when the caller gave it up (owned is
