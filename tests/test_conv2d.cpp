@@ -1,4 +1,7 @@
 #include <bnrelu/nn/conv2d.hpp>
+#include <bnrelu/models/seed_cnn.hpp>
+#include <bnrelu/nn/linear.hpp>
+#include <bnrelu/nn/maxpool2d.hpp>
 #include <bnrelu/testing/gradcheck.hpp>
 
 #include "golden.hpp"
@@ -262,4 +265,26 @@ TEST(Conv2d, SameResultForAnyThreadCount) {
   EXPECT_TRUE(close_to(dx2, dx1, 0));
   EXPECT_TRUE(close_to(a.weight_grad(), dw1, 1e-6));  // summed in another order
   }
+}
+
+// Sizes whose arithmetic would overflow are shape_errors, in options and in input shapes.
+TEST(Conv2d, ExtremeSizesAreShapeErrors) {
+  using bnrelu::Index;
+  const Index big = Index{1} << 32;
+  EXPECT_THROW(nn::Conv2d<float>({.in_channels = 1, .out_channels = 1, .kernel_size = big}), bnrelu::shape_error);
+  EXPECT_THROW(nn::Conv2d<float>({.in_channels = 1, .out_channels = 1, .kernel_size = 3, .dilation = big}),
+               bnrelu::shape_error);
+  EXPECT_THROW(nn::Conv2d<float>({.in_channels = 1, .out_channels = 1, .kernel_size = 3, .padding = big}),
+               bnrelu::shape_error);
+  EXPECT_THROW(nn::Conv2d<float>({.in_channels = 1 << 30, .out_channels = 1 << 30, .kernel_size = 3}),
+               bnrelu::shape_error);  // a weight of 2^63 elements
+  EXPECT_THROW(nn::Linear<float>({.in_features = big, .out_features = 1}), bnrelu::shape_error);
+  EXPECT_THROW(nn::MaxPool2d<float>({.kernel_size = 2, .padding = Index{1} << 62}), bnrelu::shape_error);
+  nn::Conv2d<float> conv({.in_channels = 1, .out_channels = 64, .kernel_size = 3, .padding = 1});
+  EXPECT_THROW(conv.output_dims({Index{1} << 62, 1, 28, 28}), bnrelu::shape_error);
+  EXPECT_THROW(conv.output_dims({Index{1} << 40, 1, 28, 28}), bnrelu::shape_error);  // output past 2^48
+  nn::Linear<float> fc({.in_features = 4, .out_features = 1 << 20});
+  EXPECT_THROW(fc.output_dims({Index{1} << 30, 4}), bnrelu::shape_error);
+  auto model = bnrelu::models::seed_cnn<float>(1, 10);
+  EXPECT_THROW(model.output_dims({Index{1} << 62, 1, 28, 28}), bnrelu::shape_error);
 }

@@ -4,6 +4,8 @@
 
 #include <memory>
 
+#include <limits>
+
 #include "golden.hpp"
 
 namespace optim = bnrelu::optim;
@@ -83,5 +85,16 @@ TEST(Optim, StateIsPerParameterInOrderAndBadOptionsThrow) {
   EXPECT_THROW(optim::SGD<float>(params, {.lr = -1}), bnrelu::shape_error);
   EXPECT_THROW(optim::SGD<float>(params, {.lr = 0.1, .momentum = 0, .nesterov = true}), bnrelu::shape_error);
   EXPECT_THROW(optim::Adam<float>(params, {.beta1 = 1.0}), bnrelu::shape_error);
+  // every option a finite number
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  EXPECT_THROW(optim::SGD<float>(params, {.lr = 0.1, .momentum = 0.9, .dampening = nan}), bnrelu::shape_error);
+  EXPECT_THROW(optim::SGD<float>(params, {.lr = inf}), bnrelu::shape_error);
+  EXPECT_THROW(optim::SGD<float>(params, {.lr = 0.1, .momentum = inf}), bnrelu::shape_error);
+  EXPECT_THROW(optim::SGD<float>(params, {.lr = 0.1, .weight_decay = nan}), bnrelu::shape_error);
+  EXPECT_THROW(optim::Adam<float>(params, {.eps = inf}), bnrelu::shape_error);
+  EXPECT_THROW(optim::AdamW<float>(params, {.lr = nan}), bnrelu::shape_error);
+  optim::SGD<float> sgd(params, {.lr = 0.1});
+  EXPECT_THROW(sgd.set_lr(nan), bnrelu::shape_error);
+  EXPECT_EQ(sgd.lr(), 0.1);
   EXPECT_THROW(optim::StepLR<float>(plain, 0), bnrelu::shape_error);
 }

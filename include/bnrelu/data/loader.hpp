@@ -2,6 +2,7 @@
 // normalisation, and a position that checkpoints can save and restore.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <random>
@@ -43,11 +44,14 @@ class DataLoader {
   // Keeps a reference to the data set, which must outlive the loader.
   DataLoader(const Mnist&&, const LoaderOptions&) = delete;  // a temporary would dangle
   DataLoader(const Mnist& set, const LoaderOptions& opt) : set_(&set), opt_(opt) {
-    if (opt.batch_size < 1) throw shape_error("DataLoader: batch_size must be >= 1, got " + std::to_string(opt.batch_size));
-    if (!(opt.std > 0)) throw shape_error("DataLoader: std must be > 0");
-    if (opt.world_size < 1 || opt.rank < 0 || opt.rank >= opt.world_size)
-      throw shape_error("DataLoader: expected 0 <= rank < world_size, got rank " + std::to_string(opt.rank) +
+    if (opt.world_size < 1 || opt.world_size > (1 << 24) || opt.rank < 0 || opt.rank >= opt.world_size)
+      throw shape_error("DataLoader: expected 0 <= rank < world_size <= 2^24, got rank " + std::to_string(opt.rank) +
                         " of " + std::to_string(opt.world_size));
+    // the global batch, batch_size * world_size, stays far from overflow
+    if (opt.batch_size < 1 || opt.batch_size > (Index{1} << 40) / opt.world_size)
+      throw shape_error("DataLoader: batch_size must be in [1, 2^40 / world_size], got " + std::to_string(opt.batch_size));
+    if (!(opt.std > 0) || !std::isfinite(opt.std) || !std::isfinite(opt.mean))
+      throw shape_error("DataLoader: mean must be finite and std finite and > 0");
     if (static_cast<Index>(set.labels.size()) != set.images.dimension(0))
       throw shape_error("DataLoader: " + std::to_string(set.images.dimension(0)) + " images but " +
                         std::to_string(set.labels.size()) + " labels");

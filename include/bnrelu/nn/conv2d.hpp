@@ -25,12 +25,14 @@ struct Conv2dOptions {
 namespace detail {
 inline const Conv2dOptions& checked(const Conv2dOptions& opt) {
   const char* n = "Conv2d";
-  check_option(opt.in_channels > 0, n, "in_channels must be > 0");
-  check_option(opt.out_channels > 0, n, "out_channels must be > 0");
-  check_option(opt.kernel_size > 0, n, "kernel_size must be > 0");
-  check_option(opt.stride > 0, n, "stride must be > 0");
-  check_option(opt.padding >= 0, n, "padding must be >= 0");
-  check_option(opt.dilation > 0, n, "dilation must be > 0");
+  check_extent(opt.in_channels, 1, n, "in_channels");
+  check_extent(opt.out_channels, 1, n, "out_channels");
+  check_extent(opt.kernel_size, 1, n, "kernel_size");
+  check_extent(opt.stride, 1, n, "stride");
+  check_extent(opt.padding, 0, n, "padding");
+  check_extent(opt.dilation, 1, n, "dilation");
+  check_option(opt.dilation * (opt.kernel_size - 1) < kMaxExtent, n, "dilation * (kernel_size - 1) must be < 2^31 - 1");
+  checked_elements(n, Dims<4>{opt.out_channels, opt.in_channels, opt.kernel_size, opt.kernel_size}, "weight");
   return opt;
 }
 }  // namespace detail
@@ -68,8 +70,10 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
       throw shape_error("Conv2d: expected input N x " + std::to_string(opt_.in_channels) +
                         " x H x W with H, W >= 1 and H, W + 2*padding >= " + std::to_string(span) + ", got " +
                         shape_string(in));
-    return {in[0], opt_.out_channels, (in[2] + 2 * opt_.padding - span) / opt_.stride + 1,
-            (in[3] + 2 * opt_.padding - span) / opt_.stride + 1};
+    const Dims<4> out{in[0], opt_.out_channels, (in[2] + 2 * opt_.padding - span) / opt_.stride + 1,
+                      (in[3] + 2 * opt_.padding - span) / opt_.stride + 1};
+    detail::checked_elements("Conv2d", out, "output");
+    return out;
   }
 
   Tensor<T, 4> forward(const Tensor<T, 4>& x) { return forward_impl(x, nullptr); }

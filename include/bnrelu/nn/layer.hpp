@@ -57,6 +57,19 @@ void for_each_batch_counter(M& m, const std::string& prefix, F&& f) {
   }
 }
 
+// Whether m, or a layer inside it, carries a batch norm folded in by fuse_for_inference (or
+// fold_affine): its parameters then mean something else than the PyTorch module's of the same
+// names, so its state_dict is no checkpoint.
+template <class M>
+bool any_folded(M& m) {
+  bool folded = false;
+  if constexpr (requires { m.inference_only(); }) folded = m.inference_only();
+  if constexpr (requires { m.folded(); }) folded = folded || m.folded();
+  if constexpr (requires { m.for_each_indexed([](std::size_t, auto&) {}); })
+    m.for_each_indexed([&](std::size_t, auto& layer) { folded = folded || any_folded(layer); });
+  return folded;
+}
+
 namespace detail {
 
 // One tensor's storage kept from one call to the next: a layer hands back the gradient it was
@@ -81,10 +94,30 @@ class Recycler {
   Tensor<T, Rank> spare_;
 };
 
+// Bounds on sizes, so that no size arithmetic can overflow: a size option (channels, features,
+// kernel size, stride, padding, dilation) is at most kMaxExtent, and a tensor holds at most
+// kMaxElements elements (1 PiB of floats, more than any machine allocates).
+inline constexpr Index kMaxExtent = (Index{1} << 31) - 1;
+inline constexpr Index kMaxElements = Index{1} << 48;
+
+// The number of elements of a tensor of dims d; shape_error naming the layer when a dimension
+// is negative or the count exceeds kMaxElements (checked before any product can overflow).
+template <class Range>
+Index checked_elements(const char* layer, const Range& d, const char* what = "input") {
+  Index n = 1;
+  for (auto v : d)
+    if (v < 0) throw shape_error(std::string(layer) + ": negative dimension in " + what + " " + shape_string(d));
+  for (auto v : d) {
+    if (v != 0 && n > kMaxElements / v)
+      throw shape_error(std::string(layer) + ": " + what + " " + shape_string(d) + " has more than 2^48 elements");
+    n *= v;
+  }
+  return n;
+}
+
 template <std::size_t Rank>
 void check_rank_dims(const char* layer, const Dims<Rank>& d) {
-  for (auto v : d)
-    if (v < 0) throw shape_error(std::string(layer) + ": negative dimension in " + shape_string(d));
+  checked_elements(layer, d);
 }
 
 [[noreturn]] inline void inference_only(const char* layer) {
@@ -107,6 +140,12 @@ void check_grad_dims(const char* layer, const Dims<Rank>& expected, const Dims<R
 
 inline void check_option(bool ok, const char* layer, const std::string& what) {
   if (!ok) throw shape_error(std::string(layer) + ": invalid option: " + what);
+}
+
+// A size option in [lo, kMaxExtent].
+inline void check_extent(Index v, Index lo, const char* layer, const char* name) {
+  check_option(v >= lo && v <= kMaxExtent, layer,
+               std::string(name) + " must be in [" + std::to_string(lo) + ", 2^31 - 1], got " + std::to_string(v));
 }
 
 }  // namespace detail

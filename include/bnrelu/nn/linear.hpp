@@ -18,8 +18,9 @@ struct LinearOptions {
 
 namespace detail {
 inline const LinearOptions& checked(const LinearOptions& opt) {
-  check_option(opt.in_features > 0, "Linear", "in_features must be > 0");
-  check_option(opt.out_features > 0, "Linear", "out_features must be > 0");
+  check_extent(opt.in_features, 1, "Linear", "in_features");
+  check_extent(opt.out_features, 1, "Linear", "out_features");
+  checked_elements("Linear", Dims<2>{opt.out_features, opt.in_features}, "weight");
   return opt;
 }
 }  // namespace detail
@@ -44,7 +45,9 @@ class Linear : public Module, public detail::WeightAndBias<T, 2> {
     if (in[1] != opt_.in_features)
       throw shape_error("Linear: expected input N x " + std::to_string(opt_.in_features) +
                         ", got " + shape_string(in));
-    return {in[0], opt_.out_features};
+    const Dims<2> out{in[0], opt_.out_features};
+    detail::checked_elements("Linear", out, "output");
+    return out;
   }
 
   Tensor<T, 2> forward(const Tensor<T, 2>& x) { return forward_impl(x, nullptr); }

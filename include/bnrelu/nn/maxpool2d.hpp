@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -26,8 +27,9 @@ class MaxPool2d : public Module {
 
   explicit MaxPool2d(const MaxPool2dOptions& opt)
       : kernel_(opt.kernel_size), stride_(opt.stride.value_or(opt.kernel_size)), pad_(opt.padding) {
-    detail::check_option(kernel_ > 0, "MaxPool2d", "kernel_size must be > 0");
-    detail::check_option(stride_ > 0, "MaxPool2d", "stride must be > 0");
+    detail::check_extent(kernel_, 1, "MaxPool2d", "kernel_size");
+    detail::check_extent(stride_, 1, "MaxPool2d", "stride");
+    detail::check_extent(pad_, 0, "MaxPool2d", "padding");
     detail::check_option(pad_ >= 0 && 2 * pad_ <= kernel_, "MaxPool2d",
                          "padding must be >= 0 and at most half of kernel_size");
   }
@@ -77,6 +79,10 @@ class MaxPool2d : public Module {
     y_.give(std::move(dy));
     return dx;
   }
+
+  // Where each output of the last training-mode forward took its maximum: the index in its
+  // H*W input plane, in the output's [N, C, HO, WO] order; empty after an eval forward.
+  std::span<const std::int32_t> argmax() const { return argmax_; }
 
   void zero_grad() {}
   std::vector<ParamRef<T>> named_parameters() { return {}; }

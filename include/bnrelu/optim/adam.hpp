@@ -25,11 +25,11 @@ class AdamBase : public Optimizer<T> {
  public:
   AdamBase(std::vector<ParamRef<T>> params, const AdamOptions& opt, bool decoupled, const char* name)
       : Optimizer<T>(std::move(params)), opt_(opt), decoupled_(decoupled) {
-    this->check(opt.lr >= 0, name, "lr must be >= 0");
+    this->check(this->finite_nonnegative(opt.lr), name, "lr must be finite and >= 0");
     this->check(opt.beta1 >= 0 && opt.beta1 < 1, name, "beta1 must be in [0, 1)");
     this->check(opt.beta2 >= 0 && opt.beta2 < 1, name, "beta2 must be in [0, 1)");
-    this->check(opt.eps >= 0, name, "eps must be >= 0");
-    this->check(opt.weight_decay >= 0, name, "weight_decay must be >= 0");
+    this->check(this->finite_nonnegative(opt.eps), name, "eps must be finite and >= 0");
+    this->check(this->finite_nonnegative(opt.weight_decay), name, "weight_decay must be finite and >= 0");
     this->lr_ = opt.lr;
     for (auto& p : this->params_) {
       m_.emplace_back(p.value.size());

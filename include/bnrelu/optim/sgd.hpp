@@ -24,9 +24,10 @@ class SGD : public Optimizer<T> {
   using options_type = SGDOptions;
 
   SGD(std::vector<ParamRef<T>> params, const SGDOptions& opt) : Optimizer<T>(std::move(params)), opt_(opt) {
-    this->check(opt.lr >= 0, "SGD", "lr must be >= 0");
-    this->check(opt.momentum >= 0, "SGD", "momentum must be >= 0");
-    this->check(opt.weight_decay >= 0, "SGD", "weight_decay must be >= 0");
+    this->check(this->finite_nonnegative(opt.lr), "SGD", "lr must be finite and >= 0");
+    this->check(this->finite_nonnegative(opt.momentum), "SGD", "momentum must be finite and >= 0");
+    this->check(std::isfinite(opt.dampening), "SGD", "dampening must be finite");
+    this->check(this->finite_nonnegative(opt.weight_decay), "SGD", "weight_decay must be finite and >= 0");
     this->check(!opt.nesterov || (opt.momentum > 0 && opt.dampening == 0), "SGD",
                 "nesterov needs momentum > 0 and dampening 0");
     this->lr_ = opt.lr;
