@@ -14,16 +14,22 @@ int main(int argc, char** argv) {
   CLI::App app{"Eval-mode logits of a seed_cnn checkpoint on the first test images"};
   app.add_option("--checkpoint", checkpoint, "model state_dict (.safetensors)")->required();
   app.add_option("--data", data, "MNIST-format folder")->capture_default_str();
-  app.add_option("--count", count, "number of test images")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--count", count, "number of test images")->capture_default_str()->check(CLI::Range(bnrelu::Index{1}, bnrelu::Index{1} << 30));
   app.add_option("--out", out, "where to write the logits")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   try {
     const auto file = bnrelu::io::read_safetensors(checkpoint);
-    const auto meta = [&](const char* key, const std::string& fallback) {
-      const auto it = file.metadata.find(key);
-      return it == file.metadata.end() ? fallback : it->second;
+    // seed_cnn's last layer (index 12) tells the number of classes
+    const auto last = file.tensors.find("12.bias");
+    if (last == file.tensors.end() || last->second.shape.size() != 1 || last->second.numel() < 1)
+      throw bnrelu::format_error(checkpoint + " is no seed_cnn checkpoint: it lacks a 1-D tensor 12.bias");
+    const auto classes = last->second.numel();
+    // the pixel normalisation train_mnist recorded (none for a checkpoint written elsewhere)
+    const auto meta = [&](const char* key, double fallback) {
+      return file.metadata.count(key) ? bnrelu::io::metadata_number<double>(file, key, -1e6, 1e6) : fallback;
     };
-    const auto classes = file.tensors.at("12.bias").numel();
+    const double pixel_mean = meta("pixel_mean", 0), pixel_std = meta("pixel_std", 1);
+    if (!(pixel_std > 0)) throw bnrelu::format_error(checkpoint + ": metadata pixel_std must be > 0");
     auto model = bnrelu::models::seed_cnn<float>(1, classes);
     bnrelu::io::load_state_dict(model, file, checkpoint);
     model.eval();
@@ -31,7 +37,7 @@ int main(int argc, char** argv) {
     count = std::min(count, test.images.dimension(0));
     const auto first = bnrelu::data::first_n(test, count);
     bnrelu::data::DataLoader<float> loader(first, {.batch_size = count, .shuffle = false,
-                                                   .mean = std::stof(meta("pixel_mean", "0")), .std = std::stof(meta("pixel_std", "1"))});
+                                                   .mean = static_cast<float>(pixel_mean), .std = static_cast<float>(pixel_std)});
     bnrelu::data::Batch<float> batch;
     loader.next(batch);
     const auto logits = model.forward(batch.images);

@@ -93,15 +93,20 @@ inline std::string svg_chart(const std::vector<EpochRecord>& rows, const std::st
   return s.str();
 }
 
-// Writes the CSV at path and the chart next to it (same name, .svg), each atomically.
-inline std::string write_reports(const std::string& csv_path, const std::vector<EpochRecord>& rows,
-                                 const std::string& title) {
-  bnrelu::io::write_file_atomic(csv_path, csv_log(rows));
+// The chart's path for a CSV log: the same name with .svg for its extension.
+inline std::string svg_path(const std::string& csv_path) {
   std::string svg = csv_path;
   const auto dot = svg.find_last_of('.');
   const auto slash = svg.find_last_of('/');
   if (dot != std::string::npos && (slash == std::string::npos || dot > slash)) svg.resize(dot);
-  svg += ".svg";
+  return svg + ".svg";
+}
+
+// Writes the CSV at path and the chart next to it (svg_path), each atomically.
+inline std::string write_reports(const std::string& csv_path, const std::vector<EpochRecord>& rows,
+                                 const std::string& title) {
+  bnrelu::io::write_file_atomic(csv_path, csv_log(rows));
+  const std::string svg = svg_path(csv_path);
   bnrelu::io::write_file_atomic(svg, svg_chart(rows, title));
   return svg;
 }

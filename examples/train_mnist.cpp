@@ -13,8 +13,10 @@
 #include <cstdlib>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <bnrelu/bnrelu.hpp>
@@ -25,10 +27,18 @@
 #include "report.hpp"
 
 namespace nn = bnrelu::nn;
+
 using bnrelu::Index;
 using Clock = std::chrono::steady_clock;
 
 namespace {
+
+// A double as text that reads back to the same double.
+std::string exact(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
 
 struct Config {
   std::string data = "/usr/share/datasets/fashion-mnist";
@@ -46,6 +56,7 @@ struct Config {
   std::string resume;
   bool eval_only = false;
   std::string log = "train_log.csv";
+  Index classes = 10;
   Index max_steps = 0;
   Index train_limit = 0;
   Index test_limit = 0;
@@ -91,6 +102,24 @@ const std::vector<std::string> kFashionNames{"T-shirt/top", "Trouser", "Pullover
 std::string class_name(const Config& cfg, Index k, Index classes) {
   if (classes == 10 && cfg.data.find("fashion") != std::string::npos) return kFashionNames[static_cast<std::size_t>(k)];
   return std::to_string(k);
+}
+
+// A CLI11 check: a finite number in [lo, hi].
+CLI::Validator finite_in(double lo, double hi) {
+  return CLI::Validator(
+      [lo, hi](std::string& text) -> std::string {
+        double v = 0;
+        std::size_t used = 0;
+        try {
+          v = std::stod(text, &used);
+        } catch (const std::exception&) {
+          return "'" + text.substr(0, 40) + "' is not a number";
+        }
+        if (used != text.size() || !std::isfinite(v) || v < lo || v > hi)
+          return "'" + text.substr(0, 40) + "' is not a finite number in [" + exact(lo) + ", " + exact(hi) + "]";
+        return {};
+      },
+      "FINITE in [" + exact(lo) + ", " + exact(hi) + "]");
 }
 
 std::string duration(double s) {
@@ -202,48 +231,108 @@ void print_confusion(const Config& cfg, const Evaluation& ev, Index classes) {
 
 std::string state_path(const std::string& checkpoint) { return checkpoint + ".train-state"; }
 
+// Every label of a set in [0, classes), or std::invalid_argument naming the first that is not.
+void check_labels(const bnrelu::data::Mnist& set, const char* which, Index classes) {
+  for (std::size_t i = 0; i < set.labels.size(); ++i)
+    if (set.labels[i] < 0 || set.labels[i] >= classes)
+      throw std::invalid_argument(std::string(which) + " label " + std::to_string(i) + " is " +
+                                  std::to_string(set.labels[i]) + ", outside the " + std::to_string(classes) +
+                                  " classes (set --classes)");
+}
+
 // Where training stands: the epoch under way and the next batch of it.
 struct Position {
   int epoch = 0;
   Index batch = 0;
 };
 
-// Optimizer state and the position in training, saved next to the model checkpoint (whose
-// metadata repeats the step count, so a pair from different moments is detected).
-void save_train_state(bnrelu::optim::Optimizer<float>& opt, const std::string& path, Position at, std::int64_t steps,
-                      const Config& cfg) {
-  std::vector<std::pair<std::string, bnrelu::io::RawTensor>> tensors;
-  for (auto& [name, values] : opt.state())
-    tensors.emplace_back(name, bnrelu::io::RawTensor::from<float>(std::span<const float>(*values), {static_cast<Index>(values->size())}));
-  bnrelu::io::write_safetensors(path, tensors,
-                                {{"epoch", std::to_string(at.epoch)},
-                                 {"batch", std::to_string(at.batch)},
-                                 {"steps", std::to_string(steps)},
-                                 {"optimizer", cfg.optimizer},
-                                 {"seed", std::to_string(cfg.seed)}});
+// What the training set is: its size, classes and a hash of its labels (FNV-1a), so that a
+// resumed run can tell that it continues on the same data wherever the files now lie.
+struct DataPrint {
+  Index images = 0, classes = 0;
+  std::uint64_t labels_hash = 0;
+};
+DataPrint data_print(const bnrelu::data::Mnist& train, Index classes) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (auto l : train.labels) h = (h ^ static_cast<std::uint64_t>(l)) * 1099511628211ULL;
+  return {train.images.dimension(0), classes, h};
 }
 
-Position load_train_state(bnrelu::optim::Optimizer<float>& opt, const std::string& path, const std::string& model_steps,
-                          const Config& cfg) {
+// The settings that shape a run, as the train-state file records them: a resumed run must
+// have the same, or it would not continue the run that was saved. --epochs may grow where the
+// learning rate does not depend on it (--scheduler none).
+std::map<std::string, std::string> run_settings(const Config& cfg, const DataPrint& data) {
+  std::map<std::string, std::string> m{
+      {"--batch-size", std::to_string(cfg.batch_size)}, {"--seed", std::to_string(cfg.seed)},
+      {"--optimizer", cfg.optimizer},                   {"--lr", exact(cfg.lr)},
+      {"--momentum", exact(cfg.momentum)}, {"--weight-decay", exact(cfg.weight_decay)},
+      {"--scheduler", cfg.scheduler},                   {"--train-limit", std::to_string(cfg.train_limit)},
+      {"--classes", std::to_string(cfg.classes)},       {"training images", std::to_string(data.images)},
+      {"training labels (hash)", std::to_string(data.labels_hash)}};
+  if (cfg.scheduler != "none") m["--epochs"] = std::to_string(cfg.epochs);
+  return m;
+}
+
+// The train-state file: the model's state_dict ("model.<name>"), the optimizer's state
+// ("optimizer.<name>"), the position, and the run's settings; everything --resume needs, in
+// one file written atomically, so that no crash or full disk leaves a state that disagrees
+// with itself. It is written before the model file (the PyTorch-loadable export), which may
+// therefore lag one save behind it after a crash, never the other way round.
+template <class Model>
+void save_train_state(Model& model, bnrelu::optim::Optimizer<float>& opt, const std::string& path, Position at,
+                      const std::map<std::string, std::string>& settings) {
+  std::vector<std::pair<std::string, bnrelu::io::RawTensor>> tensors;
+  for (auto& [name, t] : bnrelu::io::state_dict(model)) tensors.emplace_back("model." + name, std::move(t));
+  for (auto& [name, values] : opt.state())
+    tensors.emplace_back("optimizer." + name,
+                         bnrelu::io::RawTensor::from<float>(std::span<const float>(*values), {static_cast<Index>(values->size())}));
+  std::map<std::string, std::string> meta{{"epoch", std::to_string(at.epoch)},
+                                          {"batch", std::to_string(at.batch)},
+                                          {"steps", std::to_string(opt.steps())}};
+  for (const auto& [key, value] : settings) meta["setting " + key] = value;
+  bnrelu::io::write_safetensors(path, tensors, meta);
+}
+
+// Restores model and optimizer from a train-state file after checking that it was written by
+// a run with these settings; changes nothing on any error.
+template <class Model>
+Position load_train_state(Model& model, bnrelu::optim::Optimizer<float>& opt, const std::string& path,
+                          const std::map<std::string, std::string>& settings, Index batches_per_epoch, int epochs) {
+  if (!std::filesystem::exists(path))
+    throw bnrelu::format_error("--resume needs " + path + " (the optimizer state and position of the run); only " +
+                               "--eval-only can use a model file alone");
   const auto file = bnrelu::io::read_safetensors(path);
-  for (const char* key : {"optimizer", "epoch", "batch", "steps"})
-    if (file.metadata.count(key) == 0) throw bnrelu::format_error(path + " lacks the metadata entry " + key);
-  if (file.metadata.at("optimizer") != cfg.optimizer)
-    throw bnrelu::format_error(path + " was written for optimizer " + file.metadata.at("optimizer") + ", not " + cfg.optimizer);
-  if (file.metadata.at("steps") != model_steps)
-    throw bnrelu::format_error(path + " is from step " + file.metadata.at("steps") + " but the checkpoint from step " +
-                               model_steps + ": a save was interrupted between the two files");
+  for (const auto& [key, want] : settings) {
+    const auto it = file.metadata.find("setting " + key);
+    if (it == file.metadata.end()) throw bnrelu::format_error(path + " does not record the setting " + key);
+    if (it->second != want)
+      throw std::invalid_argument(key + " is " + want + " but the run in " + path + " used " + it->second.substr(0, 80) +
+                                  ": resuming would not continue that run (pass the same " + key +
+                                  (key == "--epochs" ? ", or use --scheduler none to extend a run)" : ")"));
+  }
+  const Position at{bnrelu::io::metadata_number<int>(file, "epoch", 0, epochs),
+                    bnrelu::io::metadata_number<Index>(file, "batch", 0, batches_per_epoch)};
+  const auto steps = bnrelu::io::metadata_number<std::int64_t>(file, "steps", 0);
+  bnrelu::io::SafetensorsFile model_part, optimizer_part;
+  for (const auto& [name, t] : file.tensors) {
+    if (name.starts_with("model.")) model_part.tensors.emplace(name.substr(6), t);
+    else if (name.starts_with("optimizer.")) optimizer_part.tensors.emplace(name.substr(10), t);
+    else throw bnrelu::format_error(path + ": unexpected tensor " + name);
+  }
   auto state = opt.state();
   std::vector<std::vector<float>> values;
   for (auto& [name, vec] : state) {
-    const auto it = file.tensors.find(name);
-    if (it == file.tensors.end() || static_cast<std::size_t>(it->second.numel()) != vec->size())
+    const auto it = optimizer_part.tensors.find(name);
+    if (it == optimizer_part.tensors.end() || static_cast<std::size_t>(it->second.numel()) != vec->size() ||
+        it->second.dtype != "F32")
       throw bnrelu::format_error(path + ": missing or mis-sized optimizer state " + name);
-    values.push_back(it->second.as<float>());
+    values.push_back(it->second.template as<float>());
   }
+  if (optimizer_part.tensors.size() != state.size()) throw bnrelu::format_error(path + ": unexpected optimizer state");
+  bnrelu::io::load_state_dict(model, model_part, path);  // checks everything before it changes the model
   for (std::size_t i = 0; i < state.size(); ++i) *state[i].second = std::move(values[i]);
-  opt.set_steps(std::stoll(file.metadata.at("steps")));
-  return {std::stoi(file.metadata.at("epoch")), std::stol(file.metadata.at("batch"))};
+  opt.set_steps(steps);
+  return at;
 }
 
 // The rows of an earlier run's CSV log for epochs before `before`, so a resumed run's log
@@ -280,13 +369,24 @@ int run(Config cfg) {
     cfg.save.clear();
     cfg.log.clear();
   }
+  // everything that can be checked before the data loads and the first step runs
+  if (cfg.eval_only && cfg.resume.empty()) throw std::invalid_argument("--eval-only needs --resume CHECKPOINT");
+  if (!cfg.eval_only) {
+    for (const auto& path : {cfg.save, cfg.save.empty() ? std::string() : state_path(cfg.save), cfg.log,
+                             cfg.log.empty() ? std::string() : svg_path(cfg.log)})
+      if (!path.empty()) bnrelu::io::check_writable(path);
+  }
   if (cfg.threads > 0) bnrelu::set_num_threads(cfg.threads);
   bnrelu::manual_seed(cfg.seed);
   const auto t_load = Clock::now();
   const auto train = bnrelu::data::first_n(bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::train), cfg.train_limit);
   const auto test = bnrelu::data::first_n(bnrelu::data::load_mnist(cfg.data, bnrelu::data::Split::test), cfg.test_limit);
-  Index classes = 0;
-  for (auto l : train.labels) classes = std::max<Index>(classes, l + 1);
+  const Index classes = cfg.classes;
+  check_labels(train, "training", classes);
+  check_labels(test, "test", classes);
+  if (!cfg.eval_only && train.images.dimension(0) < 2 * replicas.size)
+    throw std::invalid_argument("the training set has " + std::to_string(train.images.dimension(0)) +
+                                " images; batch norm needs at least 2 per rank");
   const auto [mean, stdev] = bnrelu::data::pixel_mean_std(train);
   const bnrelu::data::LoaderOptions loader_opt{.batch_size = cfg.batch_size, .shuffle = true, .seed = cfg.seed, .mean = mean, .std = stdev};
   std::printf("bnrelu train_mnist: %ld training and %ld test images of %ldx%ld, %ld classes from %s (%.1f s)\n",
@@ -316,19 +416,17 @@ int run(Config cfg) {
     if (cfg.scheduler == "cosine") cosine_lr.set_epoch(step);
   };
 
+  const auto settings = run_settings(cfg, data_print(train, classes));
   Position start;
-  if (!cfg.resume.empty()) {
-    const auto file = bnrelu::io::read_safetensors(cfg.resume);
-    bnrelu::io::load_state_dict(model, file, cfg.resume);
-    if (!cfg.eval_only) {
-      const auto it = file.metadata.find("steps");
-      start = load_train_state(*opt, state_path(cfg.resume), it == file.metadata.end() ? "?" : it->second, cfg);
-      std::printf("resumed from %s at epoch %d, step %ld of it\n", cfg.resume.c_str(), start.epoch + 1,
-                  static_cast<long>(start.batch));
-    }
+  if (cfg.eval_only) {
+    bnrelu::io::load_state_dict(model, bnrelu::io::read_safetensors(cfg.resume), cfg.resume);
+  } else if (!cfg.resume.empty()) {
+    // the train-state file holds the model too: it is never older than the model file
+    start = load_train_state(model, *opt, state_path(cfg.resume), settings, steps_per_epoch, cfg.epochs);
+    std::printf("resumed from %s at epoch %d, step %ld of it\n", state_path(cfg.resume).c_str(), start.epoch + 1,
+                static_cast<long>(start.batch));
   }
   if (cfg.eval_only) {
-    if (cfg.resume.empty()) throw std::invalid_argument("--eval-only needs --resume CHECKPOINT");
     const auto ev = evaluate(model, test, loader_opt, classes);
     std::printf("test loss %.4f, accuracy %.2f%%\n", ev.loss, 100 * ev.accuracy);
     print_confusion(cfg, ev, classes);
@@ -413,10 +511,10 @@ int run(Config cfg) {
     if (!cfg.save.empty()) {
       const Position at = loader.batch_index() >= loader.num_batches() ? Position{epoch + 1, 0}
                                                                        : Position{epoch, loader.batch_index()};
+      save_train_state(model, *opt, state_path(cfg.save), at, settings);  // first: see save_train_state
       bnrelu::io::save_safetensors(model, cfg.save,
                                    {{"pixel_mean", std::to_string(mean)}, {"pixel_std", std::to_string(stdev)},
                                     {"classes", std::to_string(classes)}, {"steps", std::to_string(opt->steps())}});
-      save_train_state(*opt, state_path(cfg.save), at, opt->steps(), cfg);
     }
     if (!cfg.log.empty()) write_reports(cfg.log, history, "bnrelu seed_cnn on " + std::filesystem::path(cfg.data).filename().string());
     if (cfg.max_steps > 0 && steps >= cfg.max_steps) break;
@@ -425,8 +523,7 @@ int run(Config cfg) {
   std::printf("\n");
   if (!cfg.save.empty()) std::printf("checkpoint: %s (PyTorch state_dict names; optimizer state in %s)\n", cfg.save.c_str(), state_path(cfg.save).c_str());
   if (!cfg.log.empty() && !history.empty()) {
-    std::string svg = cfg.log.substr(0, cfg.log.find_last_of('.')) + ".svg";
-    std::printf("log: %s, chart: %s\n", cfg.log.c_str(), svg.c_str());
+    std::printf("log: %s, chart: %s\n", cfg.log.c_str(), svg_path(cfg.log).c_str());
   }
   return 0;
 }
@@ -436,24 +533,26 @@ int run(Config cfg) {
 int main(int argc, char** argv) {
   Config cfg;
   CLI::App app{"Train the founding document's BatchNorm+ReLU CNN on an MNIST-format data set"};
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   app.add_option("--data", cfg.data, "folder with train/t10k IDX files (raw or .gz)")->capture_default_str();
-  app.add_option("--epochs", cfg.epochs, "epochs to train")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--batch-size", cfg.batch_size, "images per step")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--lr", cfg.lr, "learning rate")->capture_default_str()->check(CLI::NonNegativeNumber);
-  app.add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str()->check(CLI::NonNegativeNumber);
-  app.add_option("--weight-decay", cfg.weight_decay, "L2 penalty (decoupled for adamw)")->capture_default_str();
+  app.add_option("--epochs", cfg.epochs, "epochs to train")->capture_default_str()->check(CLI::Range(1, 100000));
+  app.add_option("--batch-size", cfg.batch_size, "images per step")->capture_default_str()->check(CLI::Range(Index{1}, Index{1} << 20));
+  app.add_option("--lr", cfg.lr, "learning rate")->capture_default_str()->check(finite_in(0, 1e6));
+  app.add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str()->check(finite_in(0, 1));
+  app.add_option("--weight-decay", cfg.weight_decay, "L2 penalty (decoupled for adamw)")->capture_default_str()->check(finite_in(0, 1e6));
   app.add_option("--optimizer", cfg.optimizer, "sgd, adam or adamw")->capture_default_str()->check(CLI::IsMember({"sgd", "adam", "adamw"}));
   app.add_option("--scheduler", cfg.scheduler, "learning rate per step: none, step (x0.1 after half the epochs) or cosine (to 0 at the end)")->capture_default_str()->check(CLI::IsMember({"none", "step", "cosine"}));
-  app.add_option("--threads", cfg.threads, "threads (default: OMP_NUM_THREADS or all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", cfg.threads, "threads, at most the " + std::to_string(cores) + " cores (default: OMP_NUM_THREADS or all cores)")->check(CLI::Range(0, cores));
   app.add_option("--seed", cfg.seed, "seed for initialisation and shuffling")->capture_default_str();
+  app.add_option("--classes", cfg.classes, "number of classes; every label must lie in [0, classes)")->capture_default_str()->check(CLI::Range(Index{2}, Index{256}));
   app.add_flag("--no-fuse", cfg.no_fuse, "run BatchNorm and ReLU as separate passes");
-  app.add_option("--save", cfg.save, "checkpoint written after every epoch (empty: none)")->capture_default_str();
-  app.add_option("--resume", cfg.resume, "checkpoint to continue from (or to evaluate)");
+  app.add_option("--save", cfg.save, "checkpoint written after every epoch, with CHECKPOINT.train-state for --resume (empty: none)")->capture_default_str();
+  app.add_option("--resume", cfg.resume, "checkpoint to continue from (reads CHECKPOINT.train-state; the run's settings must match), or to evaluate");
   app.add_flag("--eval-only", cfg.eval_only, "evaluate --resume on the test set and stop");
   app.add_option("--log", cfg.log, "CSV log per epoch; an SVG chart is written next to it (empty: none)")->capture_default_str();
-  app.add_option("--max-steps", cfg.max_steps, "stop after this many training steps (0: no limit)")->check(CLI::NonNegativeNumber);
-  app.add_option("--train-limit", cfg.train_limit, "use only the first N training images (0: all)")->check(CLI::NonNegativeNumber);
-  app.add_option("--test-limit", cfg.test_limit, "use only the first N test images (0: all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--max-steps", cfg.max_steps, "stop after this many training steps (0: no limit)")->check(CLI::Range(Index{0}, Index{1} << 40));
+  app.add_option("--train-limit", cfg.train_limit, "use only the first N training images (0: all)")->check(CLI::Range(Index{0}, Index{1} << 40));
+  app.add_option("--test-limit", cfg.test_limit, "use only the first N test images (0: all)")->check(CLI::Range(Index{0}, Index{1} << 40));
   app.add_flag("--distributed", cfg.distributed,
                "data parallel over MPI ranks (mpirun -np N); --batch-size is the global batch. Detected under mpirun");
   CLI11_PARSE(app, argc, argv);
