@@ -4,13 +4,16 @@
 // reference itself, locally, so the comparison needs no extra communication.
 //
 // In double the two runs go their own ways for all 20 steps. In float they are brought back
-// to the reference's parameters and statistics before every step: the two runs round
-// differently (batch 32 + 32 against 64 in the sums), and over many steps such differences grow
-// until two nearly equal values in a max-pooling window swap order, which sends a gradient to
-// another pixel (any two float implementations part this way; measured: with four data seeds
-// the free-running float runs stayed within 1e-5 for 8-20 steps). From a shared state every
-// activation that reaches a max-pooling is bit-identical in the two runs, so each step is
-// compared exactly where it should be.
+// to the reference's parameters and statistics before every step, and a step is compared
+// wherever the two runs took the same path: the runs round differently (batch 32 + 32 against
+// 64 in the batch-norm sums, and GEMM blocking that follows the matrix sizes and the CPU's
+// caches), so where two values of a max-pooling window lie within rounding of each other the
+// runs may pick different maxima, and the gradient goes to another pixel. That is a property
+// of float arithmetic, not of data parallelism, and where it happens depends on the machine.
+// So each step compares every max-pooling's argmax of the two runs (this rank's images); a
+// step where any differs is not compared (its loss still is), and at most a few steps of 20
+// may be left out. TwoRanksCatchAPlantedError shows that an error of 1e-4 in the averaged
+// gradients fails the comparison.
 #include <bnrelu/bnrelu.hpp>
 #include <bnrelu/dist/mpi.hpp>
 
@@ -48,11 +51,44 @@ enum class Steps {
   shared,    // backward_and_step(): the ranks share the step's work
 };
 
+// Whether every max-pooling of model (this rank's images) chose the same maxima as the
+// reference's over the global batch (rank's images at offset rank * local).
+template <class M>
+bool same_pooling_path(const M& model, const M& reference, int rank, bnrelu::Index local, bnrelu::Index global) {
+  auto same = [&](const auto& mine, const auto& all) {
+    if (all.size() % static_cast<std::size_t>(global) != 0) return false;
+    const std::size_t per_image = all.size() / static_cast<std::size_t>(global);
+    if (mine.size() != per_image * static_cast<std::size_t>(local)) return false;
+    return std::equal(mine.begin(), mine.end(), all.begin() + static_cast<std::ptrdiff_t>(per_image * rank * local));
+  };
+  return same(model.template get<3>().argmax(), reference.template get<3>().argmax()) &&
+         same(model.template get<7>().argmax(), reference.template get<7>().argmax());
+}
+
+// What a run compared: the largest relative difference seen, and how many steps were left out
+// because the two runs' max-poolings took different paths (only with resync).
+struct Comparison {
+  double worst = 0;
+  int skipped = 0;
+};
+
+// Runs the comparison; every difference beyond tol is also reported as a test failure unless
+// expect_pass is false. plant scales the averaged gradients by (1 + plant) before each step.
 template <class T, class Opt = bnrelu::optim::SGD<T>>
-void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::averaged,
-                                 typename Opt::options_type options = {.lr = 0.05, .momentum = 0.9},
-                                 dist::DataParallelOptions ddp_options = {}) {
-  ASSERT_EQ(dist::size(), 2) << "run with mpiexec -np 2";
+Comparison compare_two_ranks(double tol, bool resync, Steps steps = Steps::averaged,
+                             typename Opt::options_type options = {.lr = 0.05, .momentum = 0.9},
+                             dist::DataParallelOptions ddp_options = {}, bool expect_pass = true, double plant = 0) {
+  Comparison result;
+  bool last_compared = true;  // whether the last step was compared
+  // records d (a relative difference) and, when expected to pass, checks it
+  auto check = [&](double d, const std::string& what) {
+    result.worst = std::max(result.worst, d);
+    if (expect_pass) {
+      EXPECT_LE(d, tol) << what;
+    }
+  };
+  EXPECT_EQ(dist::size(), 2) << "run with mpiexec -np 2";
+  if (dist::size() != 2) return result;
   const int rank = dist::rank();
   const Index global = 64, local = global / 2;
   bnrelu::manual_seed(11);
@@ -84,6 +120,9 @@ void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::a
       for (std::size_t i = 0; i < p.size(); ++i) std::copy(q[i].value.begin(), q[i].value.end(), p[i].value.begin());
       auto b = model.named_buffers(), c = reference.named_buffers();
       for (std::size_t i = 0; i < b.size(); ++i) std::copy(c[i].value.begin(), c[i].value.end(), b[i].value.begin());
+      // and the optimizer's state (momentum), so that a step left out does not carry into the next
+      auto s = opt.state(), r = opt_ref.state();
+      for (std::size_t i = 0; i < s.size(); ++i) *s[i].second = *r[i].second;
       if (ddp.shares_weights()) MPI_Barrier(MPI_COMM_WORLD);
     }
     opt_ref.zero_grad();
@@ -91,12 +130,17 @@ void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::a
     reference.backward_params(loss_ref.backward());
     opt.zero_grad();
     const double got = dist::DataParallel<decltype(model)>::mean_over_ranks(loss.forward(model.forward(xs), ls));
-    EXPECT_LE(std::abs(got - want) / std::max(1e-3, std::abs(want)), tol) << got << " vs " << want;
+    check(std::abs(got - want) / std::max(1e-3, std::abs(want)), "loss " + std::to_string(got) + " vs " + std::to_string(want));
+    // both ranks must agree on leaving a step out (the shared step's collectives need both)
+    const bool same_path = !resync || dist::sum_over_ranks(same_pooling_path(model, reference, rank, local, global) ? 0.0 : 1.0) == 0;
+    if (!same_path) ++result.skipped;
+    last_compared = same_path;
     auto p = model.named_parameters(), q = reference.named_parameters();
     if (steps == Steps::shared) {
       ddp.backward_and_step(loss.backward(), opt);
       opt_ref.step();
-      for (std::size_t i = 0; i < p.size(); ++i) EXPECT_LE(rel_diff(p[i].value, q[i].value), tol) << p[i].name;
+      if (!same_path) continue;
+      for (std::size_t i = 0; i < p.size(); ++i) check(rel_diff(p[i].value, q[i].value), p[i].name);
       // the same bits on both ranks
       for (auto& param : p) {
         std::vector<T> root(param.value.begin(), param.value.end());
@@ -104,7 +148,7 @@ void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::a
         EXPECT_TRUE(std::equal(root.begin(), root.end(), param.value.begin())) << param.name << " differs between ranks";
       }
       auto b = model.named_buffers(), c = reference.named_buffers();
-      for (std::size_t i = 0; i < b.size(); ++i) EXPECT_LE(rel_diff(b[i].value, c[i].value), tol) << b[i].name;
+      for (std::size_t i = 0; i < b.size(); ++i) check(rel_diff(b[i].value, c[i].value), b[i].name);
       continue;
     }
     if (step % 2 == 0) {  // both ways of averaging
@@ -113,24 +157,32 @@ void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::a
     } else {
       ddp.backward_params(loss.backward());
     }
+    if (plant != 0)
+      for (auto& param : p)
+        for (auto& g : param.grad) g *= static_cast<T>(1 + plant);
     // gradients relative to the largest gradient of the model: a convolution's bias before a
     // batch norm has a gradient of exactly 0 in exact arithmetic, so only rounding is left of it
     double grad_scale = 0;
     for (auto& g : q)
       for (auto v : g.grad) grad_scale = std::max(grad_scale, std::abs(static_cast<double>(v)));
-    for (std::size_t i = 0; i < p.size(); ++i)
-      EXPECT_LE(rel_diff(p[i].grad, q[i].grad, grad_scale), tol) << p[i].name << " grad";
+    if (same_path)
+      for (std::size_t i = 0; i < p.size(); ++i) check(rel_diff(p[i].grad, q[i].grad, grad_scale), p[i].name + " grad");
     opt_ref.step();
     opt.step();
-    for (std::size_t i = 0; i < p.size(); ++i) EXPECT_LE(rel_diff(p[i].value, q[i].value), tol) << p[i].name;
+    if (!same_path) continue;
+    for (std::size_t i = 0; i < p.size(); ++i) check(rel_diff(p[i].value, q[i].value), p[i].name);
     auto b = model.named_buffers(), c = reference.named_buffers();
-    for (std::size_t i = 0; i < b.size(); ++i) EXPECT_LE(rel_diff(b[i].value, c[i].value), tol) << b[i].name;
+    for (std::size_t i = 0; i < b.size(); ++i) check(rel_diff(b[i].value, c[i].value), b[i].name);
   }
+  // a machine where more steps part ways would leave too little compared
+  EXPECT_LE(result.skipped, 4) << "steps whose max-poolings took different paths";
+  if (!expect_pass || !last_compared) return result;
   // the optimizer's state, made whole, is the one process's (relative to its largest value, as
   // the gradients: the momentum of a bias before a batch norm holds rounding alone)
   ddp.gather_optimizer_state(opt);
   auto state = opt.state(), want_state = opt_ref.state();
-  ASSERT_EQ(state.size(), want_state.size());
+  EXPECT_EQ(state.size(), want_state.size());
+  if (state.size() != want_state.size()) return result;
   double state_scale = 0;
   for (auto& [name, values] : want_state)
     for (auto v : *values) state_scale = std::max(state_scale, std::abs(static_cast<double>(v)));
@@ -148,13 +200,31 @@ void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::a
   auto p = model.named_parameters(), q = reference.named_parameters();
   for (std::size_t i = 0; i < p.size(); ++i) EXPECT_LE(rel_diff(p[i].value, q[i].value), tol) << p[i].name;
   const auto fc1 = std::find_if(p.begin(), p.end(), [](const auto& param) { return param.name == "9.weight"; });
-  ASSERT_NE(fc1, p.end());
-  EXPECT_EQ(fc1->value.data(), model.template get<9>().weight().data());  // the layer's own tensor again
+  EXPECT_NE(fc1, p.end());
+  if (fc1 != p.end()) {
+    EXPECT_EQ(fc1->value.data(), model.template get<9>().weight().data());  // the layer's own tensor again
+  }
+  return result;
+}
+
+template <class T, class Opt = bnrelu::optim::SGD<T>>
+void two_ranks_equal_one_process(double tol, bool resync, Steps steps = Steps::averaged,
+                                 typename Opt::options_type options = {.lr = 0.05, .momentum = 0.9},
+                                 dist::DataParallelOptions ddp_options = {}) {
+  const auto result = compare_two_ranks<T, Opt>(tol, resync, steps, options, ddp_options);
+  if (resync) ::testing::Test::RecordProperty("steps_left_out", result.skipped);
 }
 
 TEST(DataParallel, TwoRanksOfBatch32EqualOneProcessOfBatch64Double) { two_ranks_equal_one_process<double>(1e-9, false); }
 TEST(DataParallel, TwoRanksOfBatch32EqualOneProcessOfBatch64FloatEachStep) {
   two_ranks_equal_one_process<float>(1e-5, true);
+}
+
+// The float comparison is sharp enough to see an error of 1e-4 in the averaged gradients.
+TEST(DataParallel, TwoRanksCatchAPlantedError) {
+  const auto result = compare_two_ranks<float>(1e-5, true, Steps::averaged, {.lr = 0.05, .momentum = 0.9}, {},
+                                               /*expect_pass=*/false, /*plant=*/1e-4);
+  EXPECT_GT(result.worst, 1e-5);
 }
 
 TEST(DataParallel, SharedStepsEqualOneProcessDouble) { two_ranks_equal_one_process<double>(1e-9, false, Steps::shared); }
