@@ -521,7 +521,7 @@ int run(Config cfg) {
   }
   if (!history.empty()) print_confusion(cfg, last_eval, classes);
   std::printf("\n");
-  if (!cfg.save.empty()) std::printf("checkpoint: %s (PyTorch state_dict names; optimizer state in %s)\n", cfg.save.c_str(), state_path(cfg.save).c_str());
+  if (!cfg.save.empty()) std::printf("checkpoint: %s (PyTorch state_dict names; what --resume reads in %s)\n", cfg.save.c_str(), state_path(cfg.save).c_str());
   if (!cfg.log.empty() && !history.empty()) {
     std::printf("log: %s, chart: %s\n", cfg.log.c_str(), svg_path(cfg.log).c_str());
   }
