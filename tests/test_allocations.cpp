@@ -5,8 +5,8 @@
 //
 // What still calls malloc is Eigen's GEMM: it allocates its packing blocks per product when
 // they exceed its 128 KiB stack limit, and malloc serves them from its free lists without
-// touching new memory. Since conv2 runs as Winograd's small products (packed on the stack),
-// only fc1's products do: 2-3 calls per training step at batch 16 (66 with im2col before).
+// touching new memory. Conv2 runs as Winograd's small products (packed on the stack); the
+// Linear layers' products, one per block of columns, allocate.
 #include <bnrelu/models/seed_cnn.hpp>
 #include <bnrelu/nn/loss.hpp>
 #include <bnrelu/optim/sgd.hpp>
@@ -69,6 +69,20 @@ struct Counted {
   }
 };
 
+// Runs f until 5 calls in a row touch no new page (at most 100 calls); false if they never do.
+// A step that allocates or grows something every time never gets there. The allocator's heaps
+// (one per thread that allocates) settle within the first dozen calls.
+template <class F>
+bool warm_up(F&& f) {
+  for (int calls = 0, quiet = 0; calls < 100; ++calls) {
+    const long before = minor_faults();
+    f();
+    quiet = minor_faults() == before ? quiet + 1 : 0;
+    if (quiet == 5) return true;
+  }
+  return false;
+}
+
 class SteadyState : public ::testing::TestWithParam<int> {};
 
 TEST_P(SteadyState, TrainingStepReusesAllMemory) {
@@ -92,18 +106,16 @@ TEST_P(SteadyState, TrainingStepReusesAllMemory) {
     opt.step();
     dlogits = std::move(logits);  // hand the storage round: the next gradient reuses it
   };
-  // warm-up: every buffer reaches its size, and the allocator's heaps (one per thread that
-  // allocates) settle: with two threads the last new page was touched at the 12th call
-  for (int i = 0; i < 20; ++i) step();
+  ASSERT_TRUE(warm_up(step)) << "no 5 steps in a row without touching new memory";
   const long faults = minor_faults();
   Counted c;
   for (int i = 0; i < 3; ++i) step();
   const long calls = c.stop();
   EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state step touched new memory";
-  // Eigen packs on the stack up to 128 KiB (Winograd's small products, conv1's), on the heap
-  // above (conv1's im2col products); Linear packs into buffers each thread keeps. The bound
-  // leaves room for another Eigen's blocking.
-  EXPECT_LE(calls, 3 * 8) << "more malloc calls than Eigen's GEMM packing makes";
+  // Eigen packs on the stack up to 128 KiB (Winograd's small products), on the heap above:
+  // Linear's products, one per block of columns (measured: 10 calls a step on one and on two
+  // threads). The bound leaves room for another Eigen's blocking.
+  EXPECT_LE(calls, 3 * 16) << "more malloc calls than Eigen's GEMM packing makes";
   // the checks are real: a bigger batch needs new, larger buffers
   bnrelu::Tensor<float, 4> bigger(4 * N, 1, 28, 28);
   bigger.setRandom();
@@ -124,7 +136,7 @@ TEST_P(SteadyState, EvalForwardReusesAllMemory) {
     if (folded) model.fuse_for_inference();
     bnrelu::Tensor<float, 4> x(32, 1, 28, 28);
     x.setRandom();
-    for (int i = 0; i < 20; ++i) model.forward(x);  // warm-up, as above
+    ASSERT_TRUE(warm_up([&] { model.forward(x); })) << "no 5 forwards in a row without touching new memory";
     const long faults = minor_faults();
     Counted c;
     for (int i = 0; i < 3; ++i) model.forward(x);

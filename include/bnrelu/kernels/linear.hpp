@@ -11,8 +11,7 @@
 #include "../detail/eigen.hpp"
 #include "../tensor.hpp"
 #include "../threads.hpp"
-#include "conv2d.hpp"  // RowMatrix maps
-#include "gemm.hpp"
+#include "matrix.hpp"
 
 namespace bnrelu::kernels {
 
@@ -43,30 +42,27 @@ void linear_blocks(Index n, F&& f) {
 template <class T>
 void linear_forward(T* y, const T* x, const T* weight, const T* bias, Index N, Index I, Index O) {
   if (N == 0) return;  // an empty batch has null data pointers, which Eigen must not offset
+  MatrixMap<T> ym(y, N, O);
+  ConstMatrixMap<T> xm(x, N, I), wm(weight, O, I);
   detail::linear_blocks(O, [&](Index o0, Index w) {
-    for (Index n = 0; n < N; ++n) std::fill_n(y + n * O + o0, w, T(0));
-    // y[:, o0 : o0 + w] += x * (rows o0 .. of weight)^T, the transpose read column-major
-    gemm_accumulate<T>(N, w, I, {x, I, true}, {weight + o0 * I, I, false}, y + o0, O);
-    if (bias)
-      for (Index n = 0; n < N; ++n)
-        for (Index o = o0; o < o0 + w; ++o) y[n * O + o] += bias[o];
+    auto yb = ym.middleCols(o0, w);
+    yb.noalias() = xm * wm.middleRows(o0, w).transpose();
+    if (bias) yb.rowwise() += Eigen::Map<const Eigen::RowVector<T, Eigen::Dynamic>>(bias + o0, w);
   });
 }
-
 // dx = dy * weight (skipped when dx is null);  dweight += dy^T * x;  dbias += column sums of dy.
+// Blocks of input features: dx's columns and dweight's columns.
 template <class T>
 void linear_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* weight,
                      Index N, Index I, Index O) {
   if (N == 0) return;  // nothing to add, and null data pointers
+  ConstMatrixMap<T> dym(dy, N, O), xm(x, N, I), wm(weight, O, I);
+  MatrixMap<T> dwm(dweight, O, I);
   detail::linear_blocks(I, [&](Index i0, Index w) {
-    if (dx) {
-      for (Index n = 0; n < N; ++n) std::fill_n(dx + n * I + i0, w, T(0));
-      gemm_accumulate<T>(N, w, O, {dy, O, true}, {weight + i0, I, true}, dx + i0, I);
-    }
-    // dy^T is dy read column-major
-    gemm_accumulate<T>(O, w, N, {dy, O, false}, {x + i0, I, true}, dweight + i0, I);
+    if (dx) MatrixMap<T>(dx, N, I).middleCols(i0, w).noalias() = dym * wm.middleCols(i0, w);
+    dwm.middleCols(i0, w).noalias() += dym.transpose() * xm.middleCols(i0, w);
   });
-  if (dbias) Eigen::Map<Eigen::RowVector<T, Eigen::Dynamic>>(dbias, O) += ConstMatrixMap<T>(dy, N, O).colwise().sum();
+  if (dbias) Eigen::Map<Eigen::RowVector<T, Eigen::Dynamic>>(dbias, O) += dym.colwise().sum();
 }
 
 }  // namespace bnrelu::kernels
