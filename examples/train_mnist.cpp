@@ -304,7 +304,8 @@ Position load_train_state(Model& model, bnrelu::optim::Optimizer<float>& opt, co
   const auto file = bnrelu::io::read_safetensors(path);
   for (const auto& [key, want] : settings) {
     const auto it = file.metadata.find("setting " + key);
-    if (it == file.metadata.end()) throw bnrelu::format_error(path + " does not record the setting " + key);
+    if (it == file.metadata.end())
+      throw bnrelu::format_error(path + " does not record the setting " + key + " (not written by this train_mnist)");
     if (it->second != want)
       throw std::invalid_argument(key + " is " + want + " but the run in " + path + " used " + it->second.substr(0, 80) +
                                   ": resuming would not continue that run (pass the same " + key +

@@ -31,7 +31,10 @@ TEST(Sequential, DeducesTypesAndNamesLikeTorch) {
   std::vector<std::string> buffers;
   for (auto& b : net.named_buffers()) buffers.push_back(b.name);
   EXPECT_EQ(buffers, (std::vector<std::string>{"1.running_mean", "1.running_var", "6.running_mean", "6.running_var"}));
-  EXPECT_EQ(&net.get<5>(), &net.get<5>());
+  // get<I> is the layer the model runs: a change through it shows in named_parameters
+  net.get<5>().weight()(0, 0) = 42.0;
+  EXPECT_EQ(net.named_parameters()[4].value[0], 42.0);
+  EXPECT_EQ(net.named_parameters()[4].name, "5.weight");
   EXPECT_EQ(net.get<5>().options().in_features, 12);
 }
 
@@ -43,6 +46,22 @@ TEST(Sequential, NestedSequentialPrefixesNames) {
   EXPECT_EQ(names, (std::vector<std::string>{"0.weight", "0.bias", "1.0.weight", "1.0.bias"}));
   const auto y = outer.forward(random_tensor<float, 2>({2, 4}));
   EXPECT_EQ(y.dimension(1), 2);
+}
+
+// A Sequential inside a Sequential, with its own fused BatchNorm + ReLU: input and parameter
+// gradients by finite differences, fusion on and off.
+TEST(Sequential, GradcheckNested) {
+  for (bool fused : {true, false}) {
+    bnrelu::manual_seed(22);
+    nn::Sequential inner{nn::Linear<double>({.in_features = 5, .out_features = 4}), nn::BatchNorm1d<double>({.num_features = 4}),
+                         nn::ReLU<double>{}};
+    nn::Sequential outer{nn::Linear<double>({.in_features = 3, .out_features = 5}), std::move(inner),
+                         nn::Linear<double>({.in_features = 4, .out_features = 2})};
+    outer.set_fusion(fused);
+    outer.get<1>().set_fusion(fused);
+    const auto r = bnrelu::testing::gradcheck(outer, random_tensor<double, 2>({6, 3}), {.max_checks = 40});
+    EXPECT_TRUE(r.ok) << r.worst;
+  }
 }
 
 TEST(Sequential, GradcheckFusedAndUnfused) {

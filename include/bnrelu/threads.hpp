@@ -19,8 +19,7 @@ namespace bnrelu {
 namespace detail {
 // In an OpenBLAS build (CMake BNRELU_USE_BLAS) Eigen's products run inside bnrelu's own
 // parallel loops (one image per thread), where OpenBLAS's threads would oversubscribe the
-// cores (measured: 253 instead of 1818 training images/s on two threads). bnrelu threads at
-// its own level and keeps OpenBLAS on one thread, once per process.
+// cores. bnrelu threads at its own level and keeps OpenBLAS on one thread, once per process.
 inline void keep_blas_single_threaded() {
 #ifdef BNRELU_OPENBLAS
   [[maybe_unused]] static const bool once = (openblas_set_num_threads(1), true);

@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -26,7 +25,9 @@
 
 #include "../tensor.hpp"
 #include "../threads.hpp"
+#include "activation.hpp"
 #include "simd.hpp"
+#include "tuning.hpp"
 
 namespace bnrelu::kernels {
 
@@ -43,22 +44,6 @@ inline T bn_affine(T x, T scale, T shift) {
 #endif
 }
 
-
-// ReLU that lets NaN through (as PyTorch's relu does) and maps everything below 0 to 0.
-template <class T>
-inline T relu_value(T v) {
-  return v < T(0) ? T(0) : v;
-}
-
-// +0 where the forward's pre-activation was <= 0, else dy: PyTorch's threshold_backward, which
-// passes the gradient of a NaN output through.
-// A bit mask rather than `pre > 0 ? dy : 0`, which GCC 12 compiles to a branch in loops that
-// also reduce in double (~5 ns an element on a random mask).
-template <class T>
-inline T relu_grad(T pre, T dy) {
-  using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
-  return std::bit_cast<T>(std::bit_cast<U>(dy) & (U(0) - U(!(pre <= T(0)))));
-}
 
 // The normalisation of one channel as y = (x - centre) * scale + shift, with
 //   centre = mean rounded to T,  scale = weight * invstd,  shift = bias - (mean - centre) * scale.
@@ -137,10 +122,9 @@ namespace detail {
 
 // A channel is N chunks of S values, C*S apart: too short a run for the hardware prefetcher,
 // which starts over at every chunk. So each pass over a chunk asks for the lines of a chunk
-// further on, spread over its own iterations (measured here: a burst of requests at the start
-// of each chunk stalls on the line-fill buffers; spread out, a strided read runs as fast as a
-// contiguous one). Ahead holds those streams: line(i) asks for the line of element i of each
-// stream that is set.
+// further on, spread over its own iterations (a burst of requests at the start of each chunk
+// would wait on the core's line-fill buffers). Ahead holds those streams: line(i) asks for the
+// line of element i of each stream that is set.
 template <class T>
 struct Ahead {
   const T* a = nullptr;
@@ -159,9 +143,8 @@ struct Ahead {
   }
 };
 
-// How many images ahead the statistics pass (one stream) asks for. Measured on one thread at
-// 256 x 64 x 28 x 28, right after a backward: 1.7-1.8 ms 2 ahead, 1.8-2.1 ms 3 ahead. The
-// backward's first pass: see backward_walk.
+// How many images ahead the statistics pass (one stream) asks for (bench_batchnorm_relu
+// measures the choice; docs/performance.md). The backward's first pass: see backward_walk.
 inline constexpr Index kAheadStatistics = 2;
 
 // Sums over i in [0, n): pf(i) gives a packet of terms i .. i+width-1, sf(i) the scalar term
@@ -265,85 +248,37 @@ void write_each(T* out, Index n, bool stream, PF pf, SF sf, const Ahead<T>& ahea
   for (; i < n; ++i) out[i] = sf(i);
 }
 
-// The size of cpu0's data or unified caches of the given level, from Linux's sysfs (sysconf and
-// CPUID report the whole package's L3 on some machines, 12 times this one's 32 MiB); 0 if
-// unknown.
-inline Index cache_bytes(int level) {
-  Index best = 0;
-  for (int index = 0; index <= 4; ++index) {
-    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-    std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
-    int this_level = 0;
-    std::string type;
-    long long value = 0;
-    char unit = 0;
-    if (!(level_file >> this_level) || this_level != level || !(type_file >> type) || type == "Instruction" ||
-        !(size_file >> value))
-      continue;
-    size_file >> unit;
-    best = std::max<Index>(best, static_cast<Index>(unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : value));
-  }
-  return best;
-}
-
-// The last-level cache one core shares; 32 MiB if unknown.
-inline Index last_level_cache_bytes() {
-  const Index best = std::max({cache_bytes(2), cache_bytes(3), cache_bytes(4)});
-  return best > 0 ? best : Index{32} << 20;
-}
-
-// Outputs bigger than this many bytes are written with non-temporal stores: they cannot stay
-// in the last-level cache anyway, and writing around the cache saves reading every line first
-// (measured here: the chunks of 256 x 64 x 28 x 28 written 1.4x faster). Smaller outputs stay
-// cached for the layer that reads them next. The last-level cache's size by default; tests
-// lower it to cover the non-temporal path with small tensors.
-inline Index& stream_threshold() {
-  static Index bytes = last_level_cache_bytes();
-  return bytes;
-}
 template <class T>
 bool stream_output(Index elements) {
   return elements * static_cast<Index>(sizeof(T)) > stream_threshold();
 }
 
 // Channels per task in the S > 1 kernels. Adjacent channels of one image are contiguous, so
-// a block of G channels is read as N runs of G*S values. Measured here: keeping the block's
-// slice (G*N*S values) within half of L2 matters most, so G = 1 for 28 x 28 maps; for small
-// maps (14 x 14 and below) a few channels per block lengthen the runs to ~4 KiB, which helps
-// the prefetchers a little. Every channel is summed in the same order whatever G is, so
-// results depend neither on the block size nor on the thread count.
+// a block of G channels is read as N runs of G*S values. The block's slice (G*N*S values) is
+// kept within half of a core's L2, so that the passes after the first find it cached; for small
+// maps a few channels per block lengthen the runs to about 4 KiB for the prefetchers. Every
+// channel is summed in the same order whatever G is, so results depend neither on the block
+// size nor on the thread count.
 inline constexpr Index kMaxBlock = 64;
 
 inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threads) {
   const Index run = std::max<Index>(1, (4 << 10) / std::max<Index>(1, S * elem_size));
-  const Index fit = std::max<Index>(1, (512 << 10) / std::max<Index>(1, N * S * elem_size));  // N may be 0
+  const Index fit = std::max<Index>(1, l2_bytes() / 2 / std::max<Index>(1, N * S * elem_size));  // N may be 0
   const Index spread = std::max<Index>(1, C / (2 * threads));  // two blocks per thread at least
   return std::clamp<Index>(std::min({run, fit, spread}), 1, kMaxBlock);
 }
 
 // How the backward walks a block of G channels. Its pass 1 reads the block's x and dy
 // (2 * G * N * S values) from memory and pass 2 reads them again. When they fit in L2, pass 1
-// asks two images ahead, and pass 2 walks forward. When they do not (x and dy of a
-// 256 x 28 x 28 channel are 1.6 MB against 1 MiB here), pass 1 asks one image ahead and pass
-// 2 walks the images in reverse: the last ones pass 1 read are still in L2 and the rest come
-// from L3, where walking forward under LRU finds every line evicted just before it is wanted.
-// Measured side by side on one thread: 256 x 64 x 28 x 28 backward 5.05-5.15 ms this way
-// against 5.8 ms; at 64 x 64 x 28 x 28, whose blocks fit, the same walk is 10 % slower. The
-// order changes neither sums nor results.
+// asks two images ahead, and pass 2 walks forward. When they do not (more than
+// backward_spill_bytes(), a core's L2), pass 1 asks one image ahead and pass 2 walks the
+// images in reverse: the last ones pass 1 read are still in L2 and the rest come from L3,
+// where walking forward under LRU would find every line evicted just before it is wanted.
+// The order changes neither sums nor results.
 struct BackwardWalk {
   Index ahead = 2;
   bool reverse = false;
 };
-
-// Blocks bigger than this many bytes walk as for a block beyond L2: one core's L2 (1 MiB if
-// unknown) by default; tests lower it to cover that walk with small tensors.
-inline Index& backward_spill_bytes() {
-  static Index bytes = [] {
-    const Index l2 = cache_bytes(2);
-    return l2 > 0 ? l2 : Index{1} << 20;
-  }();
-  return bytes;
-}
 
 inline BackwardWalk backward_walk(Index N, Index S, Index G, Index elem_size) {
   if (2 * G * N * S * elem_size <= backward_spill_bytes()) return {};
@@ -361,8 +296,7 @@ inline BackwardWalk backward_walk(Index N, Index S, Index G, Index elem_size) {
 // or is constant within one), and the first chunk itself, takes two passes from L1 instead:
 // its own mean (summing x - x0, x0 its first value, so partial sums stay small even for data
 // like 1e4 + noise), then its squared deviations from that mean (no cancellation). One pass is
-// half the arithmetic and keeps no chunk waiting on the one before: measured here after a
-// backward at 256 x 64 x 28 x 28, the statistics pass takes 1.75 ms against 2.3 ms with two.
+// half the arithmetic and keeps no chunk waiting on the one before.
 template <class T>
 struct ChunkMoments {
   double mean = 0, m2 = 0, count = 0;
@@ -700,15 +634,16 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
           dot[j] += static_cast<double>(g) * static_cast<double>((xr[j] - mu_hi[j]) - mu_lo[j]);
         }
       }
-      T k[kBlock], mean_g[kBlock], gs[kBlock];
+      // dx as the S > 1 path computes it (ChannelDx): g * gs + ((x - hi) * a + b)
+      T gs[kBlock], a[kBlock], b[kBlock];
       for (Index j = 0; j < w; ++j) {
         const Index c = c0 + j;
-        const double is = invstd[c];
         if (dbias) dbias[c] += static_cast<T>(sum[j]);
-        if (dweight) dweight[c] += static_cast<T>(dot[j] * is);
-        k[j] = static_cast<T>(dot[j] * is * is / M);
-        mean_g[j] = static_cast<T>(sum[j] / M);
-        gs[j] = static_cast<T>(is * (weight ? static_cast<double>(weight[c]) : 1.0));
+        if (dweight) dweight[c] += static_cast<T>(dot[j] * invstd[c]);
+        const detail::ChannelDx<T> cd(sum[j], dot[j], M, mean, invstd, weight, bias, c, relu);
+        gs[j] = cd.gs;
+        a[j] = cd.a;
+        b[j] = cd.b;
       }
       for (Index n = 0; n < N; ++n) {
         const T* xr = x + n * C + c0;
@@ -717,7 +652,7 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
 #pragma omp simd
         for (Index j = 0; j < w; ++j) {
           const T g = relu ? relu_grad(bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]), dyr[j]) : dyr[j];
-          dxr[j] = (g - ((xr[j] - mu_hi[j]) - mu_lo[j]) * k[j] - mean_g[j]) * gs[j];
+          dxr[j] = bn_affine(g, gs[j], bn_affine(xr[j] - mu_hi[j], a[j], b[j]));
         }
       }
     }

@@ -10,7 +10,8 @@
 
 #include "../tensor.hpp"
 #include "../threads.hpp"
-#include "batchnorm.hpp"  // relu_value
+#include "activation.hpp"
+#include "matrix.hpp"
 #include "winograd.hpp"
 
 namespace bnrelu::kernels {
@@ -22,13 +23,6 @@ struct Conv2dGeometry {
   Index col_rows() const { return C * KH * KW; }
   Index col_cols() const { return HO * WO; }
 };
-
-template <class T>
-using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class T>
-using MatrixMap = Eigen::Map<RowMatrix<T>>;
-template <class T>
-using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
 
 // The output columns [first, last) of a kernel tap at column offset off (kw * dil - pad) whose
 // input column ow * stride + off lies inside the image; outside them the tap reads padding.
@@ -91,10 +85,9 @@ void col2im_add(T* dx, const T* col, const Conv2dGeometry& g) {
 }
 
 // How a convolution computes its output and gradients. automatic takes Winograd where it
-// applies and has measured faster: at least 8 input and 8 output channels (bench_training's
-// conv_algorithm, one thread, batch 64, forward / backward: 1.9x / 1.9x at 64 -> 128 on
-// 14x14, 2.0x / 1.9x at 32 -> 32 on 28x28, 1.9x / 1.7x at 8 -> 8; but 0.9x / 0.7x at 4 -> 64
-// and 0.4x / 0.4x at 1 -> 64, where the transforms cost more than the products save).
+// applies and has at least 8 input and 8 output channels: with fewer, the transforms cost more
+// than the smaller products save (bench_training's conv_algorithm measures the choice by shape;
+// docs/performance.md has the figures).
 enum class ConvAlgorithm { automatic, im2col, winograd };
 
 // Winograd F(2x2, 3x3) computes 3x3 kernels at stride 1 without dilation; padding up to 2

@@ -5,7 +5,7 @@
 
 #include "../tensor.hpp"
 #include "../threads.hpp"
-#include "batchnorm.hpp"  // relu_value
+#include "activation.hpp"
 
 namespace bnrelu::kernels {
 

@@ -27,6 +27,7 @@
 #include "../detail/eigen.hpp"
 
 #include "../tensor.hpp"
+#include "matrix.hpp"
 #include "simd.hpp"
 
 namespace bnrelu::kernels {
@@ -227,7 +228,6 @@ Index winograd_image_workspace(const WinogradGeometry& g) {
 template <class T>
 void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const WinogradGeometry& g, T* workspace,
                          bool relu = false) {
-  using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const WinogradScratch s(g, simd::width<T>);
   const Index C = g.C, O = g.O, P = g.tiles();
   T* v = workspace;
@@ -236,9 +236,9 @@ void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const Wino
   T* stage = planes + s.planes(g);
   winograd_input_transform(v, s.v_stride, x, g, planes);
   for (int xi = 0; xi < 16; ++xi) {  // M[xi] = U[xi] V[xi]
-    Eigen::Map<const RowMatrix> uxi(u + xi * O * C, O, C);
-    Eigen::Map<const RowMatrix> vxi(v + xi * s.v_stride, C, P);
-    Eigen::Map<RowMatrix>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
+    ConstMatrixMap<T> uxi(u + xi * O * C, O, C);
+    ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
+    MatrixMap<T>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
   }
   winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage);
 }
@@ -323,7 +323,6 @@ Index winograd_weight_gradient_workspace(const WinogradGeometry& g) {
 // for x: [C, H, W] and dy: [O, HO, WO]. g is the forward's geometry.
 template <class T>
 void winograd_weight_gradient_image(T* workspace, const T* x, const T* dy, const WinogradGeometry& g) {
-  using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const WinogradScratch s(g, simd::width<T>);
   const Index C = g.C, O = g.O, P = g.tiles();
   T* m = workspace;
@@ -333,9 +332,9 @@ void winograd_weight_gradient_image(T* workspace, const T* x, const T* dy, const
   winograd_input_transform(v, s.v_stride, x, g, planes);
   winograd_gradient_transform(d, s.m_stride, dy, g, planes);
   for (int xi = 0; xi < 16; ++xi) {
-    Eigen::Map<const RowMatrix> dxi(d + xi * s.m_stride, O, P);
-    Eigen::Map<const RowMatrix> vxi(v + xi * s.v_stride, C, P);
-    Eigen::Map<RowMatrix>(m + xi * O * C, O, C).noalias() += dxi * vxi.transpose();
+    ConstMatrixMap<T> dxi(d + xi * s.m_stride, O, P);
+    ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
+    MatrixMap<T>(m + xi * O * C, O, C).noalias() += dxi * vxi.transpose();
   }
 }
 
