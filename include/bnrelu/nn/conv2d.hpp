@@ -35,6 +35,11 @@ inline const Conv2dOptions& checked(const Conv2dOptions& opt) {
   checked_elements(n, Dims<4>{opt.out_channels, opt.in_channels, opt.kernel_size, opt.kernel_size}, "weight");
   return opt;
 }
+// in_channels * k * k, after the checks (function arguments are evaluated in no set order).
+inline Index fan_in(const Conv2dOptions& opt) {
+  checked(opt);
+  return opt.in_channels * opt.kernel_size * opt.kernel_size;
+}
 }  // namespace detail
 
 // weight: [out_channels, in_channels, k, k]; bias: [out_channels]
@@ -49,7 +54,7 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
 
   explicit Conv2d(const Conv2dOptions& opt)
       : Params({detail::checked(opt).out_channels, opt.in_channels, opt.kernel_size, opt.kernel_size}, opt.bias,
-               opt.in_channels * opt.kernel_size * opt.kernel_size),
+               detail::fan_in(opt)),
         opt_(opt) {}
 
   const Conv2dOptions& options() const { return opt_; }
