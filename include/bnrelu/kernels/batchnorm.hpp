@@ -635,15 +635,15 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
         }
       }
       // dx as the S > 1 path computes it (ChannelDx): g * gs + ((x - hi) * a + b)
-      T gs[kBlock], a[kBlock], b[kBlock];
+      T gs[kBlock], coef_a[kBlock], coef_b[kBlock];
       for (Index j = 0; j < w; ++j) {
         const Index c = c0 + j;
         if (dbias) dbias[c] += static_cast<T>(sum[j]);
         if (dweight) dweight[c] += static_cast<T>(dot[j] * invstd[c]);
         const detail::ChannelDx<T> cd(sum[j], dot[j], M, mean, invstd, weight, bias, c, relu);
         gs[j] = cd.gs;
-        a[j] = cd.a;
-        b[j] = cd.b;
+        coef_a[j] = cd.a;
+        coef_b[j] = cd.b;
       }
       for (Index n = 0; n < N; ++n) {
         const T* xr = x + n * C + c0;
@@ -652,7 +652,7 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
 #pragma omp simd
         for (Index j = 0; j < w; ++j) {
           const T g = relu ? relu_grad(bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]), dyr[j]) : dyr[j];
-          dxr[j] = bn_affine(g, gs[j], bn_affine(xr[j] - mu_hi[j], a[j], b[j]));
+          dxr[j] = bn_affine(g, gs[j], bn_affine(xr[j] - mu_hi[j], coef_a[j], coef_b[j]));
         }
       }
     }
