@@ -103,15 +103,17 @@ struct SplitMean {
 };
 
 // What backward needs of one channel to turn dy into the ReLU-masked gradient g and x into
-// x - mean, in both the packet and the scalar (tail) path. mu.hi is the affine map's centre.
+// x - mean, in both the packet and the scalar (tail) path: x - mean = (x - f.centre) - lo, the
+// mean split as in SplitMean with the affine map's centre for its high part.
 template <class T>
 struct ChannelGrad {
   ChannelAffine<T> f;
-  SplitMean<T> mu;
+  T lo{};
   bool relu = false;
   ChannelGrad() = default;
   ChannelGrad(const double* mean, const double* invstd, const T* weight, const T* bias, Index c, bool relu_)
-      : f(mean[c], invstd[c], weight, bias, c), mu(mean[c]), relu(relu_) {}
+      : f(mean[c], invstd[c], weight, bias, c), lo(static_cast<T>(mean[c] - static_cast<double>(f.centre))),
+        relu(relu_) {}
   simd::Packet<T> grad(const simd::Packet<T>& x, const simd::Packet<T>& dy) const {
     return relu ? simd::relu_grad(f(x), dy) : dy;
   }
@@ -403,7 +405,7 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const doub
       const Ahead<T> ahead =
           n + k < N ? Ahead<T>{xc + k * C * S, dyc + k * C * S} : Ahead<T>{};
       const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
-      const auto phi = simd::set1(ch.mu.hi);
+      const auto phi = simd::set1(ch.f.centre);
       const auto part = reduce2<T>(
           S,
           [&](Index i, simd::Packet<T>& g, simd::Packet<T>& d) {
@@ -413,11 +415,11 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const doub
           },
           [&](Index i, T& g, T& d) {
             g = ch.grad(xc[i], dyc[i]);
-            d = xc[i] - ch.mu.hi;
+            d = xc[i] - ch.f.centre;
           },
           ahead);
       sum[c - c0] += part.first;
-      dot[c - c0] += part.second - static_cast<double>(ch.mu.lo) * part.first;
+      dot[c - c0] += part.second - static_cast<double>(ch.lo) * part.first;
     }
 }
 
@@ -437,10 +439,10 @@ struct ChannelDx {
     const double k = dot * is * is / M, gs_d = is * (weight ? static_cast<double>(weight[c]) : 1.0);
     gs = static_cast<T>(gs_d);
     a = static_cast<T>(-k * gs_d);
-    b = static_cast<T>((static_cast<double>(ch.mu.lo) * k - sum / M) * gs_d);
+    b = static_cast<T>((static_cast<double>(ch.lo) * k - sum / M) * gs_d);
   }
   void apply(T* dxc, const T* xc, const T* dyc, Index S, bool stream, const Ahead<T>& ahead) const {
-    const auto pg = simd::set1(gs), pa = simd::set1(a), pb = simd::set1(b), phi = simd::set1(ch.mu.hi);
+    const auto pg = simd::set1(gs), pa = simd::set1(a), pb = simd::set1(b), phi = simd::set1(ch.f.centre);
     write_each(
         dxc, S, stream,
         [&](Index i) {
@@ -449,7 +451,7 @@ struct ChannelDx {
         },
         // the packet path's two multiply-adds, rounded alike (the head before an aligned
         // streaming store takes this path for elements the ordinary loop does in packets)
-        [&](Index i) { return bn_affine(ch.grad(xc[i], dyc[i]), gs, bn_affine(xc[i] - ch.mu.hi, a, b)); }, ahead);
+        [&](Index i) { return bn_affine(ch.grad(xc[i], dyc[i]), gs, bn_affine(xc[i] - ch.f.centre, a, b)); }, ahead);
   }
 };
 
@@ -621,8 +623,8 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
         const ChannelGrad<T> ch(mean, invstd, weight, bias, c0 + j, relu);
         scale[j] = ch.f.scale;
         shift[j] = ch.f.shift;
-        mu_hi[j] = ch.mu.hi;
-        mu_lo[j] = ch.mu.lo;
+        mu_hi[j] = ch.f.centre;
+        mu_lo[j] = ch.lo;
       }
       for (Index n = 0; n < N; ++n) {
         const T* xr = x + n * C + c0;
