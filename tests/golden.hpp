@@ -130,4 +130,27 @@ Tensor<T, Rank> random_tensor(const Dims<Rank>& d, double lo = -1, double hi = 1
 
 using FloatTypes = ::testing::Types<float, double>;
 
+// The parameters of formula_fill_by_name() in tests/golden/make_golden.py, bit for bit: weights
+// of rank > 1 scaled by their fan-in, 1-D weights near 1, biases near 0; salt is the
+// parameter's position in named_parameters().
+template <class Model>
+void formula_fill_by_name(Model& model) {
+  std::int64_t salt = 0;
+  for (auto& p : model.named_parameters()) {
+    const auto n = static_cast<std::int64_t>(p.value.size());
+    std::int64_t fan_in = 1;
+    for (std::size_t d = 1; d < p.shape.size(); ++d) fan_in *= p.shape[d];
+    const bool weight = p.name.size() >= 6 && p.name.compare(p.name.size() - 6, 6, "weight") == 0;
+    for (std::int64_t i = 0; i < n; ++i) {
+      const double u = static_cast<double>((i * 7919 + salt * 104729) % 2003) / 2003.0 - 0.5;
+      double v;
+      if (p.shape.size() > 1) v = u * (2.0 / std::sqrt(static_cast<double>(fan_in)));
+      else if (weight) v = 1.0 + 0.4 * u;
+      else v = 0.4 * u;
+      p.value[static_cast<std::size_t>(i)] = static_cast<typename Model::value_type>(v);
+    }
+    ++salt;
+  }
+}
+
 }  // namespace bnrelu::test

@@ -145,3 +145,16 @@ TEST(SeedCnn, SameResultForAnyThreadCount) {
   ASSERT_EQ(one.grads.size(), two.grads.size());
   for (std::size_t i = 0; i < one.grads.size(); ++i) EXPECT_EQ(one.grads[i], two.grads[i]) << i;
 }
+
+// seed_cnn sizes its first Linear from the input's height and width.
+TEST(SeedCnn, TakesTheInputSize) {
+  bnrelu::manual_seed(1);
+  auto model = bnrelu::models::seed_cnn<float>(3, 7, 32, 30);
+  EXPECT_EQ(model.get<9>().weight().dimension(1), 128 * 8 * 7);
+  const auto y = model.forward(Tensor<float, 4>(Tensor<float, 4>(2, 3, 32, 30).setConstant(0.5f)));
+  EXPECT_EQ(y.dimension(0), 2);
+  EXPECT_EQ(y.dimension(1), 7);
+  EXPECT_THROW(model.forward(Tensor<float, 4>(2, 3, 28, 28)), bnrelu::shape_error);
+  EXPECT_THROW(bnrelu::models::seed_cnn<float>(1, 10, 3, 28), bnrelu::shape_error);
+  EXPECT_THROW(bnrelu::models::seed_cnn<float>(1, 10, bnrelu::Index{1} << 30, bnrelu::Index{1} << 30), bnrelu::shape_error);
+}

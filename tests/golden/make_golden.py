@@ -226,6 +226,105 @@ def scheduler_case(name):
     save(name, t, {})
 
 
+def avgpool_case(name, shape, k, s, p, count_include_pad):
+    m = nn.AvgPool2d(k, stride=s, padding=p, count_include_pad=count_include_pad)
+    x = rnd(*shape)
+    with torch.no_grad():
+        yshape = m(x).shape
+    dy = rnd(*yshape)
+    y, dx = run(m, x, dy)
+    save(name, {"x": x, "dy": dy, "y": y, "dx": dx},
+         dict(kernel_size=k, stride=s, padding=p, count_include_pad=count_include_pad))
+
+
+def adaptive_avgpool_case(name, shape, out):
+    m = nn.AdaptiveAvgPool2d(out)
+    x = rnd(*shape)
+    with torch.no_grad():
+        yshape = m(x).shape
+    dy = rnd(*yshape)
+    y, dx = run(m, x, dy)
+    save(name, {"x": x, "dy": dy, "y": y, "dx": dx}, dict(output_height=out[0], output_width=out[1]))
+
+
+class Residual(nn.Module):
+    """y = relu(main(x) + shortcut(x)): the module bnrelu's nn::Residual mirrors, state names included."""
+
+    def __init__(self, main, shortcut=None):
+        super().__init__()
+        self.main = main
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.main(x) + self.shortcut(x))
+
+
+def basic_main(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+
+
+def down_block(cin, cout):
+    return Residual(basic_main(cin, cout, 2),
+                    nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout)))
+
+
+def resnet20(in_channels, classes):
+    """He et al. 2016, section 4.2, with projection shortcuts where the shape changes."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        Residual(basic_main(16, 16, 1)), Residual(basic_main(16, 16, 1)), Residual(basic_main(16, 16, 1)),
+        down_block(16, 32), Residual(basic_main(32, 32, 1)), Residual(basic_main(32, 32, 1)),
+        down_block(32, 64), Residual(basic_main(64, 64, 1)), Residual(basic_main(64, 64, 1)),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+
+
+def formula_fill_by_name(model):
+    """Deterministic parameters that the C++ tests recompute bit for bit (formula_fill_by_name in
+    tests/golden.hpp): weights of rank > 1 scaled by their fan-in, 1-D weights (batch norm) near 1,
+    biases near 0; salt is the parameter's position in named_parameters()."""
+    with torch.no_grad():
+        for salt, (name, p) in enumerate(model.named_parameters()):
+            i = np.arange(p.numel(), dtype=np.int64)
+            u = ((i * 7919 + salt * 104729) % 2003) / 2003.0 - 0.5
+            if p.dim() > 1:
+                v = u * (2.0 / math.sqrt(p[0].numel()))
+            elif name.endswith("weight"):
+                v = 1.0 + 0.4 * u
+            else:
+                v = 0.4 * u
+            p.copy_(torch.from_numpy(v).reshape(p.shape))
+    return model
+
+
+def model_case(name, model, x, labels=None, dy=None, keep=None):
+    """A training step's output, input gradient, parameter gradients and running statistics,
+    then the eval output. Parameters come from formula_fill_by_name; every gradient is stored
+    under its state_dict name, so the C++ test checks the names too. keep limits each stored
+    gradient to its first values (ResNet-20's would otherwise be megabytes)."""
+    model = formula_fill_by_name(model.double())
+    t = {"x": x}
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    if labels is not None:
+        loss = nn.CrossEntropyLoss()(out, labels)
+        loss.backward()
+        t.update(labels=labels, loss=loss.detach().reshape(1))
+    else:
+        out.backward(dy)
+        t["dy"] = dy
+    t.update(y=out.detach(), dx=xg.grad)
+    for pname, p in model.named_parameters():
+        g = p.grad.reshape(-1)
+        t["grad." + pname] = g[:keep] if keep else g
+    for bname, b in model.named_buffers():
+        t["buffer." + bname] = b.clone().reshape(-1) if b.dim() == 0 else b.clone()
+    model.eval()
+    with torch.no_grad():
+        t["y_eval"] = model(x)
+    save(name, t, dict(keep=keep or 0))
+
+
 if __name__ == "__main__":
     conv_case("conv_basic", 2, 3, 4, 7, 5, 3, 1, 1, 1, True)
     conv_case("conv_stride2_c1", 1, 1, 2, 6, 9, 2, 2, 0, 1, True)
@@ -265,3 +364,13 @@ if __name__ == "__main__":
     scheduler_case("schedulers")
     # added later, at the end so that earlier fixtures keep their random draws
     maxpool_case("maxpool_3s3_tiles_ties", (2, 2, 8, 10), 3, 3, 0, True)
+    avgpool_case("avgpool_2x2", (2, 3, 6, 8), 2, 2, 0, True)
+    avgpool_case("avgpool_3s2p1_include", (2, 2, 7, 5), 3, 2, 1, True)
+    avgpool_case("avgpool_3s2p1_exclude", (2, 2, 7, 5), 3, 2, 1, False)
+    avgpool_case("avgpool_3s1p1_exclude", (1, 3, 5, 6), 3, 1, 1, False)
+    adaptive_avgpool_case("adaptive_avgpool_1x1", (3, 4, 5, 7), (1, 1))
+    adaptive_avgpool_case("adaptive_avgpool_3x2", (2, 3, 7, 5), (3, 2))
+    model_case("residual_identity", Residual(basic_main(4, 4, 1)), rnd(3, 4, 6, 5), dy=rnd(3, 4, 6, 5))
+    model_case("residual_projection", down_block(3, 6), rnd(3, 3, 7, 6), dy=rnd(3, 6, 4, 3))
+    model_case("resnet20", resnet20(1, 10), f32(torch.rand(4, 1, 12, 10, dtype=torch.float64)),
+               labels=torch.randint(0, 10, (4,)), keep=64)

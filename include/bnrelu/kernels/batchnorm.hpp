@@ -8,6 +8,12 @@
 // outputs too big for the last-level cache are written around it. The backward recomputes
 // the ReLU mask from x with the forward's own arithmetic (one rounding, fused multiply-add,
 // in vector and scalar paths alike), so nothing but x is kept between the two.
+//
+// The training kernels also serve a residual block's last batch norm, add and ReLU as one
+// pass (Addend): forward y = relu(f(x) + s) reads x and the shortcut s and writes y; backward
+// recomputes the mask from x and s, and writes the batch norm's dx and the shortcut's
+// gradient ds side by side. Each value is rounded as the unfused chain rounds it (f(x) to T,
+// then the add), so both give the same bits.
 #pragma once
 
 #include <algorithm>
@@ -118,6 +124,21 @@ struct ChannelGrad {
     return relu ? simd::relu_grad(f(x), dy) : dy;
   }
   T grad(T x, T dy) const { return relu ? relu_grad(f(x), dy) : dy; }
+  // g of a forward that added s before its ReLU: y = relu(f(x) + s).
+  simd::Packet<T> grad(const simd::Packet<T>& x, const simd::Packet<T>& dy, const simd::Packet<T>& s) const {
+    return simd::relu_grad(simd::padd(f(x), s), dy);
+  }
+  T grad(T x, T dy, T s) const { return relu_grad(f(x) + s, dy); }
+};
+
+// A residual block's shortcut, added before the ReLU: s is read by forward and backward, ds
+// (backward) receives the ReLU-masked gradient, which is the shortcut's. Both [N, C, S] like
+// x; null s means no add.
+template <class T>
+struct Addend {
+  const T* s = nullptr;
+  T* ds = nullptr;
+  Addend at(Index offset) const { return {s ? s + offset : nullptr, ds ? ds + offset : nullptr}; }
 };
 
 namespace detail {
@@ -376,11 +397,15 @@ void block_mean_var(double* mean, double* var, const T* x, T* x_copy, Index N, I
   }
 }
 
-// y = [relu](f(x)) over n contiguous values.
+// y = [relu](f(x)) over n contiguous values; y = relu(f(x) + s) when s is given.
 template <class T>
 void affine(T* y, const T* x, Index n, const ChannelAffine<T>& f, bool relu, bool stream = false,
-            const Ahead<T>& ahead = {}) {
-  if (relu)
+            const Ahead<T>& ahead = {}, const T* s = nullptr) {
+  if (s)
+    write_each(
+        y, n, stream, [&](Index i) { return simd::relu(simd::padd(f(simd::load(x + i)), simd::load(s + i))); },
+        [&](Index i) { return relu_value(f(x[i]) + s[i]); }, ahead);
+  else if (relu)
     write_each(
         y, n, stream, [&](Index i) { return simd::relu(f(simd::load(x + i))); },
         [&](Index i) { return relu_value(f(x[i])); }, ahead);
@@ -395,7 +420,7 @@ void affine(T* y, const T* x, Index n, const ChannelAffine<T>& f, bool relu, boo
 template <class T>
 void backward_sums(double* sum, double* dot, const T* dy, const T* x, const double* mean, const double* invstd,
                    const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1, bool relu,
-                   BackwardWalk walk) {
+                   BackwardWalk walk, const T* s = nullptr) {
   const Index k = walk.ahead;
   for (Index n = 0; n < N; ++n)
     for (Index c = c0; c < c1; ++c) {
@@ -406,6 +431,24 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const doub
           n + k < N ? Ahead<T>{xc + k * C * S, dyc + k * C * S} : Ahead<T>{};
       const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
       const auto phi = simd::set1(ch.f.centre);
+      if (s) {
+        const T* sc = s + at;
+        const auto part = reduce2<T>(
+            S,
+            [&](Index i, simd::Packet<T>& g, simd::Packet<T>& d) {
+              const auto xv = simd::load(xc + i);
+              g = ch.grad(xv, simd::load(dyc + i), simd::load(sc + i));
+              d = simd::psub(xv, phi);
+            },
+            [&](Index i, T& g, T& d) {
+              g = ch.grad(xc[i], dyc[i], sc[i]);
+              d = xc[i] - ch.f.centre;
+            },
+            ahead);
+        sum[c - c0] += part.first;
+        dot[c - c0] += part.second - static_cast<double>(ch.lo) * part.first;
+        continue;
+      }
       const auto part = reduce2<T>(
           S,
           [&](Index i, simd::Packet<T>& g, simd::Packet<T>& d) {
@@ -441,8 +484,26 @@ struct ChannelDx {
     a = static_cast<T>(-k * gs_d);
     b = static_cast<T>((static_cast<double>(ch.lo) * k - sum / M) * gs_d);
   }
-  void apply(T* dxc, const T* xc, const T* dyc, Index S, bool stream, const Ahead<T>& ahead) const {
+  void apply(T* dxc, const T* xc, const T* dyc, Index S, bool stream, const Ahead<T>& ahead,
+             Addend<T> add = {}) const {
     const auto pg = simd::set1(gs), pa = simd::set1(a), pb = simd::set1(b), phi = simd::set1(ch.f.centre);
+    if (add.s) {  // g is the shortcut's gradient too: stored as it is made
+      write_each(
+          dxc, S, stream,
+          [&](Index i) {
+            const auto xv = simd::load(xc + i);
+            const auto g = ch.grad(xv, simd::load(dyc + i), simd::load(add.s + i));
+            simd::store(add.ds + i, g);
+            return simd::pmadd(g, pg, simd::pmadd(simd::psub(xv, phi), pa, pb));
+          },
+          [&](Index i) {
+            const T g = ch.grad(xc[i], dyc[i], add.s[i]);
+            add.ds[i] = g;
+            return bn_affine(g, gs, bn_affine(xc[i] - ch.f.centre, a, b));
+          },
+          ahead);
+      return;
+    }
     write_each(
         dxc, S, stream,
         [&](Index i) {
@@ -460,7 +521,7 @@ struct ChannelDx {
 template <class T>
 void backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x, const double* mean,
                  const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1,
-                 bool relu, bool stream, BackwardWalk walk) {
+                 bool relu, bool stream, BackwardWalk walk, Addend<T> add = {}) {
   ChannelDx<T> cd[kMaxBlock];
   for (Index c = c0; c < c1; ++c) cd[c - c0] = ChannelDx<T>(sum[c - c0], dot[c - c0], M, mean, invstd, weight, bias, c, relu);
   const Index step = walk.reverse ? -1 : 1;
@@ -470,7 +531,7 @@ void backward_dx(T* dx, const double* sum, const double* dot, double M, const T*
       const Index at = (n * C + c) * S, next = at + step * C * S;
       Ahead<T> ahead;
       if (j + 1 < N) ahead = {x + next, dy + next, stream ? nullptr : dx + next};
-      cd[c - c0].apply(dx + at, x + at, dy + at, S, stream, ahead);
+      cd[c - c0].apply(dx + at, x + at, dy + at, S, stream, ahead, add.at(at));
     }
   }
 }
@@ -481,11 +542,13 @@ void backward_dx(T* dx, const double* sum, const double* dot, double M, const T*
 // computed per channel while the channel's slice is in cache (x read from memory once).
 // x: [N, C, S]; y: [N, C, S]; weight, bias: [C] or null (affine = false)
 // mean, var (biased), invstd: [C] outputs in double. If x_copy is given, x is copied there
-// first and every pass reads the copy (the layer keeps it for backward).
+// first and every pass reads the copy (the layer keeps it for backward). If addend is given
+// ([N, C, S]), y = relu(gamma * (x - mean) * invstd + beta + addend) (relu must be set).
 template <class T>
 void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double* invstd, const T* x,
                              const T* weight, const T* bias, Index N, Index C, Index S,
-                             double eps, bool relu) {
+                             double eps, bool relu, const T* addend = nullptr) {
+  assert(!addend || relu);
   assert(N * S > 0);
   const double M = static_cast<double>(N * S);
   if (S == 1) {
@@ -529,7 +592,11 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
       for (Index n = 0; n < N; ++n) {
         const T* xr = src + n * C + c0;
         T* yr = y + n * C + c0;
-        if (relu) {
+        if (addend) {
+          const T* sr = addend + n * C + c0;
+#pragma omp simd
+          for (Index j = 0; j < w; ++j) yr[j] = relu_value(bn_affine(xr[j] - centre[j], scale[j], shift[j]) + sr[j]);
+        } else if (relu) {
 #pragma omp simd
           for (Index j = 0; j < w; ++j) yr[j] = relu_value(bn_affine(xr[j] - centre[j], scale[j], shift[j]));
         } else {
@@ -560,16 +627,18 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
           const Index at = (n * C + c) * S;
           detail::Ahead<T> ahead;
           if (n + 1 < N) ahead = {src + at + C * S, nullptr, stream ? nullptr : y + at + C * S};
-          detail::affine(y + at, src + at, S, f[c - c0], relu, stream, ahead);
+          detail::affine(y + at, src + at, S, f[c - c0], relu, stream, ahead, addend ? addend + at : nullptr);
         }
     }
     if (stream) simd::stream_fence();
   }
 }
 
-// Eval forward, one pass: y = [relu](f[c](x)).
+// Eval forward, one pass: y = [relu](f[c](x)), or relu(f[c](x) + addend) when addend is given.
 template <class T>
-void batchnorm_forward_eval(T* y, const T* x, const ChannelAffines<T>& f, Index N, Index C, Index S, bool relu) {
+void batchnorm_forward_eval(T* y, const T* x, const ChannelAffines<T>& f, Index N, Index C, Index S, bool relu,
+                            const T* addend = nullptr) {
+  assert(!addend || relu);
   if (S == 1) {
     const T* centre = f.centre.data();
     const T* scale = f.scale.data();
@@ -578,7 +647,11 @@ void batchnorm_forward_eval(T* y, const T* x, const ChannelAffines<T>& f, Index 
     for (Index n = 0; n < N; ++n) {
       const T* xr = x + n * C;
       T* yr = y + n * C;
-      if (relu) {
+      if (addend) {
+        const T* sr = addend + n * C;
+#pragma omp simd
+        for (Index c = 0; c < C; ++c) yr[c] = relu_value(bn_affine(xr[c] - centre[c], scale[c], shift[c]) + sr[c]);
+      } else if (relu) {
 #pragma omp simd
         for (Index c = 0; c < C; ++c) yr[c] = relu_value(bn_affine(xr[c] - centre[c], scale[c], shift[c]));
       } else {
@@ -594,7 +667,8 @@ void batchnorm_forward_eval(T* y, const T* x, const ChannelAffines<T>& f, Index 
 #pragma omp for collapse(2) schedule(static)
     for (Index n = 0; n < N; ++n)
       for (Index c = 0; c < C; ++c)
-        detail::affine(y + (n * C + c) * S, x + (n * C + c) * S, S, f[c], relu, stream);
+        detail::affine(y + (n * C + c) * S, x + (n * C + c) * S, S, f[c], relu, stream, {},
+                       addend ? addend + (n * C + c) * S : nullptr);
     if (stream) simd::stream_fence();
   }
 }
@@ -605,11 +679,13 @@ void batchnorm_forward_eval(T* y, const T* x, const ChannelAffines<T>& f, Index 
 //   dweight += sum(g * xhat) = invstd * sum(g * (x - mean))
 //   dx = weight * invstd * (g - sum(g)/M - (x - mean) * invstd^2 * sum(g * (x - mean))/M)
 // x, dy: [N, C, S]; dx: [N, C, S]; mean, invstd: [C] from the forward; dweight, dbias: [C]
-// or null.
+// or null. With add.s (a forward given that addend), the mask is relu(f(x) + s)'s and g is
+// written to add.ds as well.
 template <class T>
 void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const double* mean,
                         const double* invstd, const T* weight, const T* bias, Index N, Index C,
-                        Index S, bool relu) {
+                        Index S, bool relu, Addend<T> add = {}) {
+  assert(!add.s || (relu && add.ds));
   const double M = static_cast<double>(N * S);
   if (S == 1) {
     constexpr Index kBlock = 64;
@@ -629,9 +705,11 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
       for (Index n = 0; n < N; ++n) {
         const T* xr = x + n * C + c0;
         const T* dyr = dy + n * C + c0;
+        const T* sr = add.s ? add.s + n * C + c0 : nullptr;
 #pragma omp simd
         for (Index j = 0; j < w; ++j) {
-          const T g = relu ? relu_grad(bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]), dyr[j]) : dyr[j];
+          const T pre = bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]);
+          const T g = sr ? relu_grad(pre + sr[j], dyr[j]) : relu ? relu_grad(pre, dyr[j]) : dyr[j];
           sum[j] += static_cast<double>(g);
           dot[j] += static_cast<double>(g) * static_cast<double>((xr[j] - mu_hi[j]) - mu_lo[j]);
         }
@@ -651,9 +729,13 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
         const T* xr = x + n * C + c0;
         const T* dyr = dy + n * C + c0;
         T* dxr = dx + n * C + c0;
+        const T* sr = add.s ? add.s + n * C + c0 : nullptr;
+        T* dsr = add.s ? add.ds + n * C + c0 : nullptr;
 #pragma omp simd
         for (Index j = 0; j < w; ++j) {
-          const T g = relu ? relu_grad(bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]), dyr[j]) : dyr[j];
+          const T pre = bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]);
+          const T g = sr ? relu_grad(pre + sr[j], dyr[j]) : relu ? relu_grad(pre, dyr[j]) : dyr[j];
+          if (dsr) dsr[j] = g;
           dxr[j] = bn_affine(g, gs[j], bn_affine(xr[j] - mu_hi[j], coef_a[j], coef_b[j]));
         }
       }
@@ -671,12 +753,13 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
       const Index c0 = blk * G, c1 = std::min(C, c0 + G);
       double sum[detail::kMaxBlock] = {}, dot[detail::kMaxBlock] = {};
       // pass 1 (x and dy from memory), pass 2 (x and dy from cache)
-      detail::backward_sums(sum, dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, walk);
+      detail::backward_sums(sum, dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, walk, add.s);
       for (Index c = c0; c < c1; ++c) {
         if (dbias) dbias[c] += static_cast<T>(sum[c - c0]);
         if (dweight) dweight[c] += static_cast<T>(dot[c - c0] * invstd[c]);
       }
-      detail::backward_dx(dx, sum, dot, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, stream, walk);
+      detail::backward_dx(dx, sum, dot, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, stream, walk,
+                          add);
     }
     if (stream) simd::stream_fence();
   }

@@ -160,9 +160,17 @@ class BatchNormBase : public Module {
   }
 
  protected:
-  // y = [relu](batchnorm(x)); owned (== &x or null): x may be moved into the cache.
-  Tensor<T, Rank> forward_impl(const Tensor<T, Rank>& x, Tensor<T, Rank>* owned, bool relu) {
+  // y = [relu](batchnorm(x)), or relu(batchnorm(x) + *addend) when addend is given (relu set;
+  // not with a reducer); owned (== &x or null): x may be moved into the cache.
+  Tensor<T, Rank> forward_impl(const Tensor<T, Rank>& x, Tensor<T, Rank>* owned, bool relu,
+                               const Tensor<T, Rank>* addend = nullptr) {
     const auto d = output_dims(dims_of(x));
+    if (addend && dims_of(*addend) != d)
+      throw shape_error(std::string(name_) + ": the shortcut added before the ReLU has shape " +
+                        shape_string(*addend) + ", the batch norm's output " + shape_string(d));
+    if (addend && reducer_ && is_training())
+      throw std::logic_error(std::string(name_) + ": a SyncBatchNorm does not fuse a shortcut's add");
+    const T* s = addend ? addend->data() : nullptr;
     const Index N = d[0], C = d[1], S = spatial(d);
     const bool batch_stats = is_training() || !opt_.track_running_stats;
     Tensor<T, Rank> y = y_.take(d);
@@ -178,7 +186,7 @@ class BatchNormBase : public Module {
       for (Index c = 0; c < C; ++c)
         affine_.set(c, kernels::ChannelAffine<T>(static_cast<double>(running_mean_(c)),
                                                  1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps), w, b, c));
-      kernels::batchnorm_forward_eval(y.data(), x.data(), affine_, N, C, S, relu);
+      kernels::batchnorm_forward_eval(y.data(), x.data(), affine_, N, C, S, relu, s);
       drop_cache();
       return y;
     }
@@ -202,7 +210,7 @@ class BatchNormBase : public Module {
     } else {
       kernels::batchnorm_forward_train(y.data(), keep && !owned ? x_.data() : nullptr, mean_.data(), var_.data(),
                                        invstd_.data(), keep && owned ? x_.data() : x.data(), w, b, N, C, S,
-                                       opt_.eps, relu);
+                                       opt_.eps, relu, s);
     }
     count_ = M;
     if (is_training() && opt_.track_running_stats) {
@@ -219,17 +227,22 @@ class BatchNormBase : public Module {
     }
     has_cache_ = true;
     cached_relu_ = relu;
+    cached_add_ = addend != nullptr;
     cached_synced_ = synced;
     return y;
   }
 
-  Tensor<T, Rank> backward_impl(const Tensor<T, Rank>& dy, bool relu) {
+  // dx for dy; after a forward with an addend s, also the shortcut's gradient into *ds (s: the
+  // same tensor as in forward).
+  Tensor<T, Rank> backward_impl(const Tensor<T, Rank>& dy, bool relu, const Tensor<T, Rank>* s = nullptr,
+                                Tensor<T, Rank>* ds = nullptr) {
     if (!has_cache_) no_forward(name_);
-    if (relu != cached_relu_)
-      throw std::logic_error(std::string(name_) + ": backward " + (relu ? "with" : "without") +
-                             " ReLU after a forward " + (cached_relu_ ? "with" : "without") +
-                             " it");
+    if (relu != cached_relu_ || (s != nullptr) != cached_add_)
+      throw std::logic_error(std::string(name_) + ": backward " + (relu ? "with" : "without") + " ReLU" +
+                             (s ? " and add" : "") + " after a forward " + (cached_relu_ ? "with" : "without") +
+                             " it" + (cached_add_ ? " and add" : ""));
     check_grad_dims(name_, dims_of(x_), dims_of(dy));
+    if (s) check_grad_dims(name_, dims_of(x_), dims_of(*s));
     const Index N = x_.dimension(0), C = x_.dimension(1), S = spatial(dims_of(x_));
     if (cached_synced_ && !reducer_)
       throw std::logic_error(std::string(name_) + ": the reducer was removed between forward and backward");
@@ -238,17 +251,23 @@ class BatchNormBase : public Module {
       backward_synced(dx, dy, N, C, S, relu);
       return dx;
     }
+    kernels::Addend<T> add;
+    if (s) {
+      ds->resize(dims_of(x_));
+      add = {s->data(), ds->data()};
+    }
     kernels::batchnorm_backward(dx.data(), opt_.affine ? dweight_.data() : nullptr,
                                 opt_.affine ? dbias_.data() : nullptr, dy.data(), x_.data(),
                                 mean_.data(), invstd_.data(),
                                 opt_.affine ? weight_.data() : nullptr,
-                                opt_.affine ? bias_.data() : nullptr, N, C, S, relu);
+                                opt_.affine ? bias_.data() : nullptr, N, C, S, relu, add);
     return dx;
   }
 
   // Gives dy's storage to the next forward's output.
-  Tensor<T, Rank> backward_impl(Tensor<T, Rank>&& dy, bool relu) {
-    auto dx = backward_impl(std::as_const(dy), relu);
+  Tensor<T, Rank> backward_impl(Tensor<T, Rank>&& dy, bool relu, const Tensor<T, Rank>* s = nullptr,
+                                Tensor<T, Rank>* ds = nullptr) {
+    auto dx = backward_impl(std::as_const(dy), relu, s, ds);
     y_.give(std::move(dy));
     return dx;
   }
@@ -346,6 +365,7 @@ class BatchNormBase : public Module {
   Recycler<T, Rank> y_, dx_;                 // storage for the next output and input gradient
   bool has_cache_ = false;
   bool cached_relu_ = false;
+  bool cached_add_ = false;     // the cached forward added a shortcut before its ReLU
   bool cached_synced_ = false;  // the cached forward combined statistics across replicas
 };
 
@@ -368,6 +388,14 @@ class BatchNorm2d : public detail::BatchNormBase<T, 4> {
   Tensor<T, 4> forward_fused_relu(const Tensor<T, 4>& x) { return this->forward_impl(x, nullptr, true); }
   Tensor<T, 4> backward_fused_relu(const Tensor<T, 4>& dy) { return this->backward_impl(dy, true); }
   Tensor<T, 4> backward_fused_relu(Tensor<T, 4>&& dy) { return this->backward_impl(std::move(dy), true); }
+  // relu(BatchNorm(x) + s) in one pass (a residual block's end; Residual uses these). Not for a
+  // SyncBatchNorm in training (std::logic_error). Backward returns dx and writes the shortcut's
+  // gradient, dy masked by the ReLU, into ds; s must be the forward's.
+  static constexpr bool fusable_with_add_relu = true;
+  Tensor<T, 4> forward_add_relu(Tensor<T, 4>&& x, const Tensor<T, 4>& s) { return this->forward_impl(x, &x, true, &s); }
+  Tensor<T, 4> backward_add_relu(Tensor<T, 4>&& dy, const Tensor<T, 4>& s, Tensor<T, 4>& ds) {
+    return this->backward_impl(std::move(dy), true, &s, &ds);
+  }
 };
 
 // Batch norm over N x C, per feature.

@@ -13,6 +13,7 @@
 #include <concepts>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../error.hpp"
@@ -44,14 +45,18 @@ class Module {
   bool training_ = true;
 };
 
-// Calls f(name, counter) for every num_batches_tracked counter of a layer or Sequential
+// Composite layers (Sequential, Residual) offer for_each_child(f), calling f(name, child) for
+// each layer they hold, name being the child's state_dict prefix ("0", "main"). The walks
+// below reach nested layers through it.
+template <class M>
+concept Composite = requires(M& m) { m.for_each_child([](const std::string&, auto&) {}); };
+
+// Calls f(name, counter) for every num_batches_tracked counter of a layer or composite
 // (nested ones included), with its PyTorch state_dict name.
 template <class M, class F>
 void for_each_batch_counter(M& m, const std::string& prefix, F&& f) {
-  if constexpr (requires { m.for_each_indexed([](std::size_t, auto&) {}); }) {
-    m.for_each_indexed([&](std::size_t i, auto& layer) {
-      for_each_batch_counter(layer, prefix + std::to_string(i) + ".", f);
-    });
+  if constexpr (Composite<M>) {
+    m.for_each_child([&](const std::string& name, auto& layer) { for_each_batch_counter(layer, prefix + name + ".", f); });
   } else if constexpr (requires { m.num_batches_tracked() = 0; m.options().track_running_stats; }) {
     if (m.options().track_running_stats) f(prefix + "num_batches_tracked", m.num_batches_tracked());
   }
@@ -65,9 +70,16 @@ bool any_folded(M& m) {
   bool folded = false;
   if constexpr (requires { m.inference_only(); }) folded = m.inference_only();
   if constexpr (requires { m.folded(); }) folded = folded || m.folded();
-  if constexpr (requires { m.for_each_indexed([](std::size_t, auto&) {}); })
-    m.for_each_indexed([&](std::size_t, auto& layer) { folded = folded || any_folded(layer); });
+  if constexpr (Composite<M>)
+    m.for_each_child([&](const std::string&, auto& layer) { folded = folded || any_folded(layer); });
   return folded;
+}
+
+// v with each name made "<prefix>.<name>".
+template <class Ref>
+std::vector<Ref> prefixed(const std::string& prefix, std::vector<Ref> v) {
+  for (auto& r : v) r.name = prefix + "." + r.name;
+  return v;
 }
 
 namespace detail {

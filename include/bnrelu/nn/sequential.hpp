@@ -90,7 +90,13 @@ class Sequential : public Module {
   const auto& get() const { return std::get<I>(layers_); }
 
   // Fused BatchNorm+ReLU (default true). Never changes names, results or gradients.
-  void set_fusion(bool on) { fusion_ = on; }
+  // Nested layers with a fusion switch (Sequential, Residual) follow it.
+  void set_fusion(bool on) {
+    fusion_ = on;
+    for_each_indexed([&](std::size_t, auto& l) {
+      if constexpr (requires { l.set_fusion(on); }) l.set_fusion(on);
+    });
+  }
   bool fusion() const { return fusion_; }
 
   void train(bool on = true) {
@@ -155,12 +161,16 @@ class Sequential : public Module {
   // any) applied in the same pass over the output. Results equal the eval-mode model's up to
   // rounding. The model is inference-only afterwards (train() throws std::logic_error); its
   // parameters are the folded ones, and a folded layer without bias gains one. A batch norm
-  // without running statistics (which uses batch statistics in eval) is left as it is, as are
-  // nested Sequentials. Calling it again changes nothing; shape_error (and no change) if a batch
-  // norm's channels do not match the layer before it.
+  // without running statistics (which uses batch statistics in eval) is left as it is. Nested
+  // Sequentials and Residuals fold their own, first. Calling it again changes nothing;
+  // shape_error if a batch norm's channels do not match the layer before it (this Sequential is
+  // then left as it was; a nested one that folded before the failure stays folded).
   void fuse_for_inference() {
     if (inference_only_) return;
     fold_from<0, false>();  // check every site first: a failure leaves the model as it was
+    for_each_indexed([](std::size_t, auto& l) {
+      if constexpr (requires { l.fuse_for_inference(); }) l.fuse_for_inference();
+    });
     eval();
     fold_from<0, true>();
     inference_only_ = true;
@@ -173,20 +183,14 @@ class Sequential : public Module {
   std::vector<ParamRef<value_type>> named_parameters() {
     std::vector<ParamRef<value_type>> out;
     for_each_indexed([&](std::size_t i, auto& layer) {
-      for (auto& p : layer.named_parameters()) {
-        p.name = std::to_string(i) + "." + p.name;
-        out.push_back(std::move(p));
-      }
+      for (auto& p : prefixed(std::to_string(i), layer.named_parameters())) out.push_back(std::move(p));
     });
     return out;
   }
   std::vector<BufferRef<value_type>> named_buffers() {
     std::vector<BufferRef<value_type>> out;
     for_each_indexed([&](std::size_t i, auto& layer) {
-      for (auto& b : layer.named_buffers()) {
-        b.name = std::to_string(i) + "." + b.name;
-        out.push_back(std::move(b));
-      }
+      for (auto& b : prefixed(std::to_string(i), layer.named_buffers())) out.push_back(std::move(b));
     });
     return out;
   }
@@ -198,6 +202,32 @@ class Sequential : public Module {
       (f(I, std::get<I>(layers_)), ...);
     }(std::index_sequence_for<Layers...>{});
   }
+
+  // f("<index>", layer) for every layer in order (Composite).
+  template <class F>
+  void for_each_child(F&& f) {
+    for_each_indexed([&](std::size_t i, auto& layer) { f(std::to_string(i), layer); });
+  }
+
+  // The chain without its last layer, forward and backward, and that last layer: Residual runs
+  // a main branch's final batch norm itself, fused with the add and the ReLU. forward_head
+  // checks shapes through the whole chain, as forward does.
+  template <class X>
+  auto forward_head(X&& x) {
+    output_dims(dims_of(x));
+    ran_training_ = false;
+    auto y = forward_from<0, kNoProducer, size - 1>(std::forward<X>(x));
+    last_fused_ = fusion_;
+    ran_training_ = is_training();
+    return y;
+  }
+  template <class D>
+  input_type backward_head(D&& dy) {
+    check_backward();
+    return backward_to<size - 1, 0>(std::forward<D>(dy));
+  }
+  auto& back() { return std::get<size - 1>(layers_); }
+  const auto& back() const { return std::get<size - 1>(layers_); }
 
  private:
   template <std::size_t I>
@@ -309,24 +339,24 @@ class Sequential : public Module {
     return f(std::forward<X>(x));
   }
 
-  // Runs layers I.. on x, which layer P produced.
-  template <std::size_t I, std::size_t P = kNoProducer, class X>
+  // Runs layers I .. End-1 on x, which layer P produced.
+  template <std::size_t I, std::size_t P = kNoProducer, std::size_t End = size, class X>
   auto forward_from(X&& x) {
-    if constexpr (I == size) {
+    if constexpr (I >= End) {
       return std::remove_cvref_t<X>(std::forward<X>(x));
     } else if constexpr (fold_site<I>()) {
       auto y = consume<P>(std::forward<X>(x), [&](auto&& in) { return std::get<I>(layers_).forward(std::forward<decltype(in)>(in)); });
-      if (folded_[I]) return forward_from<I + fold_span<I>(), I>(std::move(y));
-      return forward_from<I + 1, I>(std::move(y));
+      if (folded_[I]) return forward_from<I + fold_span<I>(), I, End>(std::move(y));
+      return forward_from<I + 1, I, End>(std::move(y));
     } else if constexpr (fused_pair<I>()) {  // fusion_ is read here and saved as last_fused_
       if (fusion_)
-        return forward_from<I + 2, I>(consume<P>(std::forward<X>(x), [&](auto&& in) {
+        return forward_from<I + 2, I, End>(consume<P>(std::forward<X>(x), [&](auto&& in) {
           return std::get<I>(layers_).forward_fused_relu(std::forward<decltype(in)>(in));
         }));
       auto y = consume<P>(std::forward<X>(x), [&](auto&& in) { return std::get<I>(layers_).forward(std::forward<decltype(in)>(in)); });
-      return forward_from<I + 2, I>(std::get<I + 1>(layers_).forward(std::move(y)));  // ReLU: in place
+      return forward_from<I + 2, I, End>(std::get<I + 1>(layers_).forward(std::move(y)));  // ReLU: in place
     } else {
-      return forward_from<I + 1, I>(consume<P>(std::forward<X>(x), [&](auto&& in) {
+      return forward_from<I + 1, I, End>(consume<P>(std::forward<X>(x), [&](auto&& in) {
         return std::get<I>(layers_).forward(std::forward<decltype(in)>(in));
       }));
     }

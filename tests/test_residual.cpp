@@ -1,0 +1,266 @@
+// Residual blocks and ResNet-20 against PyTorch, fused BatchNorm+Add+ReLU against the unfused
+// chain bit for bit, gradients by finite differences, state names, checkpoints and bad input.
+#include <bnrelu/io/safetensors.hpp>
+#include <bnrelu/models/resnet.hpp>
+#include <bnrelu/nn/loss.hpp>
+#include <bnrelu/nn/residual.hpp>
+#include <bnrelu/testing/gradcheck.hpp>
+
+#include <cstring>
+#include <filesystem>
+#include <set>
+#include <span>
+
+#include "golden.hpp"
+
+namespace nn = bnrelu::nn;
+using bnrelu::Index;
+using bnrelu::dims_of;
+using bnrelu::shape_string;
+using bnrelu::Tensor;
+using namespace bnrelu::test;
+
+namespace {
+
+template <class T>
+using Main = bnrelu::models::BasicMain<T>;
+
+template <class T>
+auto identity_block(Index c) {
+  return bnrelu::models::detail::basic_block<T>(c);
+}
+template <class T>
+auto projection_block(Index in, Index out) {
+  return bnrelu::models::detail::down_block<T>(in, out);
+}
+
+// Every gradient and running buffer of the fixture, by state_dict name; the model must have
+// exactly the fixture's parameter names.
+template <class Model>
+void expect_state_matches(Model& model, const Fixture& f, double tol, std::size_t keep) {
+  std::set<std::string> expected;
+  for (const auto& [key, raw] : f.file.tensors)
+    if (key.rfind("grad.", 0) == 0) expected.insert(key.substr(5));
+  std::set<std::string> got;
+  for (auto& p : model.named_parameters()) {
+    got.insert(p.name);
+    SCOPED_TRACE(p.name);
+    if (!f.has("grad." + p.name)) continue;
+    const auto ref = f.values<double>("grad." + p.name);
+    const std::size_t n = keep ? std::min(keep, p.grad.size()) : p.grad.size();
+    EXPECT_TRUE(close_to(p.grad.data(), n, ref.data(), ref.size(), tol));
+  }
+  EXPECT_EQ(got, expected);
+  for (auto& b : model.named_buffers()) {
+    SCOPED_TRACE(b.name);
+    ASSERT_TRUE(f.has("buffer." + b.name));
+    EXPECT_TRUE(close_to(b.value, f.values<double>("buffer." + b.name), tol));
+  }
+  nn::for_each_batch_counter(model, "", [&](const std::string& name, std::int64_t& n) {
+    EXPECT_EQ(n, f.values<std::int64_t>("buffer." + name).at(0)) << name;
+  });
+}
+
+template <class Model>
+void residual_case(Model model, const std::string& fixture) {
+  using T = typename Model::value_type;
+  Fixture f(fixture);
+  const double tol = tolerance<T>();
+  for (bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused" : "unfused");
+    auto m = model;
+    m.set_fusion(fused);
+    formula_fill_by_name(m);
+    const auto y = m.forward(f.tensor<T, 4>("x"));
+    EXPECT_TRUE(close_to(y, f.tensor<double, 4>("y"), tol));
+    const auto dx = m.backward(f.tensor<T, 4>("dy"));
+    EXPECT_TRUE(close_to(dx, f.tensor<double, 4>("dx"), tol));
+    expect_state_matches(m, f, tol, 0);
+    m.eval();
+    EXPECT_TRUE(close_to(m.forward(f.tensor<T, 4>("x")), f.tensor<double, 4>("y_eval"), tol));
+  }
+}
+
+}  // namespace
+
+template <class T>
+class ResidualGolden : public ::testing::Test {};
+TYPED_TEST_SUITE(ResidualGolden, FloatTypes);
+
+TYPED_TEST(ResidualGolden, IdentityShortcutMatchesPyTorch) { residual_case(identity_block<TypeParam>(4), "residual_identity"); }
+
+TYPED_TEST(ResidualGolden, ProjectionShortcutMatchesPyTorch) {
+  residual_case(projection_block<TypeParam>(3, 6), "residual_projection");
+}
+
+TYPED_TEST(ResidualGolden, ResNet20MatchesPyTorch) {
+  using T = TypeParam;
+  Fixture f("resnet20");
+  const double tol = tolerance<T>();
+  for (bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused" : "unfused");
+    auto model = bnrelu::models::resnet20<T>(1, 10);
+    model.set_fusion(fused);
+    formula_fill_by_name(model);
+    nn::CrossEntropyLoss<T> ce;
+    const auto logits = model.forward(f.tensor<T, 4>("x"));
+    EXPECT_TRUE(close_to(logits, f.tensor<double, 2>("y"), tol));
+    const T loss = ce.forward(logits, f.values<std::int64_t>("labels"));
+    EXPECT_NEAR(loss, f.values<double>("loss")[0], tol * std::abs(f.values<double>("loss")[0]));
+    const auto dx = model.backward(ce.backward());
+    EXPECT_TRUE(close_to(dx, f.tensor<double, 4>("dx"), tol));
+    expect_state_matches(model, f, tol, f.options["keep"].get<std::size_t>());
+    model.eval();
+    EXPECT_TRUE(close_to(model.forward(f.tensor<T, 4>("x")), f.tensor<double, 2>("y_eval"), tol));
+  }
+}
+
+TEST(Residual, StateNamesArePyTorchs) {
+  auto block = projection_block<float>(3, 6);
+  std::vector<std::string> names;
+  for (auto& p : block.named_parameters()) names.push_back(p.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"main.0.weight", "main.1.weight", "main.1.bias", "main.3.weight",
+                                             "main.4.weight", "main.4.bias", "shortcut.0.weight",
+                                             "shortcut.1.weight", "shortcut.1.bias"}));
+  std::vector<std::string> counters;
+  auto model = bnrelu::models::resnet20<float>(3, 10);
+  nn::for_each_batch_counter(model, "", [&](const std::string& n, std::int64_t&) { counters.push_back(n); });
+  EXPECT_EQ(counters.size(), 1u + 9 * 2 + 2);  // stem, two per block, two projection shortcuts
+  EXPECT_EQ(counters[1], "3.main.1.num_batches_tracked");
+  EXPECT_EQ(counters[16], "9.shortcut.1.num_batches_tracked");  // after the block's main branch
+  EXPECT_EQ(counters.back(), "11.main.4.num_batches_tracked");
+}
+
+// The fused pass gives the unfused chain's bits: outputs, input gradients, parameter gradients
+// and running statistics, over maps that take the packet loops with tails (S = 35), the
+// one-value-per-channel kernels (S = 1) and outputs large enough to be streamed.
+TEST(Residual, FusedIsBitIdenticalToUnfused) {
+  for (auto dims : {bnrelu::Dims<4>{3, 8, 5, 7}, bnrelu::Dims<4>{6, 8, 1, 1}, bnrelu::Dims<4>{16, 16, 32, 32}}) {
+    SCOPED_TRACE(shape_string(dims));
+    for (bool projection : {false, true}) {
+      bnrelu::manual_seed(7);
+      auto run = [&](auto block, bool fused) {
+        block.set_fusion(fused);
+        formula_fill_by_name(block);
+        bnrelu::manual_seed(11);
+        auto x = random_tensor<float, 4>(dims, -2, 2);
+        auto y = block.forward(x);
+        auto dy = random_tensor<float, 4>(dims_of(y));
+        auto dx = block.backward(dy);
+        std::vector<float> all(y.data(), y.data() + y.size());
+        all.insert(all.end(), dx.data(), dx.data() + dx.size());
+        for (auto& p : block.named_parameters()) all.insert(all.end(), p.grad.begin(), p.grad.end());
+        for (auto& b : block.named_buffers()) all.insert(all.end(), b.value.begin(), b.value.end());
+        return all;
+      };
+      const auto a = projection ? run(projection_block<float>(8 * (dims[1] / 8), dims[1] * 2), true)
+                                : run(identity_block<float>(dims[1]), true);
+      const auto b = projection ? run(projection_block<float>(8 * (dims[1] / 8), dims[1] * 2), false)
+                                : run(identity_block<float>(dims[1]), false);
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << (projection ? "projection" : "identity");
+    }
+  }
+}
+
+TEST(Residual, GradientsMatchFiniteDifferences) {
+  bnrelu::manual_seed(3);
+  for (bool fused : {true, false}) {
+    auto block = identity_block<double>(3);
+    block.set_fusion(fused);
+    const auto r = bnrelu::testing::gradcheck(block, random_tensor<double, 4>({2, 3, 4, 5}));
+    EXPECT_TRUE(r.ok) << r.worst;
+    auto down = projection_block<double>(2, 4);
+    down.set_fusion(fused);
+    const auto r2 = bnrelu::testing::gradcheck(down, random_tensor<double, 4>({3, 2, 5, 4}));
+    EXPECT_TRUE(r2.ok) << r2.worst;
+  }
+}
+
+TEST(Residual, RejectsBranchesOfDifferentShapesBeforeAnyChange) {
+  // a stride-2 main branch with an identity shortcut
+  nn::Residual bad{bnrelu::models::detail::basic_main<float>(4, 4, 2)};
+  const auto before = state_of(bad);
+  const auto counter = bad.main().template get<1>().num_batches_tracked();
+  try {
+    bad.forward(Tensor<float, 4>(2, 4, 6, 6));
+    FAIL() << "no shape_error";
+  } catch (const bnrelu::shape_error& e) {
+    EXPECT_NE(std::string(e.what()).find("Residual: the main branch gives 2 x 4 x 3 x 3 but the shortcut 2 x 4 x 6 x 6"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(state_of(bad), before);
+  EXPECT_EQ(bad.main().template get<1>().num_batches_tracked(), counter);
+  auto good = identity_block<float>(4);
+  EXPECT_THROW(good.backward(Tensor<float, 4>(2, 4, 6, 6)), std::logic_error);
+  good.forward(random_tensor<float, 4>({2, 4, 6, 6}));
+  EXPECT_THROW(good.backward(Tensor<float, 4>(2, 4, 6, 5)), bnrelu::shape_error);
+  EXPECT_THROW(good.forward(Tensor<float, 4>(2, 3, 6, 6)), bnrelu::shape_error);
+}
+
+// A checkpoint written by one ResNet-20 loads into another with the same eval logits; the
+// file's names are the PyTorch module's (make_golden.py's resnet20).
+TEST(Residual, ResNet20CheckpointRoundTrips) {
+  bnrelu::manual_seed(5);
+  auto a = bnrelu::models::resnet20<float>(3, 10);
+  const auto x = random_tensor<float, 4>({4, 3, 16, 16});
+  a.forward(x);  // move the running statistics off their initial values
+  a.eval();
+  const auto ya = a.forward(x);
+  const auto path = (std::filesystem::temp_directory_path() / "bnrelu_resnet20_test.safetensors").string();
+  bnrelu::io::save_safetensors(a, path);
+  const auto file = bnrelu::io::read_safetensors(path);
+  EXPECT_TRUE(file.tensors.count("9.shortcut.1.running_var"));
+  EXPECT_TRUE(file.tensors.count("3.main.4.num_batches_tracked"));
+  bnrelu::manual_seed(6);
+  auto b = bnrelu::models::resnet20<float>(3, 10);
+  bnrelu::io::load_safetensors(b, path);
+  std::filesystem::remove(path);
+  b.eval();
+  const auto yb = b.forward(x);
+  EXPECT_EQ(std::memcmp(ya.data(), yb.data(), ya.size() * sizeof(float)), 0);
+}
+
+// fuse_for_inference folds every block's batch norms; eval logits agree up to rounding, and
+// the model refuses training and checkpoints afterwards.
+TEST(Residual, FuseForInferenceFoldsEveryBlock) {
+  bnrelu::manual_seed(8);
+  auto model = bnrelu::models::resnet20<double>(3, 10);
+  const auto x = random_tensor<double, 4>({4, 3, 12, 12});
+  model.forward(x);
+  model.eval();
+  const auto ref = model.forward(x);
+  model.fuse_for_inference();
+  EXPECT_TRUE(model.get<3>().inference_only());
+  EXPECT_TRUE(model.get<6>().main().get<0>().folded());
+  EXPECT_TRUE(model.get<6>().shortcut().get<0>().folded());
+  EXPECT_TRUE(close_to(model.forward(x), ref, 1e-12));
+  EXPECT_THROW(model.train(), std::logic_error);
+  EXPECT_TRUE(nn::any_folded(model));
+}
+
+namespace {
+// One replica: combining statistics changes nothing, so a SyncBatchNorm must give the local
+// batch norm's results (through its separate, unfused code path).
+class OneReplica : public nn::BatchNormReducer {
+ public:
+  void combine_statistics(double&, std::span<double>, std::span<double>) override { ++calls; }
+  void sum(std::span<double>) override {}
+  int calls = 0;
+};
+}  // namespace
+
+TEST(Residual, SyncBatchNormReachesEveryBlock) {
+  bnrelu::manual_seed(9);
+  auto local = bnrelu::models::resnet20<double>(1, 10);
+  auto synced = local;
+  auto reducer = std::make_shared<OneReplica>();
+  synced.set_batchnorm_reducer(reducer);
+  const auto x = random_tensor<double, 4>({3, 1, 8, 8});
+  const auto ya = local.forward(x), yb = synced.forward(x);
+  EXPECT_EQ(reducer->calls, 1 + 9 * 2 + 2);
+  EXPECT_TRUE(close_to(yb, ya, 1e-12));
+  const auto dy = random_tensor<double, 2>(dims_of(ya));
+  EXPECT_TRUE(close_to(synced.backward(dy), local.backward(dy), 1e-10));
+}
