@@ -153,11 +153,13 @@ struct Ahead {
   const T* a = nullptr;
   const T* b = nullptr;
   T* w = nullptr;  // to be written
+  const T* c = nullptr;  // a third read stream (a residual block's shortcut)
   static constexpr Index kLine = 64 / static_cast<Index>(sizeof(T));
   void line(Index i) const {
     if (a) __builtin_prefetch(a + i, 0);
     if (b) __builtin_prefetch(b + i, 0);
     if (w) __builtin_prefetch(w + i, 1);
+    if (c) __builtin_prefetch(c + i, 0);
   }
   // the lines of [i0, n), for the tail a packet loop leaves
   void lines(Index i0, Index n) const {
@@ -427,8 +429,8 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const doub
       const Index at = (n * C + c) * S;
       const T* xc = x + at;
       const T* dyc = dy + at;
-      const Ahead<T> ahead =
-          n + k < N ? Ahead<T>{xc + k * C * S, dyc + k * C * S} : Ahead<T>{};
+      const Ahead<T> ahead = n + k < N ? Ahead<T>{xc + k * C * S, dyc + k * C * S, nullptr, s ? s + at + k * C * S : nullptr}
+                                       : Ahead<T>{};
       const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
       const auto phi = simd::set1(ch.f.centre);
       if (s) {
@@ -487,13 +489,18 @@ struct ChannelDx {
   void apply(T* dxc, const T* xc, const T* dyc, Index S, bool stream, const Ahead<T>& ahead,
              Addend<T> add = {}) const {
     const auto pg = simd::set1(gs), pa = simd::set1(a), pb = simd::set1(b), phi = simd::set1(ch.f.centre);
-    if (add.s) {  // g is the shortcut's gradient too: stored as it is made
+    if (add.s) {  // g is the shortcut's gradient too: stored as it is made, streamed with dx
+      // when the two are aligned alike (write_each aligns dx's packets)
+      const bool stream_ds = stream && simd::to_alignment(add.ds) == simd::to_alignment(dxc);
       write_each(
           dxc, S, stream,
           [&](Index i) {
             const auto xv = simd::load(xc + i);
             const auto g = ch.grad(xv, simd::load(dyc + i), simd::load(add.s + i));
-            simd::store(add.ds + i, g);
+            if (stream_ds)
+              simd::stream(add.ds + i, g);
+            else
+              simd::store(add.ds + i, g);
             return simd::pmadd(g, pg, simd::pmadd(simd::psub(xv, phi), pa, pb));
           },
           [&](Index i) {
@@ -530,7 +537,7 @@ void backward_dx(T* dx, const double* sum, const double* dot, double M, const T*
     for (Index c = c0; c < c1; ++c) {
       const Index at = (n * C + c) * S, next = at + step * C * S;
       Ahead<T> ahead;
-      if (j + 1 < N) ahead = {x + next, dy + next, stream ? nullptr : dx + next};
+      if (j + 1 < N) ahead = {x + next, dy + next, stream ? nullptr : dx + next, add.s ? add.s + next : nullptr};
       cd[c - c0].apply(dx + at, x + at, dy + at, S, stream, ahead, add.at(at));
     }
   }
@@ -626,7 +633,7 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
         for (Index c = c0; c < c1; ++c) {
           const Index at = (n * C + c) * S;
           detail::Ahead<T> ahead;
-          if (n + 1 < N) ahead = {src + at + C * S, nullptr, stream ? nullptr : y + at + C * S};
+          if (n + 1 < N) ahead = {src + at + C * S, addend ? addend + at + C * S : nullptr, stream ? nullptr : y + at + C * S};
           detail::affine(y + at, src + at, S, f[c - c0], relu, stream, ahead, addend ? addend + at : nullptr);
         }
     }
@@ -742,10 +749,12 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
     }
     return;
   }
-  const Index G = detail::channel_block(N, C, S, 2 * sizeof(T), num_threads());  // x and dy
+  // x and dy (and the shortcut) per value, read by both passes
+  const Index streams = add.s ? 3 : 2;
+  const Index G = detail::channel_block(N, C, S, streams * sizeof(T), num_threads());
   const Index nblocks = (C + G - 1) / G;
   const bool stream = detail::stream_output<T>(N * C * S);
-  const detail::BackwardWalk walk = detail::backward_walk(N, S, G, sizeof(T));
+  const detail::BackwardWalk walk = detail::backward_walk(N, S, G, streams * sizeof(T) / 2);
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)

@@ -2,6 +2,7 @@
 // the add and the ReLU run as one pass forward and one backward.
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -99,13 +100,12 @@ class Residual : public Module {
   Tensor<T, 4> forward(const Tensor<T, 4>& x) {
     output_dims(dims_of(x));
     ran_training_ = false;
-    auto s = shortcut_.forward(x);
-    return finish(x, std::move(s));
+    return finish(x, shortcut_output(x));
   }
   Tensor<T, 4> forward(Tensor<T, 4>&& x) {
     output_dims(dims_of(x));
     ran_training_ = false;
-    auto s = shortcut_.forward(std::as_const(x));
+    auto s = shortcut_output(x);
     return finish(std::move(x), std::move(s));
   }
 
@@ -129,6 +129,7 @@ class Residual : public Module {
     }
     kernels::add_into(dx.data(), ds.data(), dx.size());
     ds_ = std::move(ds);  // storage for the next backward
+    spare_s_.give(std::move(s_));
     return dx;
   }
 
@@ -176,6 +177,18 @@ class Residual : public Module {
   bool inference_only() const { return inference_only_; }
 
  private:
+  // shortcut(x); an identity shortcut copies x into storage kept from the last step (a fresh
+  // allocation of that size would page-fault on every step).
+  Tensor<T, 4> shortcut_output(const Tensor<T, 4>& x) {
+    if constexpr (requires { requires Shortcut::is_identity; }) {
+      Tensor<T, 4> s = spare_s_.take(dims_of(x));
+      std::copy_n(x.data(), x.size(), s.data());
+      return shortcut_.forward(std::move(s));
+    } else {
+      return shortcut_.forward(x);
+    }
+  }
+
   // main(x), then the add and the ReLU with s = shortcut(x).
   template <class X>
   Tensor<T, 4> finish(X&& x, Tensor<T, 4>&& s) {
@@ -203,7 +216,7 @@ class Residual : public Module {
     if (ran_training_ && fused)
       s_ = std::move(s);  // the fused backward recomputes the mask from it
     else
-      s_ = Tensor<T, 4>();
+      spare_s_.give(std::move(s));
     return y;
   }
 
@@ -213,6 +226,7 @@ class Residual : public Module {
   Tensor<T, 4> s_;        // cache: the shortcut's output of the last fused training forward
   Dims<4> out_dims_{};    // the last forward's output shape
   Tensor<T, 4> ds_;       // the shortcut's gradient; its storage is kept for the next backward
+  detail::Recycler<T, 4> spare_s_;  // storage for the next identity shortcut's copy of x
   bool fusion_ = true;
   bool last_fused_ = false;
   bool ran_training_ = false;

@@ -1,0 +1,142 @@
+// A residual block's end, relu(BatchNorm(x) + s), fused into one pass each way versus the
+// unfused chain of this library's own kernels (BatchNorm, an in-place add, ReLU with its mask;
+// backward: ReLU's mask, then BatchNorm's backward), next to the machine's STREAM triad; and
+// the whole ResNet-20 training step and eval forward (see bench_training for the seed CNN).
+//
+// bytes_per_second counts what the ideal fused algorithm must move, for both rows alike:
+// forward reads x and s and writes y (3 tensors); backward reads x, s and dy and writes dx and
+// the shortcut's gradient ds (5 tensors); forward+backward 8.
+#include <bnrelu/kernels/batchnorm.hpp>
+#include <bnrelu/kernels/relu.hpp>
+#include <bnrelu/models/resnet.hpp>
+#include <bnrelu/nn/loss.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.hpp"
+
+namespace {
+
+using bnrelu::Index;
+using bnrelu::Tensor;
+namespace k = bnrelu::kernels;
+
+struct Shape {
+  Index N, C, H, W;
+  std::string name;
+  Index S() const { return H * W; }
+  Index n() const { return N * C * H * W; }
+};
+
+struct Buffers {
+  Shape sh;
+  std::vector<float> x, s, y, dy, dx, ds, weight, bias, dweight, dbias;
+  std::vector<std::uint8_t> mask;
+  std::vector<double> mean, var, invstd;
+  explicit Buffers(const Shape& shape) : sh(shape) {
+    auto fill = [](std::vector<float>& v, Index size, double lo, double hi) {
+      v.resize(static_cast<std::size_t>(size));
+      bnrelu::fill_uniform(v.data(), size, lo, hi);
+    };
+    fill(x, sh.n(), -2, 3);
+    fill(s, sh.n(), -1, 1);
+    fill(dy, sh.n(), -1, 1);
+    y.assign(static_cast<std::size_t>(sh.n()), 0);
+    dx = ds = y;
+    mask.assign(static_cast<std::size_t>(sh.n()), 0);
+    fill(weight, sh.C, 0.5, 1.5);
+    fill(bias, sh.C, -0.3, 0.3);
+    dweight.assign(static_cast<std::size_t>(sh.C), 0);
+    dbias = dweight;
+    mean.assign(static_cast<std::size_t>(sh.C), 0);
+    var = invstd = mean;
+  }
+  void forward(bool fused) {
+    k::batchnorm_forward_train(y.data(), static_cast<float*>(nullptr), mean.data(), var.data(), invstd.data(),
+                               x.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S(), 1e-5, fused,
+                               fused ? s.data() : nullptr);
+    if (fused) return;
+    k::add_into(y.data(), s.data(), sh.n());
+    k::relu_forward(y.data(), mask.data(), y.data(), sh.n());
+  }
+  void backward(bool fused) {
+    if (fused) {
+      k::batchnorm_backward(dx.data(), dweight.data(), dbias.data(), dy.data(), x.data(), mean.data(), invstd.data(),
+                            weight.data(), bias.data(), sh.N, sh.C, sh.S(), true, k::Addend<float>{s.data(), ds.data()});
+      return;
+    }
+    // the masked gradient is the shortcut's gradient and the batch norm's dy
+    k::relu_backward(ds.data(), dy.data(), mask.data(), sh.n());
+    k::batchnorm_backward(dx.data(), dweight.data(), dbias.data(), ds.data(), x.data(), mean.data(), invstd.data(),
+                          weight.data(), bias.data(), sh.N, sh.C, sh.S(), false);
+  }
+};
+
+void bn_add_relu(benchmark::State& state, const Shape& sh, bool fused) {
+  const int threads = static_cast<int>(state.range(0));
+  bnrelu::set_num_threads(threads);
+  Buffers b(sh);
+  b.forward(fused);
+  for (auto _ : state) {
+    b.forward(fused);
+    b.backward(fused);
+    benchmark::DoNotOptimize(b.dx.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * 8 * sh.n() * static_cast<Index>(sizeof(float)));
+  state.counters["threads"] = threads;
+}
+
+// One training step of ResNet-20 (forward, cross-entropy, backward; no optimizer, as in
+// bench/torch_resnet.py) or one eval forward, N x 3 x 32 x 32.
+void resnet20(benchmark::State& state, bool train) {
+  const int threads = static_cast<int>(state.range(0));
+  const Index N = state.range(1);
+  bnrelu::set_num_threads(threads);
+  bnrelu::manual_seed(1);
+  auto model = bnrelu::models::resnet20<float>(3, 10);
+  const auto x = bnrelu::bench::random_tensor<4>({N, 3, 32, 32});
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(N));
+  for (Index i = 0; i < N; ++i) labels[static_cast<std::size_t>(i)] = i % 10;
+  bnrelu::nn::CrossEntropyLoss<float> ce;
+  model.train(train);
+  for (auto _ : state) {
+    auto logits = model.forward(x);
+    if (train) {
+      ce.forward(logits, labels);
+      model.zero_grad();
+      model.backward_params(ce.backward());
+    }
+    benchmark::DoNotOptimize(logits.data());
+  }
+  state.counters["threads"] = threads;
+  state.counters["images_per_second"] =
+      benchmark::Counter(static_cast<double>(N), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+int register_all() {
+  benchmark::RegisterBenchmark("stream_triad", bnrelu::bench::stream_triad)
+      ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+  const std::vector<Shape> shapes{{128, 16, 32, 32, "128x16x32x32"},
+                                  {128, 32, 16, 16, "128x32x16x16"},
+                                  {128, 64, 8, 8, "128x64x8x8"},
+                                  {256, 64, 56, 56, "256x64x56x56"}};
+  for (const auto& sh : shapes)
+    for (bool fused : {true, false}) {
+      const std::string name = std::string(fused ? "fused" : "unfused") + "/bn_add_relu_fwd+bwd/" + sh.name;
+      benchmark::RegisterBenchmark(name.c_str(), [sh, fused](benchmark::State& s) { bn_add_relu(s, sh, fused); })
+          ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+    }
+  for (bool train : {true, false})
+    benchmark::RegisterBenchmark(train ? "resnet20/train_step" : "resnet20/eval",
+                                 [train](benchmark::State& s) { resnet20(s, train); })
+        ->Args({1, 128})->Args({2, 128})->UseRealTime()->Unit(benchmark::kMillisecond);
+  return 0;
+}
+const int registered = register_all();
+
+}  // namespace
+
+BENCHMARK_MAIN();
