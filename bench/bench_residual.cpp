@@ -90,7 +90,7 @@ void bn_add_relu(benchmark::State& state, const Shape& sh, bool fused) {
 }
 
 // One training step of ResNet-20 (forward, cross-entropy, backward; no optimizer, as in
-// bench/torch_resnet.py) or one eval forward, N x 3 x 32 x 32.
+// bench/torch_resnet.py) or one eval forward, N x 3 x 32 x 32, after two untimed ones.
 void resnet20(benchmark::State& state, bool train) {
   const int threads = static_cast<int>(state.range(0));
   const Index N = state.range(1);
@@ -102,7 +102,7 @@ void resnet20(benchmark::State& state, bool train) {
   for (Index i = 0; i < N; ++i) labels[static_cast<std::size_t>(i)] = i % 10;
   bnrelu::nn::CrossEntropyLoss<float> ce;
   model.train(train);
-  for (auto _ : state) {
+  auto step = [&] {
     auto logits = model.forward(x);
     if (train) {
       ce.forward(logits, labels);
@@ -110,7 +110,9 @@ void resnet20(benchmark::State& state, bool train) {
       model.backward_params(ce.backward());
     }
     benchmark::DoNotOptimize(logits.data());
-  }
+  };
+  for (int i = 0; i < 2; ++i) step();  // steady state: every buffer allocated and touched
+  for (auto _ : state) step();
   state.counters["threads"] = threads;
   state.counters["images_per_second"] =
       benchmark::Counter(static_cast<double>(N), benchmark::Counter::kIsIterationInvariantRate);

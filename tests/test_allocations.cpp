@@ -7,6 +7,7 @@
 // they exceed its 128 KiB stack limit, and malloc serves them from its free lists without
 // touching new memory. Conv2 runs as Winograd's small products (packed on the stack); the
 // Linear layers' products, one per block of columns, allocate.
+#include <bnrelu/models/resnet.hpp>
 #include <bnrelu/models/seed_cnn.hpp>
 #include <bnrelu/nn/loss.hpp>
 #include <bnrelu/optim/sgd.hpp>
@@ -145,6 +146,37 @@ TEST_P(SteadyState, EvalForwardReusesAllMemory) {
     // the returned logits, and Eigen's heap-packed products
     EXPECT_LE(calls, 3 * 6) << "more malloc calls than Eigen's GEMM packing and the returned logits make";
   }
+}
+
+// ResNet-20: residual blocks hand storage between their branches and across block boundaries
+// (the identity shortcut's copy of x, the shortcut's gradient written over its output).
+TEST_P(SteadyState, ResNet20TrainingStepReusesAllMemory) {
+  bnrelu::set_num_threads(GetParam());
+  bnrelu::manual_seed(0);
+  auto model = bnrelu::models::resnet20<float>(3, 10);
+  bnrelu::nn::CrossEntropyLoss<float> loss;
+  bnrelu::optim::SGD<float> opt(model.named_parameters(), {.lr = 0.01, .momentum = 0.9});
+  const Index N = 8;
+  bnrelu::Tensor<float, 4> x(N, 3, 16, 16);
+  x.setRandom();
+  std::vector<std::int64_t> labels(N);
+  for (Index i = 0; i < N; ++i) labels[static_cast<std::size_t>(i)] = i % 10;
+  bnrelu::Tensor<float, 2> dlogits;
+  auto step = [&] {
+    opt.zero_grad();
+    auto logits = model.forward(x);
+    loss.forward(logits, labels);
+    loss.backward(dlogits);
+    model.backward_params(std::move(dlogits));
+    opt.step();
+    dlogits = std::move(logits);
+  };
+  ASSERT_TRUE(warm_up(step)) << "no 5 steps in a row without touching new memory";
+  const long faults = minor_faults();
+  for (int i = 0; i < 3; ++i) step();
+  EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state step touched new memory";
+  model.eval();
+  ASSERT_TRUE(warm_up([&] { model.forward(x); })) << "no 5 eval forwards in a row without touching new memory";
 }
 
 INSTANTIATE_TEST_SUITE_P(Threads, SteadyState, ::testing::Values(1, 2));

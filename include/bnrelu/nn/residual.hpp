@@ -41,8 +41,8 @@ concept EndsInAddReLUFusable = requires(M& m) {
 // shortcut and writes y; backward recomputes the ReLU mask from the two and writes the batch
 // norm's input gradient and the shortcut's gradient in one pass. Results and gradients are the
 // bits of the unfused chain (set_fusion(false)), which runs batch norm, add and ReLU apart.
-// Training keeps the shortcut's output for the backward (the unfused chain keeps the sum
-// instead). A SyncBatchNorm (set_batchnorm_reducer) runs unfused.
+// Training keeps the shortcut's output for the backward, and the backward writes the shortcut's
+// gradient over it. A SyncBatchNorm (set_batchnorm_reducer) runs unfused.
 template <Layer Main, Layer Shortcut = Identity<typename Main::value_type>>
 class Residual : public Module {
  public:
@@ -112,25 +112,31 @@ class Residual : public Module {
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) { return backward(Tensor<T, 4>(dy)); }
   Tensor<T, 4> backward(Tensor<T, 4>&& dy) {
     if (!ran_training_) detail::no_forward("Residual");
-    detail::check_grad_dims("Residual", out_dims_, dims_of(dy));
-    Tensor<T, 4> dx, ds;
+    detail::check_grad_dims("Residual", dims_of(s_), dims_of(dy));
+    Tensor<T, 4> dx;
     if constexpr (fusable) {
       if (last_fused_) {
-        Tensor<T, 4> dh = main_.back().backward_add_relu(std::move(dy), s_, ds_);
+        // the shortcut's gradient overwrites s_ (each element is read before it is written)
+        Tensor<T, 4> dh = main_.back().backward_add_relu(std::move(dy), s_, s_);
         dx = main_.backward_head(std::move(dh));
-        ds = shortcut_.backward(std::move(ds_));
       }
     }
     if (!last_fused_) {
       Tensor<T, 4> dt = relu_.backward(std::move(dy));
-      ds_ = dt;  // both branches get the gradient of the sum
+      std::copy_n(dt.data(), dt.size(), s_.data());  // both branches get the gradient of the sum
       dx = main_.backward(std::move(dt));
-      ds = shortcut_.backward(std::move(ds_));
     }
+    Tensor<T, 4> ds = shortcut_.backward(std::move(s_));
     kernels::add_into(dx.data(), ds.data(), dx.size());
-    ds_ = std::move(ds);  // storage for the next backward
-    spare_s_.give(std::move(s_));
+    spare_x_.give(std::move(ds));  // storage for the next step's copy of x
+    ran_training_ = false;
     return dx;
+  }
+
+  // Takes back an output of this block that is no longer needed, for the next output (the
+  // enclosing Sequential does this in eval).
+  void recycle_output(Tensor<T, 4>&& y) {
+    if constexpr (requires { main_.recycle_output(std::move(y)); }) main_.recycle_output(std::move(y));
   }
 
   // "main.<name>" then "shortcut.<name>".
@@ -177,16 +183,13 @@ class Residual : public Module {
   bool inference_only() const { return inference_only_; }
 
  private:
-  // shortcut(x); an identity shortcut copies x into storage kept from the last step (a fresh
-  // allocation of that size would page-fault on every step).
+  // shortcut(x), given a copy of x it may keep. The copy goes into storage kept from the last
+  // step (the input gradient the shortcut returned), and the shortcut hands back its previous
+  // copy as storage for its next input gradient: a steady-state step allocates nothing here.
   Tensor<T, 4> shortcut_output(const Tensor<T, 4>& x) {
-    if constexpr (requires { requires Shortcut::is_identity; }) {
-      Tensor<T, 4> s = spare_s_.take(dims_of(x));
-      std::copy_n(x.data(), x.size(), s.data());
-      return shortcut_.forward(std::move(s));
-    } else {
-      return shortcut_.forward(x);
-    }
+    Tensor<T, 4> copy = spare_x_.take(dims_of(x));
+    std::copy_n(x.data(), x.size(), copy.data());
+    return shortcut_.forward(std::move(copy));
   }
 
   // main(x), then the add and the ReLU with s = shortcut(x).
@@ -199,6 +202,7 @@ class Residual : public Module {
       if (fused) {
         auto h = main_.forward_head(std::forward<X>(x));
         y = main_.back().forward_add_relu(std::move(h), s);
+        main_.recycle_head_output(std::move(h));  // eval: h is not kept (training moved it)
       }
     }
     if (!fused) {
@@ -212,21 +216,19 @@ class Residual : public Module {
     }
     last_fused_ = fused;
     ran_training_ = is_training();
-    out_dims_ = dims_of(y);
-    if (ran_training_ && fused)
-      s_ = std::move(s);  // the fused backward recomputes the mask from it
+    if (ran_training_)
+      s_ = std::move(s);  // the fused backward's mask needs it, and backward writes ds into it
     else
-      spare_s_.give(std::move(s));
+      spare_x_.give(std::move(s));  // the size of x for an identity shortcut
     return y;
   }
 
   Main main_;
   Shortcut shortcut_;
   ReLU<T> relu_;          // the unfused chain's ReLU
-  Tensor<T, 4> s_;        // cache: the shortcut's output of the last fused training forward
-  Dims<4> out_dims_{};    // the last forward's output shape
-  Tensor<T, 4> ds_;       // the shortcut's gradient; its storage is kept for the next backward
-  detail::Recycler<T, 4> spare_s_;  // storage for the next identity shortcut's copy of x
+  Tensor<T, 4> s_;        // cache: the shortcut's output of the last training forward; backward
+                          // overwrites it with the shortcut's gradient
+  detail::Recycler<T, 4> spare_x_;  // storage for the next copy of x given to the shortcut
   bool fusion_ = true;
   bool last_fused_ = false;
   bool ran_training_ = false;

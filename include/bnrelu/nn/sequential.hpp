@@ -226,6 +226,18 @@ class Sequential : public Module {
     check_backward();
     return backward_to<size - 1, 0>(std::forward<D>(dy));
   }
+  // Takes back an output of forward_head that is no longer needed (its storage goes to the
+  // layer that made it, for its next output).
+  template <class Y>
+  void recycle_head_output(Y&& y) {
+    if constexpr (size >= 2 && requires(layer_t<size - 2>& l) { l.recycle_output(std::move(y)); })
+      std::get<size - 2>(layers_).recycle_output(std::move(y));
+  }
+  // Takes back an output of this chain that is no longer needed, for the next output.
+  void recycle_output(output_type&& y) {
+    if constexpr (requires(layer_t<size - 1>& l) { l.recycle_output(std::move(y)); })
+      std::get<size - 1>(layers_).recycle_output(std::move(y));
+  }
   auto& back() { return std::get<size - 1>(layers_); }
   const auto& back() const { return std::get<size - 1>(layers_); }
 
