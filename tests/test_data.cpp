@@ -1,3 +1,4 @@
+#include <bnrelu/data/cifar.hpp>
 #include <bnrelu/data/idx.hpp>
 #include <bnrelu/data/loader.hpp>
 #include <bnrelu/data/mnist.hpp>
@@ -7,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <set>
 
 #include "golden.hpp"
 
@@ -287,4 +289,153 @@ TEST(DataLoader, ReplicaShardsSplitEveryGlobalBatch) {
   EXPECT_EQ(few.num_batches(), 1);  // 22 images in one global batch; the 23rd cannot be split
   EXPECT_THROW(data::DataLoader<float>(set, {.rank = 2, .world_size = 2}), bnrelu::shape_error);
   EXPECT_THROW(data::DataLoader<float>(set, {.rank = 0, .world_size = 0}), bnrelu::shape_error);
+}
+
+namespace {
+
+// A CIFAR-10 binary file of the given labels; pixel k of record n is (n * 7 + k) % 256.
+std::string cifar_bytes(const std::vector<int>& labels) {
+  std::string s;
+  for (std::size_t n = 0; n < labels.size(); ++n) {
+    s.push_back(static_cast<char>(labels[n]));
+    for (int k = 0; k < 3072; ++k) s.push_back(static_cast<char>((n * 7 + static_cast<std::size_t>(k)) % 256));
+  }
+  return s;
+}
+
+void write_file(const fs::path& p, const std::string& bytes) {
+  std::ofstream(p, std::ios::binary) << bytes;
+}
+
+}  // namespace
+
+TEST(Cifar10, ReadsRecordsAsRedGreenBluePlanes) {
+  const auto dir = scratch("cifar");
+  fs::create_directories(dir);
+  for (int i = 1; i <= 5; ++i) write_file(dir / ("data_batch_" + std::to_string(i) + ".bin"), cifar_bytes({i, 9, 0}));
+  write_file(dir / "test_batch.bin", cifar_bytes({3, 4}));
+  const auto train = data::load_cifar10(dir.string(), data::Split::train);
+  ASSERT_EQ(train.images.dimension(0), 15);
+  EXPECT_EQ(train.images.dimension(1), 3);
+  EXPECT_EQ(train.images.dimension(2), 32);
+  EXPECT_EQ(train.labels, (std::vector<std::int64_t>{1, 9, 0, 2, 9, 0, 3, 9, 0, 4, 9, 0, 5, 9, 0}));
+  // record 1 of a file: pixel (c, y, x) is byte c*1024 + y*32 + x after the label
+  EXPECT_FLOAT_EQ(train.images(4, 1, 2, 3), static_cast<float>((7 + 1024 + 2 * 32 + 3) % 256) / 255.0f);
+  const auto test = data::load_cifar10(dir.string(), data::Split::test);
+  EXPECT_EQ(test.labels, (std::vector<std::int64_t>{3, 4}));
+  // bad files: a cut record, a label past 9, an empty file, a missing batch
+  write_file(dir / "cut.bin", cifar_bytes({1}).substr(0, 3000));
+  EXPECT_THROW(data::read_cifar10_file((dir / "cut.bin").string()), bnrelu::format_error);
+  write_file(dir / "label.bin", cifar_bytes({1, 10}));
+  try {
+    data::read_cifar10_file((dir / "label.bin").string());
+    FAIL() << "no format_error";
+  } catch (const bnrelu::format_error& e) {
+    EXPECT_NE(std::string(e.what()).find("record 1"), std::string::npos) << e.what();
+  }
+  write_file(dir / "empty.bin", "");
+  EXPECT_THROW(data::read_cifar10_file((dir / "empty.bin").string()), bnrelu::format_error);
+  fs::remove(dir / "data_batch_3.bin");
+  EXPECT_THROW(data::load_cifar10(dir.string(), data::Split::train), bnrelu::format_error);
+  fs::remove_all(dir);
+}
+
+TEST(DataLoader, PerChannelNormalisation) {
+  data::ImageSet set;
+  set.images.resize(4, 2, 2, 2);
+  for (bnrelu::Index i = 0; i < set.images.size(); ++i) set.images.data()[i] = static_cast<float>(i % 7);
+  set.labels = {0, 1, 2, 3};
+  const auto [mean, stdev] = data::channel_mean_std(set);
+  ASSERT_EQ(mean.size(), 2u);
+  data::DataLoader<float> loader(set, {.batch_size = 4, .shuffle = false, .channel_mean = mean, .channel_std = stdev});
+  data::Batch<float> b;
+  ASSERT_TRUE(loader.next(b));
+  for (int c = 0; c < 2; ++c) {  // every channel has mean 0 and std 1 after normalisation
+    double sum = 0, sq = 0;
+    for (int n = 0; n < 4; ++n)
+      for (int y = 0; y < 2; ++y)
+        for (int x = 0; x < 2; ++x) {
+          sum += b.images(n, c, y, x);
+          sq += b.images(n, c, y, x) * b.images(n, c, y, x);
+        }
+    EXPECT_NEAR(sum / 16, 0, 1e-6);
+    EXPECT_NEAR(sq / 16, 1, 1e-5);
+  }
+  EXPECT_THROW(data::DataLoader<float>(set, {.channel_mean = {0.5f}, .channel_std = {1.0f}}), bnrelu::shape_error);
+  EXPECT_THROW(data::DataLoader<float>(set, {.channel_mean = {0.5f, 0.5f}, .channel_std = {1.0f, 0.0f}}),
+               bnrelu::shape_error);
+  EXPECT_THROW(data::DataLoader<float>(set, {.crop_padding = -1}), bnrelu::shape_error);
+}
+
+// Random crop after zero padding and horizontal flip: each image is its own shifted and
+// mirrored copy, padding normalised like a 0 pixel, drawn from (seed, epoch, position) alone:
+// the same after a seek and for any number of replicas, different across epochs.
+TEST(DataLoader, AugmentationIsSeededCropAndFlip) {
+  data::ImageSet set;
+  const bnrelu::Index N = 12, C = 2, H = 5, W = 6;
+  set.images.resize(N, C, H, W);
+  for (bnrelu::Index i = 0; i < set.images.size(); ++i) set.images.data()[i] = 1.0f + static_cast<float>(i % 97);
+  for (bnrelu::Index n = 0; n < N; ++n) set.labels.push_back(n);
+  const data::LoaderOptions opt{.batch_size = 4, .seed = 3, .mean = 0.5f, .std = 2.0f, .crop_padding = 2,
+                                .horizontal_flip = true};
+  auto epoch_images = [&](const data::LoaderOptions& o, int epoch) {
+    data::DataLoader<float> loader(set, o);
+    loader.start_epoch(epoch);
+    std::vector<float> all;
+    std::vector<std::int64_t> labels;
+    data::Batch<float> b;
+    bnrelu::Index position = 0, wrong = 0;
+    while (loader.next(b)) {
+      for (bnrelu::Index i = 0; i < b.images.dimension(0); ++i, ++position) {
+        const auto a = loader.augmentation(position);
+        const bnrelu::Index src = b.labels[static_cast<std::size_t>(i)];
+        for (bnrelu::Index c = 0; c < C; ++c)
+          for (bnrelu::Index y = 0; y < H; ++y)
+            for (bnrelu::Index x = 0; x < W; ++x) {
+              const bnrelu::Index sy = y + a.dy - 2, sx = (a.flip ? W - 1 - x : x) + a.dx - 2;
+              const float raw = sy >= 0 && sy < H && sx >= 0 && sx < W ? set.images(src, c, sy, sx) : 0.0f;
+              wrong += b.images(i, c, y, x) != (raw - 0.5f) * 0.5f;
+            }
+      }
+      all.insert(all.end(), b.images.data(), b.images.data() + b.images.size());
+      labels.insert(labels.end(), b.labels.begin(), b.labels.end());
+    }
+    EXPECT_EQ(wrong, 0) << "pixels that are not the crop and flip augmentation() describes";
+    return std::make_pair(all, labels);
+  };
+  const auto a = epoch_images(opt, 0), again = epoch_images(opt, 0), next = epoch_images(opt, 1);
+  EXPECT_EQ(a, again);
+  EXPECT_NE(a.first, next.first);
+  // offsets and flips vary over the epoch
+  data::DataLoader<float> loader(set, opt);
+  std::set<std::pair<bnrelu::Index, bnrelu::Index>> offsets;
+  int flips = 0;
+  for (bnrelu::Index p = 0; p < 200; ++p) {
+    const auto g = loader.augmentation(p);
+    EXPECT_TRUE(g.dy >= 0 && g.dy <= 4 && g.dx >= 0 && g.dx <= 4);
+    offsets.insert({g.dy, g.dx});
+    flips += g.flip;
+  }
+  EXPECT_EQ(offsets.size(), 25u);
+  EXPECT_GT(flips, 60);
+  EXPECT_LT(flips, 140);
+  // two replicas together see exactly what one process sees
+  auto two = opt;
+  two.batch_size = 2;
+  two.world_size = 2;
+  std::vector<float> r0, r1;
+  for (int rank : {0, 1}) {
+    two.rank = rank;
+    data::DataLoader<float> l(set, two);
+    data::Batch<float> b;
+    while (l.next(b)) (rank == 0 ? r0 : r1).insert((rank == 0 ? r0 : r1).end(), b.images.data(), b.images.data() + b.images.size());
+  }
+  const bnrelu::Index image = C * H * W;
+  for (bnrelu::Index k = 0; k < N / 4; ++k)
+    for (bnrelu::Index j = 0; j < 4; ++j) {
+      const auto& from = j < 2 ? r0 : r1;
+      const bnrelu::Index at = (k * 2 + j % 2) * image;
+      EXPECT_TRUE(std::equal(from.begin() + at, from.begin() + at + image, a.first.begin() + (k * 4 + j) * image))
+          << "batch " << k << " image " << j;
+    }
 }

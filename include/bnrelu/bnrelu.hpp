@@ -24,6 +24,7 @@
 #include "models/resnet.hpp"
 #include "models/seed_cnn.hpp"
 
+#include "data/cifar.hpp"
 #include "data/idx.hpp"
 #include "data/loader.hpp"
 #include "data/mnist.hpp"

@@ -1,4 +1,5 @@
-// MNIST-format data sets (MNIST, Fashion-MNIST, ...) from a folder of IDX files.
+// Image sets in memory, and MNIST-format ones (MNIST, Fashion-MNIST, ...) from a folder of IDX
+// files.
 #pragma once
 
 #include <filesystem>
@@ -11,10 +12,13 @@ namespace bnrelu::data {
 
 enum class Split { train, test };
 
-struct Mnist {
-  Tensor<float, 4> images;             // N x 1 x H x W in [0, 1]
+// A labelled image set in memory: the type every loader and reader here works with.
+struct ImageSet {
+  Tensor<float, 4> images;             // N x C x H x W in [0, 1]
   std::vector<std::int64_t> labels;    // N class ids
 };
+// An MNIST-format set: an ImageSet of N x 1 x H x W images.
+using Mnist = ImageSet;
 
 // The file of one split and kind, under either naming users meet ("train-images-idx3-ubyte"
 // or "train-images.idx3-ubyte"), with or without ".gz". format_error naming every path tried
