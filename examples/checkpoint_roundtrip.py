@@ -7,7 +7,8 @@
 3. predict (C++) loads PyTorch's file and computes the logits again.
 Checks: C++ and PyTorch logits agree within 1e-5, and the C++ logits before and after the
 round trip are identical. Run from the build tree's parent with Debian's python3-torch:
-    /usr/bin/python3 examples/checkpoint_roundtrip.py --bin build/release/examples
+    /usr/bin/python3 examples/checkpoint_roundtrip.py --bin build/release/examples [--model resnet20]
+(resnet20: the module of tests/golden/make_golden.py, with attributes main and shortcut.)
 """
 import argparse
 import gzip
@@ -77,17 +78,23 @@ def main():
     ap.add_argument("--bin", default="build/release/examples")
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--count", type=int, default=64)
+    ap.add_argument("--model", default="seed", choices=["seed", "resnet20"])
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bnrelu_roundtrip_")
     cpp_ckpt, torch_ckpt = os.path.join(work, "cpp.safetensors"), os.path.join(work, "torch.safetensors")
     run = lambda *cmd: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    run(os.path.join(args.bin, "train_mnist"), "--data", args.data, "--epochs", "1", "--max-steps", "40",
-        "--save", cpp_ckpt, "--log", "")
+    run(os.path.join(args.bin, "train_mnist"), "--data", args.data, "--model", args.model, "--epochs", "1",
+        "--max-steps", "40", "--save", cpp_ckpt, "--log", "")
     run(os.path.join(args.bin, "predict"), "--checkpoint", cpp_ckpt, "--data", args.data, "--count", str(args.count),
         "--out", os.path.join(work, "logits_cpp.safetensors"))
 
     state, meta = read_safetensors(cpp_ckpt)
-    model = seed_cnn(int(meta["classes"]))
+    if args.model == "resnet20":
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden"))
+        from make_golden import resnet20
+        model = resnet20(1, int(meta["classes"]))
+    else:
+        model = seed_cnn(int(meta["classes"]))
     model.load_state_dict(state, strict=True)
     model.eval()
     x = (test_images(args.data, args.count) - float(meta["pixel_mean"])) / float(meta["pixel_std"])

@@ -1,5 +1,6 @@
-// Loads a seed_cnn checkpoint (written by train_mnist or by PyTorch) and writes the eval-mode
-// logits of the first test images to a safetensors file, for comparisons across frameworks.
+// Loads a seed_cnn or resnet20 checkpoint (written by train_mnist or by PyTorch) and writes the
+// eval-mode logits of the first test images to a safetensors file, for comparisons across
+// frameworks. The model is told by the checkpoint's names.
 //
 //   predict --checkpoint bnrelu_mnist.safetensors --count 64 --out logits.safetensors
 #include <CLI/CLI.hpp>
@@ -11,7 +12,7 @@
 int main(int argc, char** argv) {
   std::string checkpoint, out = "logits.safetensors", data = "/usr/share/datasets/fashion-mnist";
   bnrelu::Index count = 64;
-  CLI::App app{"Eval-mode logits of a seed_cnn checkpoint on the first test images"};
+  CLI::App app{"Eval-mode logits of a seed_cnn or resnet20 checkpoint on the first test images"};
   app.add_option("--checkpoint", checkpoint, "model state_dict (.safetensors)")->required();
   app.add_option("--data", data, "MNIST-format folder")->capture_default_str();
   app.add_option("--count", count, "number of test images")->capture_default_str()->check(CLI::Range(bnrelu::Index{1}, bnrelu::Index{1} << 30));
@@ -19,10 +20,13 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     const auto file = bnrelu::io::read_safetensors(checkpoint);
-    // seed_cnn's last layer (index 12) tells the number of classes
-    const auto last = file.tensors.find("12.bias");
+    // the last layer (seed_cnn's 12, resnet20's 14) tells the number of classes
+    const bool resnet = file.tensors.count("3.main.0.weight") != 0;
+    const std::string last_name = resnet ? "14.bias" : "12.bias";
+    const auto last = file.tensors.find(last_name);
     if (last == file.tensors.end() || last->second.shape.size() != 1 || last->second.numel() < 1)
-      throw bnrelu::format_error(checkpoint + " is no seed_cnn checkpoint: it lacks a 1-D tensor 12.bias");
+      throw bnrelu::format_error(checkpoint + " is no " + (resnet ? "resnet20" : "seed_cnn") +
+                                 " checkpoint: it lacks a 1-D tensor " + last_name);
     const auto classes = last->second.numel();
     // the pixel normalisation train_mnist recorded (none for a checkpoint written elsewhere)
     const auto meta = [&](const char* key, double fallback) {
@@ -30,9 +34,6 @@ int main(int argc, char** argv) {
     };
     const double pixel_mean = meta("pixel_mean", 0), pixel_std = meta("pixel_std", 1);
     if (!(pixel_std > 0)) throw bnrelu::format_error(checkpoint + ": metadata pixel_std must be > 0");
-    auto model = bnrelu::models::seed_cnn<float>(1, classes);
-    bnrelu::io::load_state_dict(model, file, checkpoint);
-    model.eval();
     const auto test = bnrelu::data::load_mnist(data, bnrelu::data::Split::test);
     count = std::min(count, test.images.dimension(0));
     const auto first = bnrelu::data::first_n(test, count);
@@ -40,7 +41,14 @@ int main(int argc, char** argv) {
                                                    .mean = static_cast<float>(pixel_mean), .std = static_cast<float>(pixel_std)});
     bnrelu::data::Batch<float> batch;
     loader.next(batch);
-    const auto logits = model.forward(batch.images);
+    const auto run = [&](auto model) {
+      bnrelu::io::load_state_dict(model, file, checkpoint);
+      model.eval();
+      return model.forward(batch.images);
+    };
+    const auto logits = resnet ? run(bnrelu::models::resnet20<float>(1, classes))
+                               : run(bnrelu::models::seed_cnn<float>(1, classes, test.images.dimension(2),
+                                                                     test.images.dimension(3)));
     bnrelu::io::write_safetensors(out, {{"logits", bnrelu::io::RawTensor::from<float>(std::span<const float>(logits.data(), static_cast<std::size_t>(logits.size())), {logits.dimension(0), logits.dimension(1)})}});
     std::printf("wrote %s: logits of %ld test images (%ld classes)\n", out.c_str(), static_cast<long>(count), static_cast<long>(classes));
     return 0;

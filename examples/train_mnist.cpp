@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -61,7 +62,23 @@ struct Config {
   Index train_limit = 0;
   Index test_limit = 0;
   bool distributed = false;
+  std::string model = "seed";
+  bool augment = false;
+  bool nesterov = false;
 };
+
+// --model resnet20's defaults for the options not given on the command line: He et al.'s
+// CIFAR recipe shortened to 10 epochs (SGD 0.1 with Nesterov momentum 0.9, weight decay 5e-4,
+// cosine schedule, batch 128).
+void apply_model_defaults(Config& cfg, const std::function<bool(const char*)>& given) {
+  if (cfg.model != "resnet20") return;
+  if (!given("--lr")) cfg.lr = 0.1;
+  if (!given("--epochs")) cfg.epochs = 10;
+  if (!given("--batch-size")) cfg.batch_size = 128;
+  if (!given("--weight-decay")) cfg.weight_decay = 5e-4;
+  if (!given("--nesterov")) cfg.nesterov = true;
+  if (!given("--augment")) cfg.augment = true;
+}
 
 // Data parallelism: the rank of this process, the number of ranks, and the model wrapper. One
 // process without MPI is rank 0 of 1.
@@ -270,7 +287,19 @@ std::map<std::string, std::string> run_settings(const Config& cfg, const DataPri
       {"--classes", std::to_string(cfg.classes)},       {"training images", std::to_string(data.images)},
       {"training labels (hash)", std::to_string(data.labels_hash)}};
   if (cfg.scheduler != "none") m["--epochs"] = std::to_string(cfg.epochs);
+  // recorded when not the default, so that files from before these options resume alike
+  if (cfg.model != "seed") m["--model"] = cfg.model;
+  if (cfg.augment) m["--augment"] = "on";
+  if (cfg.nesterov) m["--nesterov"] = "on";
   return m;
+}
+
+// The value a train-state file without the setting ran with (the settings recorded only when
+// not their default); null for settings every file records.
+const char* setting_default(const std::string& key) {
+  if (key == "--model") return "seed";
+  if (key == "--augment" || key == "--nesterov") return "off";
+  return nullptr;
 }
 
 // The train-state file: the model's state_dict ("model.<name>"), the optimizer's state
@@ -302,15 +331,19 @@ Position load_train_state(Model& model, bnrelu::optim::Optimizer<float>& opt, co
     throw bnrelu::format_error("--resume needs " + path + " (the optimizer state and position of the run); only " +
                                "--eval-only can use a model file alone");
   const auto file = bnrelu::io::read_safetensors(path);
-  for (const auto& [key, want] : settings) {
+  auto check = [&](const std::string& key, const std::string& want) {
     const auto it = file.metadata.find("setting " + key);
-    if (it == file.metadata.end())
+    if (it == file.metadata.end() && !setting_default(key))
       throw bnrelu::format_error(path + " does not record the setting " + key + " (not written by this train_mnist)");
-    if (it->second != want)
-      throw std::invalid_argument(key + " is " + want + " but the run in " + path + " used " + it->second.substr(0, 80) +
+    const std::string used = it == file.metadata.end() ? setting_default(key) : it->second;
+    if (used != want)
+      throw std::invalid_argument(key + " is " + want + " but the run in " + path + " used " + used.substr(0, 80) +
                                   ": resuming would not continue that run (pass the same " + key +
                                   (key == "--epochs" ? ", or use --scheduler none to extend a run)" : ")"));
-  }
+  };
+  for (const auto& [key, want] : settings) check(key, want);
+  for (const char* key : {"--model", "--augment", "--nesterov"})
+    if (!settings.count(key)) check(key, setting_default(key));
   const Position at{bnrelu::io::metadata_number<int>(file, "epoch", 0, epochs),
                     bnrelu::io::metadata_number<Index>(file, "batch", 0, batches_per_epoch)};
   const auto steps = bnrelu::io::metadata_number<std::int64_t>(file, "steps", 0);
@@ -353,6 +386,12 @@ std::vector<EpochRecord> read_log(const std::string& path, int before) {
   return rows;
 }
 
+const char* model_name(const Config& cfg) { return cfg.model == "resnet20" ? "resnet20" : "seed_cnn"; }
+
+template <class Model>
+int train_model(const Config& cfg, Replicas& replicas, bool saving, const bnrelu::data::Mnist& train,
+                const bnrelu::data::Mnist& test, Model model);
+
 int run(Config cfg) {
   Replicas replicas;
 #ifdef BNRELU_TRAIN_MPI
@@ -372,6 +411,9 @@ int run(Config cfg) {
   }
   // everything that can be checked before the data loads and the first step runs
   if (cfg.eval_only && cfg.resume.empty()) throw std::invalid_argument("--eval-only needs --resume CHECKPOINT");
+  if (cfg.distributed && cfg.model != "seed") throw std::invalid_argument("--distributed trains --model seed only");
+  if (cfg.nesterov && (cfg.optimizer != "sgd" || cfg.momentum <= 0))
+    throw std::invalid_argument("--nesterov needs --optimizer sgd and a --momentum above 0");
   if (!cfg.eval_only) {
     for (const auto& path : {cfg.save, cfg.save.empty() ? std::string() : state_path(cfg.save), cfg.log,
                              cfg.log.empty() ? std::string() : svg_path(cfg.log)})
@@ -388,19 +430,29 @@ int run(Config cfg) {
   if (!cfg.eval_only && train.images.dimension(0) < 2 * replicas.size)
     throw std::invalid_argument("the training set has " + std::to_string(train.images.dimension(0)) +
                                 " images; batch norm needs at least 2 per rank");
-  const auto [mean, stdev] = bnrelu::data::pixel_mean_std(train);
-  const bnrelu::data::LoaderOptions loader_opt{.batch_size = cfg.batch_size, .shuffle = true, .seed = cfg.seed, .mean = mean, .std = stdev};
   std::printf("bnrelu train_mnist: %ld training and %ld test images of %ldx%ld, %ld classes from %s (%.1f s)\n",
               static_cast<long>(train.images.dimension(0)), static_cast<long>(test.images.dimension(0)),
               static_cast<long>(train.images.dimension(2)), static_cast<long>(train.images.dimension(3)),
               static_cast<long>(classes), cfg.data.c_str(), std::chrono::duration<double>(Clock::now() - t_load).count());
 
-  auto model = bnrelu::models::seed_cnn<float>(train.images.dimension(1), classes);
+  const Index C = train.images.dimension(1), H = train.images.dimension(2), W = train.images.dimension(3);
+  if (cfg.model == "resnet20") return train_model(cfg, replicas, saving, train, test, bnrelu::models::resnet20<float>(C, classes));
+  if (H < 4 || W < 4) throw std::invalid_argument("--model seed needs images of at least 4 x 4");
+  return train_model(cfg, replicas, saving, train, test, bnrelu::models::seed_cnn<float>(C, classes, H, W));
+}
+
+// Trains (or, with --eval-only, evaluates) one model on the loaded sets.
+template <class Model>
+int train_model(const Config& cfg, Replicas& replicas, bool saving, const bnrelu::data::Mnist& train,
+                const bnrelu::data::Mnist& test, Model model) {
+  const Index classes = cfg.classes;
+  const auto [mean, stdev] = bnrelu::data::pixel_mean_std(train);
+  const bnrelu::data::LoaderOptions loader_opt{.batch_size = cfg.batch_size, .shuffle = true, .seed = cfg.seed, .mean = mean, .std = stdev};
   model.set_fusion(!cfg.no_fuse);
   std::unique_ptr<bnrelu::optim::Optimizer<float>> opt;
   if (cfg.optimizer == "sgd")
     opt = std::make_unique<bnrelu::optim::SGD<float>>(model.named_parameters(),
-        bnrelu::optim::SGDOptions{.lr = cfg.lr, .momentum = cfg.momentum, .weight_decay = cfg.weight_decay});
+        bnrelu::optim::SGDOptions{.lr = cfg.lr, .momentum = cfg.momentum, .weight_decay = cfg.weight_decay, .nesterov = cfg.nesterov});
   else if (cfg.optimizer == "adam")
     opt = std::make_unique<bnrelu::optim::Adam<float>>(model.named_parameters(),
         bnrelu::optim::AdamOptions{.lr = cfg.lr, .weight_decay = cfg.weight_decay});
@@ -437,14 +489,20 @@ int run(Config cfg) {
   std::unique_ptr<bnrelu::dist::DataParallel<decltype(model)>> ddp;  // declared after the model: dies first
   if (cfg.distributed) {
     // fc1's weight kept once for the ranks of a machine; the optimizer follows it there
-    ddp = std::make_unique<bnrelu::dist::DataParallel<decltype(model)>>(model, bnrelu::dist::DataParallelOptions{.share_weights = true});
-    opt->rebind(model.named_parameters());
-    replicas.ddp = ddp.get();
+    if constexpr (std::is_same_v<Model, bnrelu::models::SeedCNN<float>>) {
+      ddp = std::make_unique<bnrelu::dist::DataParallel<decltype(model)>>(model, bnrelu::dist::DataParallelOptions{.share_weights = true});
+      opt->rebind(model.named_parameters());
+      replicas.ddp = ddp.get();
+    }
   }
 #endif
-  std::printf("seed_cnn, %zu parameter tensors, %s fused BatchNorm+ReLU, %s lr %g (%s) momentum %g, batch %ld, %d threads",
-              model.named_parameters().size(), cfg.no_fuse ? "without" : "with", cfg.optimizer.c_str(), cfg.lr,
-              cfg.scheduler.c_str(), cfg.momentum, static_cast<long>(cfg.batch_size), bnrelu::num_threads());
+  std::printf("%s, %zu parameter tensors, %s fused BatchNorm+ReLU%s, %s lr %g (%s) momentum %g%s weight decay %g, "
+              "batch %ld, %d epochs%s, %d threads",
+              model_name(cfg), model.named_parameters().size(), cfg.no_fuse ? "without" : "with",
+              cfg.model == "resnet20" ? " and BatchNorm+Add+ReLU" : "", cfg.optimizer.c_str(), cfg.lr,
+              cfg.scheduler.c_str(), cfg.momentum, cfg.nesterov ? " (Nesterov)" : "", cfg.weight_decay,
+              static_cast<long>(cfg.batch_size), cfg.epochs, cfg.augment ? ", random crop (padding 4) and flip" : "",
+              bnrelu::num_threads());
   if (replicas.size > 1)
     std::printf(" per rank, %d ranks (batch %ld each, SyncBatchNorm)", replicas.size,
                 static_cast<long>(cfg.batch_size / replicas.size));
@@ -454,6 +512,10 @@ int run(Config cfg) {
   train_opt.batch_size = cfg.batch_size / replicas.size;
   train_opt.rank = replicas.rank;
   train_opt.world_size = replicas.size;
+  if (cfg.augment) {
+    train_opt.crop_padding = 4;
+    train_opt.horizontal_flip = true;
+  }
   // batch norm needs 2 images in a batch: drop a last global batch that would give a rank fewer
   train_opt.drop_last = train.images.dimension(0) % cfg.batch_size < 2 * replicas.size;
   bnrelu::data::DataLoader<float> loader(train, train_opt);
@@ -517,7 +579,7 @@ int run(Config cfg) {
                                    {{"pixel_mean", std::to_string(mean)}, {"pixel_std", std::to_string(stdev)},
                                     {"classes", std::to_string(classes)}, {"steps", std::to_string(opt->steps())}});
     }
-    if (!cfg.log.empty()) write_reports(cfg.log, history, "bnrelu seed_cnn on " + std::filesystem::path(cfg.data).filename().string());
+    if (!cfg.log.empty()) write_reports(cfg.log, history, std::string("bnrelu ") + model_name(cfg) + " on " + std::filesystem::path(cfg.data).filename().string());
     if (cfg.max_steps > 0 && steps >= cfg.max_steps) break;
   }
   if (!history.empty()) print_confusion(cfg, last_eval, classes);
@@ -556,7 +618,14 @@ int main(int argc, char** argv) {
   app.add_option("--test-limit", cfg.test_limit, "use only the first N test images (0: all)")->check(CLI::Range(Index{0}, Index{1} << 40));
   app.add_flag("--distributed", cfg.distributed,
                "data parallel over MPI ranks (mpirun -np N); --batch-size is the global batch. Detected under mpirun");
+  app.add_option("--model", cfg.model,
+                 "seed (the founding document's CNN) or resnet20 (He et al.'s CIFAR ResNet-20; its defaults: --lr 0.1 "
+                 "--epochs 10 --batch-size 128 --weight-decay 5e-4 --nesterov --augment)")
+      ->capture_default_str()->check(CLI::IsMember({"seed", "resnet20"}));
+  app.add_flag("--augment", cfg.augment, "random crop after zero padding by 4 pixels, and horizontal flip, per training image");
+  app.add_flag("--nesterov", cfg.nesterov, "Nesterov momentum (sgd)");
   CLI11_PARSE(app, argc, argv);
+  apply_model_defaults(cfg, [&](const char* name) { return app.count(name) > 0; });
 #ifdef BNRELU_TRAIN_MPI
   if (std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE")) cfg.distributed = true;
 #endif

@@ -3,6 +3,8 @@
 #include <bnrelu/io/safetensors.hpp>
 #include <bnrelu/models/resnet.hpp>
 #include <bnrelu/nn/loss.hpp>
+#include <bnrelu/nn/avgpool2d.hpp>
+#include <bnrelu/nn/dropout.hpp>
 #include <bnrelu/nn/residual.hpp>
 #include <bnrelu/testing/gradcheck.hpp>
 
@@ -263,4 +265,68 @@ TEST(Residual, SyncBatchNormReachesEveryBlock) {
   EXPECT_TRUE(close_to(yb, ya, 1e-12));
   const auto dy = random_tensor<double, 2>(dims_of(ya));
   EXPECT_TRUE(close_to(synced.backward(dy), local.backward(dy), 1e-10));
+}
+
+namespace {
+
+// Layers of one's own: one without backward, and a composite holding a batch norm, without and
+// with for_each_child.
+struct NoBackward : nn::Module {
+  using value_type = float;
+  using input_type = Tensor<float, 4>;
+  Tensor<float, 4> forward(const Tensor<float, 4>& x) { return x; }
+  bnrelu::Dims<4> output_dims(const bnrelu::Dims<4>& d) const { return d; }
+  void zero_grad() {}
+  std::vector<bnrelu::ParamRef<float>> named_parameters() { return {}; }
+  std::vector<bnrelu::BufferRef<float>> named_buffers() { return {}; }
+};
+
+struct Holder : nn::Module {
+  using value_type = float;
+  using input_type = Tensor<float, 4>;
+  nn::BatchNorm2d<float> bn{{.num_features = 2}};
+  void train(bool on = true) {
+    nn::Module::train(on);
+    bn.train(on);
+  }
+  void eval() { train(false); }
+  Tensor<float, 4> forward(const Tensor<float, 4>& x) { return bn.forward(x); }
+  Tensor<float, 4> backward(const Tensor<float, 4>& dy) { return bn.backward(dy); }
+  bnrelu::Dims<4> output_dims(const bnrelu::Dims<4>& d) const { return bn.output_dims(d); }
+  void zero_grad() { bn.zero_grad(); }
+  std::vector<bnrelu::ParamRef<float>> named_parameters() { return nn::prefixed("bn", bn.named_parameters()); }
+  std::vector<bnrelu::BufferRef<float>> named_buffers() { return nn::prefixed("bn", bn.named_buffers()); }
+};
+
+struct GoodHolder : Holder {
+  template <class F>
+  void for_each_child(F&& f) {
+    f(std::string("bn"), bn);
+  }
+};
+
+}  // namespace
+
+static_assert(nn::Layer<Holder> && nn::Layer<GoodHolder>);
+static_assert(!nn::Layer<NoBackward>, "a layer without backward is no Layer");
+static_assert(nn::Layer<nn::Identity<float>> && nn::Layer<nn::Dropout<double>> && nn::Layer<nn::AvgPool2d<float>>);
+static_assert(nn::Composite<GoodHolder> && !nn::Composite<Holder>);
+
+TEST(Layer, CompositeWithoutForEachChildIsRefusedByCheckpoints) {
+  const auto path = (std::filesystem::temp_directory_path() / "bnrelu_holder_test.safetensors").string();
+  nn::Sequential bad{Holder{}};
+  try {
+    bnrelu::io::save_safetensors(bad, path);
+    FAIL() << "no logic_error";
+  } catch (const std::logic_error& e) {
+    EXPECT_NE(std::string(e.what()).find("no 0.bn.num_batches_tracked for buffer 0.bn.running_mean"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_FALSE(std::filesystem::exists(path));
+  nn::Sequential good{GoodHolder{}};
+  good.forward(Tensor<float, 4>(Tensor<float, 4>(3, 2, 2, 2).setRandom()));
+  bnrelu::io::save_safetensors(good, path);
+  EXPECT_EQ(bnrelu::io::read_safetensors(path).tensors.count("0.bn.num_batches_tracked"), 1u);
+  EXPECT_THROW(bnrelu::io::load_safetensors(bad, path), std::logic_error);
+  std::filesystem::remove(path);
 }

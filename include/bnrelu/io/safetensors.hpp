@@ -290,6 +290,7 @@ std::vector<std::pair<std::string, RawTensor>> state_dict(Model& model) {
     out.emplace_back(p.name, RawTensor::from<T>(p.value, p.shape));
   for (auto& b : model.named_buffers())
     out.emplace_back(b.name, RawTensor::from<T>(b.value, b.shape));
+  nn::check_counters_reachable(model, "state_dict");
   nn::for_each_batch_counter(model, "", [&](const std::string& name, std::int64_t& v) {
     out.emplace_back(name, RawTensor::from<std::int64_t>(std::span<const std::int64_t>(&v, 1), {}));
   });
@@ -322,6 +323,7 @@ void load_state_dict(Model& model, const SafetensorsFile& file, const std::strin
   std::vector<Target> targets;
   for (auto& p : model.named_parameters()) targets.push_back({p.name, p.shape, p.value, nullptr});
   for (auto& b : model.named_buffers()) targets.push_back({b.name, b.shape, b.value, nullptr});
+  nn::check_counters_reachable(model, what);
   nn::for_each_batch_counter(model, "", [&](const std::string& name, std::int64_t& v) {
     targets.push_back({name, {}, {}, &v});
   });

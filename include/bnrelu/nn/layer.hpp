@@ -7,10 +7,13 @@
 //   l.train(bool), l.eval(), l.is_training(), l.zero_grad()
 //   l.named_parameters() -> std::vector<ParamRef<T>>, l.named_buffers() -> std::vector<BufferRef<T>>
 //   l.output_dims(in_dims)  the output shape for an input shape; shape_error if it is invalid
-// Shapes are checked, and shape_error thrown, before any state changes.
+// Shapes are checked, and shape_error thrown, before any state changes. The Layer concept below
+// checks these; input_type names the tensor a layer takes, when it takes one rank only.
 #pragma once
 
+#include <algorithm>
 #include <concepts>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -21,8 +24,25 @@
 
 namespace bnrelu::nn {
 
+namespace detail {
+// The input a layer is checked with: its input_type, or N x C x H x W for layers of any rank.
 template <class L>
-concept Layer = requires(L& l, const L& cl) {
+struct probe_input {
+  using type = Tensor<typename L::value_type, 4>;
+};
+template <class L>
+  requires requires { typename L::input_type; }
+struct probe_input<L> {
+  using type = typename L::input_type;
+};
+}  // namespace detail
+
+// What Sequential, Residual and the checkpoint code need of a layer; a type that misses a piece
+// fails here, with the missing expression named (static_assert(bnrelu::nn::Layer<MyLayer>) after
+// a layer of your own checks it where it is declared). A layer that holds other layers must
+// also offer for_each_child (Composite, below), or checkpoints refuse it.
+template <class L>
+concept Layer = requires(L& l, const L& cl, typename detail::probe_input<L>::type x) {
   typename L::value_type;
   l.train(true);
   l.eval();
@@ -30,6 +50,9 @@ concept Layer = requires(L& l, const L& cl) {
   l.zero_grad();
   { l.named_parameters() } -> std::same_as<std::vector<ParamRef<typename L::value_type>>>;
   { l.named_buffers() } -> std::same_as<std::vector<BufferRef<typename L::value_type>>>;
+  l.forward(x);
+  l.backward(l.forward(x));
+  cl.output_dims(dims_of(x));
 };
 
 // Training/eval mode, shared by every layer.
@@ -73,6 +96,24 @@ bool any_folded(M& m) {
   if constexpr (Composite<M>)
     m.for_each_child([&](const std::string&, auto& layer) { folded = folded || any_folded(layer); });
   return folded;
+}
+
+// std::logic_error unless every batch norm of m (a running_mean among its buffers) has its
+// num_batches_tracked reachable through for_each_child: a layer that holds other layers but
+// does not offer it would lose their counters from a checkpoint.
+template <class M>
+void check_counters_reachable(M& m, const std::string& what) {
+  std::vector<std::string> counters;
+  for_each_batch_counter(m, "", [&](const std::string& name, std::int64_t&) { counters.push_back(name); });
+  const std::string suffix = "running_mean";
+  for (const auto& b : m.named_buffers()) {
+    if (b.name.size() < suffix.size() || b.name.compare(b.name.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    const std::string counter = b.name.substr(0, b.name.size() - suffix.size()) + "num_batches_tracked";
+    if (std::find(counters.begin(), counters.end(), counter) == counters.end())
+      throw std::logic_error(what + ": no " + counter + " for buffer " + b.name +
+                             "; a layer that holds other layers must offer for_each_child (nn::Composite)");
+  }
 }
 
 // v with each name made "<prefix>.<name>".
