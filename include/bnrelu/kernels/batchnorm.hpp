@@ -10,9 +10,10 @@
 // in vector and scalar paths alike), so nothing but x is kept between the two.
 //
 // The training kernels also serve a residual block's last batch norm, add and ReLU as one
-// pass (Addend): forward y = relu(f(x) + s) reads x and the shortcut s and writes y; backward
-// recomputes the mask from x and s, and writes the batch norm's dx and the shortcut's
-// gradient ds side by side. Each value is rounded as the unfused chain rounds it (f(x) to T,
+// pass (Addend): forward y = relu(f(x) + s) reads x and the shortcut s and writes y; backward's
+// first pass recomputes the mask from x and s and writes the masked gradient, which is the
+// shortcut's gradient ds, while summing it; its second pass reads ds (from cache) and x and
+// writes the batch norm's dx. Each value is rounded as the unfused chain rounds it (f(x) to T,
 // then the add), so both give the same bits.
 #pragma once
 
@@ -132,13 +133,12 @@ struct ChannelGrad {
 };
 
 // A residual block's shortcut, added before the ReLU: s is read by forward and backward, ds
-// (backward) receives the ReLU-masked gradient, which is the shortcut's. Both [N, C, S] like
-// x; null s means no add.
+// (backward) receives the ReLU-masked gradient, which is the shortcut's; ds may be s itself
+// (each element is read before it is written). Both [N, C, S] like x; null s means no add.
 template <class T>
 struct Addend {
   const T* s = nullptr;
   T* ds = nullptr;
-  Addend at(Index offset) const { return {s ? s + offset : nullptr, ds ? ds + offset : nullptr}; }
 };
 
 namespace detail {
@@ -422,7 +422,8 @@ void affine(T* y, const T* x, Index n, const ChannelAffine<T>& f, bool relu, boo
 template <class T>
 void backward_sums(double* sum, double* dot, const T* dy, const T* x, const double* mean, const double* invstd,
                    const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1, bool relu,
-                   BackwardWalk walk, const T* s = nullptr) {
+                   BackwardWalk walk, Addend<T> add = {}) {
+  const T* s = add.s;
   const Index k = walk.ahead;
   for (Index n = 0; n < N; ++n)
     for (Index c = c0; c < c1; ++c) {
@@ -433,17 +434,20 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const doub
                                        : Ahead<T>{};
       const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
       const auto phi = simd::set1(ch.f.centre);
-      if (s) {
+      if (s) {  // g is stored as the shortcut's gradient, and pass 2 reads it from cache
         const T* sc = s + at;
+        T* dsc = add.ds + at;
         const auto part = reduce2<T>(
             S,
             [&](Index i, simd::Packet<T>& g, simd::Packet<T>& d) {
               const auto xv = simd::load(xc + i);
               g = ch.grad(xv, simd::load(dyc + i), simd::load(sc + i));
+              simd::store(dsc + i, g);
               d = simd::psub(xv, phi);
             },
             [&](Index i, T& g, T& d) {
               g = ch.grad(xc[i], dyc[i], sc[i]);
+              dsc[i] = g;
               d = xc[i] - ch.f.centre;
             },
             ahead);
@@ -486,31 +490,8 @@ struct ChannelDx {
     a = static_cast<T>(-k * gs_d);
     b = static_cast<T>((static_cast<double>(ch.lo) * k - sum / M) * gs_d);
   }
-  void apply(T* dxc, const T* xc, const T* dyc, Index S, bool stream, const Ahead<T>& ahead,
-             Addend<T> add = {}) const {
+  void apply(T* dxc, const T* xc, const T* dyc, Index S, bool stream, const Ahead<T>& ahead) const {
     const auto pg = simd::set1(gs), pa = simd::set1(a), pb = simd::set1(b), phi = simd::set1(ch.f.centre);
-    if (add.s) {  // g is the shortcut's gradient too: stored as it is made, streamed with dx
-      // when the two are aligned alike (write_each aligns dx's packets)
-      const bool stream_ds = stream && simd::to_alignment(add.ds) == simd::to_alignment(dxc);
-      write_each(
-          dxc, S, stream,
-          [&](Index i) {
-            const auto xv = simd::load(xc + i);
-            const auto g = ch.grad(xv, simd::load(dyc + i), simd::load(add.s + i));
-            if (stream_ds)
-              simd::stream(add.ds + i, g);
-            else
-              simd::store(add.ds + i, g);
-            return simd::pmadd(g, pg, simd::pmadd(simd::psub(xv, phi), pa, pb));
-          },
-          [&](Index i) {
-            const T g = ch.grad(xc[i], dyc[i], add.s[i]);
-            add.ds[i] = g;
-            return bn_affine(g, gs, bn_affine(xc[i] - ch.f.centre, a, b));
-          },
-          ahead);
-      return;
-    }
     write_each(
         dxc, S, stream,
         [&](Index i) {
@@ -528,7 +509,7 @@ struct ChannelDx {
 template <class T>
 void backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x, const double* mean,
                  const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1,
-                 bool relu, bool stream, BackwardWalk walk, Addend<T> add = {}) {
+                 bool relu, bool stream, BackwardWalk walk) {
   ChannelDx<T> cd[kMaxBlock];
   for (Index c = c0; c < c1; ++c) cd[c - c0] = ChannelDx<T>(sum[c - c0], dot[c - c0], M, mean, invstd, weight, bias, c, relu);
   const Index step = walk.reverse ? -1 : 1;
@@ -537,8 +518,8 @@ void backward_dx(T* dx, const double* sum, const double* dot, double M, const T*
     for (Index c = c0; c < c1; ++c) {
       const Index at = (n * C + c) * S, next = at + step * C * S;
       Ahead<T> ahead;
-      if (j + 1 < N) ahead = {x + next, dy + next, stream ? nullptr : dx + next, add.s ? add.s + next : nullptr};
-      cd[c - c0].apply(dx + at, x + at, dy + at, S, stream, ahead, add.at(at));
+      if (j + 1 < N) ahead = {x + next, dy + next, stream ? nullptr : dx + next};
+      cd[c - c0].apply(dx + at, x + at, dy + at, S, stream, ahead);
     }
   }
 }
@@ -762,13 +743,18 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
       const Index c0 = blk * G, c1 = std::min(C, c0 + G);
       double sum[detail::kMaxBlock] = {}, dot[detail::kMaxBlock] = {};
       // pass 1 (x and dy from memory), pass 2 (x and dy from cache)
-      detail::backward_sums(sum, dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, walk, add.s);
+      // with an addend, pass 1 also writes the masked gradient g to add.ds, and pass 2 reads g
+      // from there (plain, mask applied) instead of recomputing it from dy and s
+      detail::backward_sums(sum, dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, walk, add);
       for (Index c = c0; c < c1; ++c) {
         if (dbias) dbias[c] += static_cast<T>(sum[c - c0]);
         if (dweight) dweight[c] += static_cast<T>(dot[c - c0] * invstd[c]);
       }
-      detail::backward_dx(dx, sum, dot, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, stream, walk,
-                          add);
+      if (add.s)
+        detail::backward_dx(dx, sum, dot, M, add.ds, x, mean, invstd, weight, bias, N, C, S, c0, c1, false, stream,
+                            walk);
+      else
+        detail::backward_dx(dx, sum, dot, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, stream, walk);
     }
     if (stream) simd::stream_fence();
   }

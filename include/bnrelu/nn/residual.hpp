@@ -37,10 +37,11 @@ concept EndsInAddReLUFusable = requires(M& m) {
 // "shortcut.<name>", as a PyTorch module with attributes main and shortcut names them.
 //
 // When main is a Sequential ending in BatchNorm2d and fusion is on (the default), that batch
-// norm, the add and the ReLU run as one pass: forward reads the batch norm's input and the
-// shortcut and writes y; backward recomputes the ReLU mask from the two and writes the batch
-// norm's input gradient and the shortcut's gradient in one pass. Results and gradients are the
-// bits of the unfused chain (set_fusion(false)), which runs batch norm, add and ReLU apart.
+// norm, the add and the ReLU run as one kernel each way: forward reads the batch norm's input
+// and the shortcut and writes y; backward recomputes the ReLU mask from the two, and writes the
+// shortcut's gradient and the batch norm's input gradient (kernels/batchnorm.hpp, Addend).
+// Results and gradients are the bits of the unfused chain (set_fusion(false)), which runs
+// batch norm, add and ReLU apart.
 // Training keeps the shortcut's output for the backward, and the backward writes the shortcut's
 // gradient over it. A SyncBatchNorm (set_batchnorm_reducer) runs unfused.
 template <Layer Main, Layer Shortcut = Identity<typename Main::value_type>>
