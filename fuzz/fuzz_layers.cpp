@@ -92,7 +92,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bnrelu::Dims<4> d4{in.next(0, 3), in.next(0, 4), in.next(0, 7), in.next(0, 7)};
   const bnrelu::Dims<2> d2{in.next(0, 5), in.next(0, 9)};
   try {
-    switch (in.next(0, 6)) {
+    switch (in.next(0, 11)) {
       case 0: {
         nn::Conv2d<float> l({.in_channels = in.next(-1, 4), .out_channels = in.next(-1, 4), .kernel_size = in.next(-1, 4),
                              .stride = in.next(-1, 3), .padding = in.next(-1, 3), .dilation = in.next(-1, 3),
@@ -124,6 +124,34 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       }
       case 5: {
         nn::BatchNormReLU2d<float> l({.num_features = in.next(-1, 4), .momentum = in.next(0, 10) / 10.0});
+        exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      case 7: {
+        nn::AvgPool2d<float> l({.kernel_size = in.next(-1, 4), .stride = in.next(-1, 3), .padding = in.next(-1, 2),
+                                .count_include_pad = in.next(0, 1) == 1});
+        exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      case 8: {
+        nn::AdaptiveAvgPool2d<float> l({.output_size = in.next(-1, 5), .output_width = in.next(-1, 5)});
+        exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      case 9: {
+        nn::Dropout<float> l({.p = in.next(-1, 11) / 10.0});
+        exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      case 10: {  // a residual block: the branches' shapes must agree, fused or not
+        auto l = bnrelu::models::detail::basic_block<float>(in.next(1, 4));
+        l.set_fusion(in.next(0, 1) == 1);
+        exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      case 11: {
+        auto l = bnrelu::models::detail::down_block<float>(in.next(1, 4), in.next(1, 4));
+        l.set_fusion(in.next(0, 1) == 1);
         exercise<decltype(l), 4, 4>(l, in, d4);
         break;
       }
