@@ -84,29 +84,43 @@ bool warm_up(F&& f) {
   return false;
 }
 
+// One SGD training step of a model on fixed images of dims d and labels i % 10.
+template <class Model>
+class TrainingStep {
+ public:
+  TrainingStep(Model& model, const bnrelu::Dims<4>& d)
+      : model_(model), opt_(model.named_parameters(), {.lr = 0.01, .momentum = 0.9}), x_(d), labels_(d[0]) {
+    x_.setRandom();
+    for (Index i = 0; i < d[0]; ++i) labels_[static_cast<std::size_t>(i)] = i % 10;
+  }
+  void operator()() {
+    opt_.zero_grad();
+    auto logits = model_.forward(x_);
+    loss_.forward(logits, labels_);
+    loss_.backward(dlogits_);
+    model_.backward_params(std::move(dlogits_));
+    opt_.step();
+    dlogits_ = std::move(logits);  // hand the storage round: the next gradient reuses it
+  }
+  const bnrelu::Tensor<float, 4>& images() const { return x_; }
+
+ private:
+  Model& model_;
+  bnrelu::optim::SGD<float> opt_;
+  bnrelu::nn::CrossEntropyLoss<float> loss_;
+  bnrelu::Tensor<float, 4> x_;
+  std::vector<std::int64_t> labels_;
+  bnrelu::Tensor<float, 2> dlogits_;
+};
+
 class SteadyState : public ::testing::TestWithParam<int> {};
 
 TEST_P(SteadyState, TrainingStepReusesAllMemory) {
   bnrelu::set_num_threads(GetParam());
   bnrelu::manual_seed(0);
   auto model = bnrelu::models::seed_cnn<float>(1, 10);
-  bnrelu::nn::CrossEntropyLoss<float> loss;
-  bnrelu::optim::SGD<float> opt(model.named_parameters(), {.lr = 0.01, .momentum = 0.9});
   const Index N = 16;
-  bnrelu::Tensor<float, 4> x(N, 1, 28, 28);
-  x.setRandom();
-  std::vector<std::int64_t> labels(N);
-  for (Index i = 0; i < N; ++i) labels[static_cast<std::size_t>(i)] = i % 10;
-  bnrelu::Tensor<float, 2> dlogits;
-  auto step = [&] {
-    opt.zero_grad();
-    auto logits = model.forward(x);
-    loss.forward(logits, labels);
-    loss.backward(dlogits);
-    model.backward_params(std::move(dlogits));
-    opt.step();
-    dlogits = std::move(logits);  // hand the storage round: the next gradient reuses it
-  };
+  TrainingStep step(model, {N, 1, 28, 28});
   ASSERT_TRUE(warm_up(step)) << "no 5 steps in a row without touching new memory";
   const long faults = minor_faults();
   Counted c;
@@ -154,29 +168,13 @@ TEST_P(SteadyState, ResNet20TrainingStepReusesAllMemory) {
   bnrelu::set_num_threads(GetParam());
   bnrelu::manual_seed(0);
   auto model = bnrelu::models::resnet20<float>(3, 10);
-  bnrelu::nn::CrossEntropyLoss<float> loss;
-  bnrelu::optim::SGD<float> opt(model.named_parameters(), {.lr = 0.01, .momentum = 0.9});
-  const Index N = 8;
-  bnrelu::Tensor<float, 4> x(N, 3, 16, 16);
-  x.setRandom();
-  std::vector<std::int64_t> labels(N);
-  for (Index i = 0; i < N; ++i) labels[static_cast<std::size_t>(i)] = i % 10;
-  bnrelu::Tensor<float, 2> dlogits;
-  auto step = [&] {
-    opt.zero_grad();
-    auto logits = model.forward(x);
-    loss.forward(logits, labels);
-    loss.backward(dlogits);
-    model.backward_params(std::move(dlogits));
-    opt.step();
-    dlogits = std::move(logits);
-  };
+  TrainingStep step(model, {8, 3, 16, 16});
   ASSERT_TRUE(warm_up(step)) << "no 5 steps in a row without touching new memory";
   const long faults = minor_faults();
   for (int i = 0; i < 3; ++i) step();
   EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state step touched new memory";
   model.eval();
-  ASSERT_TRUE(warm_up([&] { model.forward(x); })) << "no 5 eval forwards in a row without touching new memory";
+  ASSERT_TRUE(warm_up([&] { model.forward(step.images()); })) << "no 5 eval forwards in a row without touching new memory";
 }
 
 INSTANTIATE_TEST_SUITE_P(Threads, SteadyState, ::testing::Values(1, 2));

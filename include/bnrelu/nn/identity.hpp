@@ -14,7 +14,6 @@ template <class T>
 class Identity : public Module {
  public:
   using value_type = T;
-  static constexpr bool is_identity = true;
 
   template <std::size_t Rank>
   Dims<Rank> output_dims(const Dims<Rank>& in) const {
