@@ -85,31 +85,33 @@ struct Buffers {
   }
   // Fused: one kernel each way; the layer keeps x (its own copy or the moved input).
   void fused_forward() {
-    k::batchnorm_forward_train(y.data(), static_cast<float*>(nullptr), mean.data(), var.data(), invstd.data(),
-                               x.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S, 1e-5, true);
+    k::batchnorm_forward_train(y.data(), static_cast<float*>(nullptr), stats(), x.data(), shape(), params(), 1e-5,
+                               k::Epilogue<float>{true});
   }
   void fused_backward() {
-    k::batchnorm_backward(dx.data(), dweight.data(), dbias.data(), dy.data(), x.data(), mean.data(),
-                          invstd.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S, true);
+    k::batchnorm_backward(dx.data(), grads(), dy.data(), x.data(), shape(), norm(), k::Epilogue<float>{true});
   }
   // Unfused: BatchNorm writes t, ReLU reads t and writes y and its mask; backward in reverse.
   void unfused_forward() {
-    k::batchnorm_forward_train(t.data(), static_cast<float*>(nullptr), mean.data(), var.data(), invstd.data(),
-                               x.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S, 1e-5, false);
+    k::batchnorm_forward_train(t.data(), static_cast<float*>(nullptr), stats(), x.data(), shape(), params(), 1e-5);
     k::relu_forward(y.data(), mask.data(), t.data(), static_cast<Index>(t.size()));
   }
   void unfused_backward() {
     k::relu_backward(t.data(), dy.data(), mask.data(), static_cast<Index>(t.size()));
-    k::batchnorm_backward(dx.data(), dweight.data(), dbias.data(), t.data(), x.data(), mean.data(),
-                          invstd.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S, false);
+    k::batchnorm_backward(dx.data(), grads(), t.data(), x.data(), shape(), norm(), k::Epilogue<float>{false});
   }
   void fused_eval() {
-    k::batchnorm_forward_eval(y.data(), x.data(), eval_maps, sh.N, sh.C, sh.S, true);
+    k::batchnorm_forward_eval(y.data(), x.data(), shape(), eval_maps, k::Epilogue<float>{true});
   }
   void unfused_eval() {
-    k::batchnorm_forward_eval(t.data(), x.data(), eval_maps, sh.N, sh.C, sh.S, false);
+    k::batchnorm_forward_eval(t.data(), x.data(), shape(), eval_maps);
     k::relu_forward(y.data(), static_cast<std::uint8_t*>(nullptr), t.data(), static_cast<Index>(t.size()));
   }
+  k::BatchShape shape() const { return {sh.N, sh.C, sh.S}; }
+  k::BatchStats stats() { return {mean.data(), var.data(), invstd.data()}; }
+  k::AffineParams<float> params() const { return {weight.data(), bias.data()}; }
+  k::AffineGrads<float> grads() { return {dweight.data(), dbias.data()}; }
+  k::Normalisation<float> norm() const { return {mean.data(), invstd.data(), params()}; }
 };
 
 void run(benchmark::State& state, const Shape& sh, Pass pass, bool fused) {

@@ -54,24 +54,27 @@ struct Buffers {
     var = invstd = mean;
   }
   void forward(bool fused) {
-    k::batchnorm_forward_train(y.data(), static_cast<float*>(nullptr), mean.data(), var.data(), invstd.data(),
-                               x.data(), weight.data(), bias.data(), sh.N, sh.C, sh.S(), 1e-5, fused,
-                               fused ? s.data() : nullptr);
+    k::batchnorm_forward_train(y.data(), static_cast<float*>(nullptr), stats(), x.data(), shape(), params(), 1e-5,
+                               k::Epilogue<float>{fused, {fused ? s.data() : nullptr}});
     if (fused) return;
     k::add_into(y.data(), s.data(), sh.n());
     k::relu_forward(y.data(), mask.data(), y.data(), sh.n());
   }
   void backward(bool fused) {
     if (fused) {
-      k::batchnorm_backward(dx.data(), dweight.data(), dbias.data(), dy.data(), x.data(), mean.data(), invstd.data(),
-                            weight.data(), bias.data(), sh.N, sh.C, sh.S(), true, k::Addend<float>{s.data(), ds.data()});
+      k::batchnorm_backward(dx.data(), grads(), dy.data(), x.data(), shape(), norm(),
+                            k::Epilogue<float>{true, {s.data(), ds.data()}});
       return;
     }
     // the masked gradient is the shortcut's gradient and the batch norm's dy
     k::relu_backward(ds.data(), dy.data(), mask.data(), sh.n());
-    k::batchnorm_backward(dx.data(), dweight.data(), dbias.data(), ds.data(), x.data(), mean.data(), invstd.data(),
-                          weight.data(), bias.data(), sh.N, sh.C, sh.S(), false);
+    k::batchnorm_backward(dx.data(), grads(), ds.data(), x.data(), shape(), norm(), k::Epilogue<float>{false});
   }
+  k::BatchShape shape() const { return {sh.N, sh.C, sh.S()}; }
+  k::BatchStats stats() { return {mean.data(), var.data(), invstd.data()}; }
+  k::AffineParams<float> params() const { return {weight.data(), bias.data()}; }
+  k::AffineGrads<float> grads() { return {dweight.data(), dbias.data()}; }
+  k::Normalisation<float> norm() const { return {mean.data(), invstd.data(), params()}; }
 };
 
 void bn_add_relu(benchmark::State& state, const Shape& sh, bool fused) {

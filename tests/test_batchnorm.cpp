@@ -264,7 +264,7 @@ TEST(BatchNorm, VarianceStaysAccurateWhenImagesDrift) {
       x[(n * C + 1) * S + i] = 50.0f * static_cast<float>(n) + static_cast<float>(bnrelu::uniform(-0.1, 0.1));
     }
   double mean[C], var[C];
-  bnrelu::kernels::batchnorm_statistics(mean, var, x.data(), N, C, S);
+  bnrelu::kernels::batchnorm_statistics(mean, var, x.data(), bnrelu::kernels::BatchShape{N, C, S});
   for (bnrelu::Index c = 0; c < C; ++c) {
     double m = 0, m2 = 0;
     for (bnrelu::Index n = 0; n < N; ++n)

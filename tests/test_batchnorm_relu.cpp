@@ -200,16 +200,15 @@ TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
       out.push_back(l.backward(dy));
       for (auto& p : l.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
       // SyncBatchNorm's separate dx pass, from the sums the layer would allreduce
-      const Index N = d[0], C = d[1], S = d[2] * d[3];
+      const k::BatchShape sh{d[0], d[1], d[2] * d[3]};
+      const Index C = sh.C;
       std::vector<double> mean(C), var(C), invstd(C), sum(C), dot(C);
-      k::batchnorm_statistics(mean.data(), var.data(), x.data(), N, C, S);
+      k::batchnorm_statistics(mean.data(), var.data(), x.data(), sh);
       for (Index c = 0; c < C; ++c) invstd[c] = 1 / std::sqrt(var[c] + 1e-5);
-      k::batchnorm_backward_sums(sum.data(), dot.data(), dy.data(), x.data(), mean.data(), invstd.data(),
-                                 static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), N, C, S, true);
+      const k::Normalisation<T> norm{mean.data(), invstd.data()};
+      k::batchnorm_backward_sums(sum.data(), dot.data(), dy.data(), x.data(), sh, norm, true);
       Tensor<T, 4> dx(d);
-      k::batchnorm_backward_dx(dx.data(), sum.data(), dot.data(), static_cast<double>(N * S), dy.data(), x.data(),
-                               mean.data(), invstd.data(), static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
-                               N, C, S, true);
+      k::batchnorm_backward_dx(dx.data(), {sum.data(), dot.data(), sh.count()}, dy.data(), x.data(), sh, norm, true);
       out.push_back(dx);
       l.eval();
       out.push_back(l.forward(x));
@@ -234,13 +233,14 @@ TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
     SCOPED_TRACE(bnrelu::shape_string(d));
     const auto x = random_tensor<T, 4>(d, -2, 3);
     const auto dy = random_tensor<T, 4>(d);
-    const Index N = d[0], C = d[1], S = d[2] * d[3];
+    const k::BatchShape sh{d[0], d[1], d[2] * d[3]};
+    const Index C = sh.C;
     std::vector<Tensor<T, 4>> out;
     std::vector<std::vector<T>> grads;
     std::vector<std::vector<double>> sums;
     for (Index spill : {std::numeric_limits<Index>::max(), Index{0}}) {
       k::detail::backward_spill_bytes() = spill;
-      EXPECT_EQ(k::detail::backward_walk(N, S, 1, sizeof(T)).reverse, spill == 0);
+      EXPECT_EQ(k::detail::backward_walk<T>(sh, 1, sizeof(T)).reverse, spill == 0);
       nn::BatchNormReLU2d<T> l({.num_features = C});
       for (auto& p : l.named_parameters())
         for (auto& v : p.value) v = static_cast<T>(0.5 - 0.2 * static_cast<double>(&v - p.value.data()));
@@ -248,16 +248,14 @@ TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
       out.push_back(l.backward(dy));
       for (auto& p : l.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
       std::vector<double> mean(C), var(C), invstd(C), sum(C), dot(C);
-      k::batchnorm_statistics(mean.data(), var.data(), x.data(), N, C, S);
+      k::batchnorm_statistics(mean.data(), var.data(), x.data(), sh);
       for (Index c = 0; c < C; ++c) invstd[c] = 1 / std::sqrt(var[c] + 1e-5);
-      k::batchnorm_backward_sums(sum.data(), dot.data(), dy.data(), x.data(), mean.data(), invstd.data(),
-                                 static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), N, C, S, true);
+      const k::Normalisation<T> norm{mean.data(), invstd.data()};
+      k::batchnorm_backward_sums(sum.data(), dot.data(), dy.data(), x.data(), sh, norm, true);
       sums.push_back(sum);
       sums.push_back(dot);
       Tensor<T, 4> dx(d);
-      k::batchnorm_backward_dx(dx.data(), sum.data(), dot.data(), static_cast<double>(N * S), dy.data(), x.data(),
-                               mean.data(), invstd.data(), static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
-                               N, C, S, true);
+      k::batchnorm_backward_dx(dx.data(), {sum.data(), dot.data(), sh.count()}, dy.data(), x.data(), sh, norm, true);
       out.push_back(dx);
     }
     k::detail::backward_spill_bytes() = saved;

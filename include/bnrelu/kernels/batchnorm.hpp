@@ -51,6 +51,80 @@ inline T bn_affine(T x, T scale, T shift) {
 #endif
 }
 
+// The views the kernels take.
+
+// An activation x: [N, C, S] (S = H*W for 4-D input, 1 for N x C): channel c of image n is the
+// S contiguous values at at(n, c), and one image's channel is image() values from the next's.
+struct BatchShape {
+  Index N = 0, C = 0, S = 0;
+  Index at(Index n, Index c) const { return (n * C + c) * S; }
+  Index image() const { return C * S; }
+  Index size() const { return N * C * S; }
+  // values per channel: the count the statistics are over
+  double count() const { return static_cast<double>(N * S); }
+};
+
+// Channels [first, last) of C; last < 0 stands for C.
+struct ChannelRange {
+  Index first = 0, last = -1;
+  ChannelRange resolved(Index C) const { return {first, last < 0 ? C : last}; }
+};
+
+// gamma and beta, [C] each, or null (a layer with affine = false).
+template <class T>
+struct AffineParams {
+  const T* weight = nullptr;
+  const T* bias = nullptr;
+};
+
+// Their gradients, [C] each, added to, or null.
+template <class T>
+struct AffineGrads {
+  T* weight = nullptr;
+  T* bias = nullptr;
+};
+
+// A training forward's per-channel results, [C] each in double: the batch mean, the biased
+// variance and invstd = 1 / sqrt(var + eps).
+struct BatchStats {
+  double* mean = nullptr;
+  double* var = nullptr;
+  double* invstd = nullptr;
+};
+
+// What the backward needs to recompute a forward's normalisation: that forward's mean and
+// invstd ([C], double) and the affine parameters.
+template <class T>
+struct Normalisation {
+  const double* mean = nullptr;
+  const double* invstd = nullptr;
+  AffineParams<T> params{};
+};
+
+// A residual block's shortcut, added before the ReLU: s is read by forward and backward, ds
+// (backward) receives the ReLU-masked gradient, which is the shortcut's; ds may be s itself
+// (each element is read before it is written). Both [N, C, S] like x; null s means no add.
+template <class T>
+struct Addend {
+  const T* s = nullptr;
+  T* ds = nullptr;
+};
+
+// What follows the normalisation: a ReLU, and an addend before it (which needs the ReLU).
+template <class T>
+struct Epilogue {
+  bool relu = false;
+  Addend<T> add{};
+};
+
+// The backward's per-channel sums over count values: sum(g) and sum(g * (x - mean)), g the
+// gradient after the epilogue's mask.
+struct GradSums {
+  const double* sum = nullptr;
+  const double* dot = nullptr;
+  double count = 0;
+};
+
 
 // The normalisation of one channel as y = (x - centre) * scale + shift, with
 //   centre = mean rounded to T,  scale = weight * invstd,  shift = bias - (mean - centre) * scale.
@@ -63,11 +137,12 @@ template <class T>
 struct ChannelAffine {
   T centre{}, scale{}, shift{};
   ChannelAffine() = default;
-  ChannelAffine(double mean, double invstd, const T* weight, const T* bias, Index c) : centre(static_cast<T>(mean)) {
-    const double s = (weight ? static_cast<double>(weight[c]) : 1.0) * invstd;
+  ChannelAffine(double mean, double invstd, AffineParams<T> p, Index c) : centre(static_cast<T>(mean)) {
+    const double s = (p.weight ? static_cast<double>(p.weight[c]) : 1.0) * invstd;
     scale = static_cast<T>(s);
-    shift = static_cast<T>((bias ? static_cast<double>(bias[c]) : 0.0) - (mean - static_cast<double>(centre)) * s);
+    shift = static_cast<T>((p.bias ? static_cast<double>(p.bias[c]) : 0.0) - (mean - static_cast<double>(centre)) * s);
   }
+  ChannelAffine(const Normalisation<T>& norm, Index c) : ChannelAffine(norm.mean[c], norm.invstd[c], norm.params, c) {}
   T operator()(T x) const { return bn_affine(x - centre, scale, shift); }
   simd::Packet<T> operator()(const simd::Packet<T>& x) const {
     return simd::pmadd(simd::psub(x, simd::set1(centre)), simd::set1(scale), simd::set1(shift));
@@ -118,9 +193,8 @@ struct ChannelGrad {
   T lo{};
   bool relu = false;
   ChannelGrad() = default;
-  ChannelGrad(const double* mean, const double* invstd, const T* weight, const T* bias, Index c, bool relu_)
-      : f(mean[c], invstd[c], weight, bias, c), lo(static_cast<T>(mean[c] - static_cast<double>(f.centre))),
-        relu(relu_) {}
+  ChannelGrad(const Normalisation<T>& norm, Index c, bool relu_)
+      : f(norm, c), lo(static_cast<T>(norm.mean[c] - static_cast<double>(f.centre))), relu(relu_) {}
   simd::Packet<T> grad(const simd::Packet<T>& x, const simd::Packet<T>& dy) const {
     return relu ? simd::relu_grad(f(x), dy) : dy;
   }
@@ -130,15 +204,6 @@ struct ChannelGrad {
     return simd::relu_grad(simd::padd(f(x), s), dy);
   }
   T grad(T x, T dy, T s) const { return relu_grad(f(x) + s, dy); }
-};
-
-// A residual block's shortcut, added before the ReLU: s is read by forward and backward, ds
-// (backward) receives the ReLU-masked gradient, which is the shortcut's; ds may be s itself
-// (each element is read before it is written). Both [N, C, S] like x; null s means no add.
-template <class T>
-struct Addend {
-  const T* s = nullptr;
-  T* ds = nullptr;
 };
 
 namespace detail {
@@ -299,15 +364,20 @@ inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threa
 // backward_spill_bytes(), a core's L2), pass 1 asks one image ahead and pass 2 walks the
 // images in reverse: the last ones pass 1 read are still in L2 and the rest come from L3,
 // where walking forward under LRU would find every line evicted just before it is wanted.
-// The order changes neither sums nor results.
+// The order changes neither sums nor results. Pass 2 writes dx around the caches (stream) when
+// the whole dx is too big for them.
 struct BackwardWalk {
   Index ahead = 2;
   bool reverse = false;
+  bool stream = false;
 };
 
-inline BackwardWalk backward_walk(Index N, Index S, Index G, Index elem_size) {
-  if (2 * G * N * S * elem_size <= backward_spill_bytes()) return {};
-  return {1, true};
+template <class T>
+BackwardWalk backward_walk(const BatchShape& sh, Index G, Index elem_size) {
+  BackwardWalk walk;
+  if (2 * G * sh.N * sh.S * elem_size > backward_spill_bytes()) walk = {1, true};
+  walk.stream = stream_output<T>(sh.size());
+  return walk;
 }
 
 // Mean and M2 (sum of squared deviations) of one channel, fed one chunk of S values at a time,
@@ -371,16 +441,16 @@ struct ChunkMoments {
   }
 };
 
-// Mean and biased variance of channels [c0, c1) of x: [N, C, S], reading x once. If x_copy is
-// given, each chunk is copied there as it is read.
+// Mean and biased variance of channels r of x, channel c's at mean[c - r.first] and
+// var[c - r.first], reading x once. If x_copy is given, each chunk is copied there as it is read.
 template <class T>
-void block_mean_var(double* mean, double* var, const T* x, T* x_copy, Index N, Index C, Index S, Index c0,
-                    Index c1) {
+void block_mean_var(double* mean, double* var, const T* x, T* x_copy, const BatchShape& sh, ChannelRange r) {
+  const Index N = sh.N, S = sh.S, c0 = r.first, c1 = r.last;
   ChunkMoments<T> m[kMaxBlock];
   for (Index n = 0; n < N; ++n)
     for (Index c = c0; c < c1; ++c) {
-      const Index at = (n * C + c) * S;
-      const Ahead<T> ahead{n + kAheadStatistics < N ? x + at + kAheadStatistics * C * S : nullptr};
+      const Index at = sh.at(n, c);
+      const Ahead<T> ahead{n + kAheadStatistics < N ? x + at + kAheadStatistics * sh.image() : nullptr};
       if (x_copy) std::memcpy(x_copy + at, x + at, S * sizeof(T));
       m[c - c0].add(x + at, S, ahead);
     }
@@ -392,7 +462,7 @@ void block_mean_var(double* mean, double* var, const T* x, T* x_copy, Index N, I
     if (!std::isfinite(mean[c - c0])) {
       double total = 0;
       for (Index n = 0; n < N; ++n)
-        for (Index i = 0; i < S; ++i) total += static_cast<double>(x[(n * C + c) * S + i]);
+        for (Index i = 0; i < S; ++i) total += static_cast<double>(x[sh.at(n, c) + i]);
       mean[c - c0] = total / m[c - c0].count;
       var[c - c0] = std::numeric_limits<double>::quiet_NaN();
     }
@@ -416,23 +486,24 @@ void affine(T* y, const T* x, Index n, const ChannelAffine<T>& f, bool relu, boo
         y, n, stream, [&](Index i) { return f(simd::load(x + i)); }, [&](Index i) { return f(x[i]); }, ahead);
 }
 
-// Pass 1 of the backward for channels [c0, c1): sum[c - c0] += sum(g), dot[c - c0] +=
+// Pass 1 of the backward for channels r: sum[c - r.first] += sum(g), dot[c - r.first] +=
 // sum(g * (x - mean)), reading x and dy once. sum(g * (x - mean)) is computed as
 // sum(g * (x - hi)) - lo * sum(g): x - hi is exact near hi.
 template <class T>
-void backward_sums(double* sum, double* dot, const T* dy, const T* x, const double* mean, const double* invstd,
-                   const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1, bool relu,
-                   BackwardWalk walk, Addend<T> add = {}) {
+void backward_sums(double* sum, double* dot, const T* dy, const T* x, const BatchShape& sh,
+                   const Normalisation<T>& norm, ChannelRange r, const Epilogue<T>& e, BackwardWalk walk) {
+  const Index N = sh.N, S = sh.S, c0 = r.first, c1 = r.last;
+  const Addend<T> add = e.add;
   const T* s = add.s;
-  const Index k = walk.ahead;
+  const Index far = walk.ahead * sh.image();
   for (Index n = 0; n < N; ++n)
     for (Index c = c0; c < c1; ++c) {
-      const Index at = (n * C + c) * S;
+      const Index at = sh.at(n, c);
       const T* xc = x + at;
       const T* dyc = dy + at;
-      const Ahead<T> ahead = n + k < N ? Ahead<T>{xc + k * C * S, dyc + k * C * S, nullptr, s ? s + at + k * C * S : nullptr}
-                                       : Ahead<T>{};
-      const ChannelGrad<T> ch(mean, invstd, weight, bias, c, relu);
+      const Ahead<T> ahead = n + walk.ahead < N ? Ahead<T>{xc + far, dyc + far, nullptr, s ? s + at + far : nullptr}
+                                                : Ahead<T>{};
+      const ChannelGrad<T> ch(norm, c, e.relu);
       const auto phi = simd::set1(ch.f.centre);
       if (s) {  // g is stored as the shortcut's gradient, and pass 2 reads it from cache
         const T* sc = s + at;
@@ -481,11 +552,11 @@ struct ChannelDx {
   ChannelGrad<T> ch;
   T gs{}, a{}, b{};
   ChannelDx() = default;
-  ChannelDx(double sum, double dot, double M, const double* mean, const double* invstd, const T* weight,
-            const T* bias, Index c, bool relu)
-      : ch(mean, invstd, weight, bias, c, relu) {
-    const double is = invstd[c];
-    const double k = dot * is * is / M, gs_d = is * (weight ? static_cast<double>(weight[c]) : 1.0);
+  ChannelDx(double sum, double dot, double M, const Normalisation<T>& norm, Index c, bool relu)
+      : ch(norm, c, relu) {
+    const double is = norm.invstd[c];
+    const double k = dot * is * is / M;
+    const double gs_d = is * (norm.params.weight ? static_cast<double>(norm.params.weight[c]) : 1.0);
     gs = static_cast<T>(gs_d);
     a = static_cast<T>(-k * gs_d);
     b = static_cast<T>((static_cast<double>(ch.lo) * k - sum / M) * gs_d);
@@ -504,22 +575,23 @@ struct ChannelDx {
   }
 };
 
-// Pass 2 for channels [c0, c1), from their sums over M values, walking the images as walk
-// says. Each chunk asks for the same channel's chunk of the image worked on next.
+// Pass 2 for channels r, from their sums (channel c's at index c - r.first), walking the images
+// as walk says. Each chunk asks for the same channel's chunk of the image worked on next.
 template <class T>
-void backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x, const double* mean,
-                 const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S, Index c0, Index c1,
-                 bool relu, bool stream, BackwardWalk walk) {
+void backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x, const BatchShape& sh,
+                 const Normalisation<T>& norm, ChannelRange r, bool relu, BackwardWalk walk) {
+  const Index N = sh.N, S = sh.S, c0 = r.first, c1 = r.last;
   ChannelDx<T> cd[kMaxBlock];
-  for (Index c = c0; c < c1; ++c) cd[c - c0] = ChannelDx<T>(sum[c - c0], dot[c - c0], M, mean, invstd, weight, bias, c, relu);
-  const Index step = walk.reverse ? -1 : 1;
+  for (Index c = c0; c < c1; ++c)
+    cd[c - c0] = ChannelDx<T>(sums.sum[c - c0], sums.dot[c - c0], sums.count, norm, c, relu);
+  const Index step = (walk.reverse ? -1 : 1) * sh.image();
   for (Index j = 0; j < N; ++j) {
     const Index n = walk.reverse ? N - 1 - j : j;
     for (Index c = c0; c < c1; ++c) {
-      const Index at = (n * C + c) * S, next = at + step * C * S;
+      const Index at = sh.at(n, c), next = at + step;
       Ahead<T> ahead;
-      if (j + 1 < N) ahead = {x + next, dy + next, stream ? nullptr : dx + next};
-      cd[c - c0].apply(dx + at, x + at, dy + at, S, stream, ahead);
+      if (j + 1 < N) ahead = {x + next, dy + next, walk.stream ? nullptr : dx + next};
+      cd[c - c0].apply(dx + at, x + at, dy + at, S, walk.stream, ahead);
     }
   }
 }
@@ -528,18 +600,19 @@ void backward_dx(T* dx, const double* sum, const double* dot, double M, const T*
 
 // Training forward: batch statistics, then y = [relu](gamma * (x - mean) * invstd + beta),
 // computed per channel while the channel's slice is in cache (x read from memory once).
-// x: [N, C, S]; y: [N, C, S]; weight, bias: [C] or null (affine = false)
-// mean, var (biased), invstd: [C] outputs in double. If x_copy is given, x is copied there
-// first and every pass reads the copy (the layer keeps it for backward). If addend is given
-// ([N, C, S]), y = relu(gamma * (x - mean) * invstd + beta + addend) (relu must be set).
+// stats receives mean, var (biased) and invstd per channel. If x_copy is given, x is copied
+// there first and every pass reads the copy (the layer keeps it for backward). With an addend
+// (e.add.s, [N, C, S]; e.relu set), y = relu(gamma * (x - mean) * invstd + beta + s).
 template <class T>
-void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double* invstd, const T* x,
-                             const T* weight, const T* bias, Index N, Index C, Index S,
-                             double eps, bool relu, const T* addend = nullptr) {
+void batchnorm_forward_train(T* y, T* x_copy, const BatchStats& stats, const T* x, const BatchShape& sh,
+                             AffineParams<T> p, double eps, const Epilogue<T>& e = {}) {
+  const T* addend = e.add.s;
+  const bool relu = e.relu;
   assert(!addend || relu);
-  assert(N * S > 0);
-  const double M = static_cast<double>(N * S);
-  if (S == 1) {
+  assert(sh.N * sh.S > 0);
+  const Index N = sh.N, C = sh.C;
+  const double M = sh.count();
+  if (sh.S == 1) {
     // N x C: vectorise across channels, walk rows; each thread owns a block of channels.
     constexpr Index kBlock = 64;
     const Index nblocks = (C + kBlock - 1) / kBlock;
@@ -569,10 +642,10 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
       }
       for (Index j = 0; j < w; ++j) {
         const Index c = c0 + j;
-        mean[c] = acc[j];
-        var[c] = m2[j] / M;
-        invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-        const ChannelAffine<T> f(mean[c], invstd[c], weight, bias, c);
+        stats.mean[c] = acc[j];
+        stats.var[c] = m2[j] / M;
+        stats.invstd[c] = 1.0 / std::sqrt(stats.var[c] + eps);
+        const ChannelAffine<T> f(stats.mean[c], stats.invstd[c], p, c);
         centre[j] = f.centre;
         scale[j] = f.scale;
         shift[j] = f.shift;
@@ -595,39 +668,42 @@ void batchnorm_forward_train(T* y, T* x_copy, double* mean, double* var, double*
     }
     return;
   }
-  const Index G = detail::channel_block(N, C, S, sizeof(T), num_threads());
+  const Index G = detail::channel_block(N, C, sh.S, sizeof(T), num_threads());
   const Index nblocks = (C + G - 1) / G;
-  const bool stream = detail::stream_output<T>(N * C * S);
+  const bool stream = detail::stream_output<T>(sh.size());
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
     for (Index blk = 0; blk < nblocks; ++blk) {
       const Index c0 = blk * G, c1 = std::min(C, c0 + G);
-      detail::block_mean_var(mean + c0, var + c0, x, x_copy, N, C, S, c0, c1);
+      detail::block_mean_var(stats.mean + c0, stats.var + c0, x, x_copy, sh, {c0, c1});
       const T* src = x_copy ? x_copy : x;
       ChannelAffine<T> f[detail::kMaxBlock];
       for (Index c = c0; c < c1; ++c) {
-        invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-        f[c - c0] = ChannelAffine<T>(mean[c], invstd[c], weight, bias, c);
+        stats.invstd[c] = 1.0 / std::sqrt(stats.var[c] + eps);
+        f[c - c0] = ChannelAffine<T>(stats.mean[c], stats.invstd[c], p, c);
       }
       for (Index n = 0; n < N; ++n)
         for (Index c = c0; c < c1; ++c) {
-          const Index at = (n * C + c) * S;
+          const Index at = sh.at(n, c), next = at + sh.image();
           detail::Ahead<T> ahead;
-          if (n + 1 < N) ahead = {src + at + C * S, addend ? addend + at + C * S : nullptr, stream ? nullptr : y + at + C * S};
-          detail::affine(y + at, src + at, S, f[c - c0], relu, stream, ahead, addend ? addend + at : nullptr);
+          if (n + 1 < N) ahead = {src + next, addend ? addend + next : nullptr, stream ? nullptr : y + next};
+          detail::affine(y + at, src + at, sh.S, f[c - c0], relu, stream, ahead, addend ? addend + at : nullptr);
         }
     }
     if (stream) simd::stream_fence();
   }
 }
 
-// Eval forward, one pass: y = [relu](f[c](x)), or relu(f[c](x) + addend) when addend is given.
+// Eval forward, one pass: y = [relu](f[c](x)), or relu(f[c](x) + s) with an addend (e.add.s).
 template <class T>
-void batchnorm_forward_eval(T* y, const T* x, const ChannelAffines<T>& f, Index N, Index C, Index S, bool relu,
-                            const T* addend = nullptr) {
+void batchnorm_forward_eval(T* y, const T* x, const BatchShape& sh, const ChannelAffines<T>& f,
+                            const Epilogue<T>& e = {}) {
+  const T* addend = e.add.s;
+  const bool relu = e.relu;
   assert(!addend || relu);
-  if (S == 1) {
+  const Index N = sh.N, C = sh.C;
+  if (sh.S == 1) {
     const T* centre = f.centre.data();
     const T* scale = f.scale.data();
     const T* shift = f.shift.data();
@@ -649,14 +725,15 @@ void batchnorm_forward_eval(T* y, const T* x, const ChannelAffines<T>& f, Index 
     }
     return;
   }
-  const bool stream = detail::stream_output<T>(N * C * S);
+  const bool stream = detail::stream_output<T>(sh.size());
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for collapse(2) schedule(static)
     for (Index n = 0; n < N; ++n)
-      for (Index c = 0; c < C; ++c)
-        detail::affine(y + (n * C + c) * S, x + (n * C + c) * S, S, f[c], relu, stream, {},
-                       addend ? addend + (n * C + c) * S : nullptr);
+      for (Index c = 0; c < C; ++c) {
+        const Index at = sh.at(n, c);
+        detail::affine(y + at, x + at, sh.S, f[c], relu, stream, {}, addend ? addend + at : nullptr);
+      }
     if (stream) simd::stream_fence();
   }
 }
@@ -666,16 +743,19 @@ void batchnorm_forward_eval(T* y, const T* x, const ChannelAffines<T>& f, Index 
 //   dbias   += sum(g)
 //   dweight += sum(g * xhat) = invstd * sum(g * (x - mean))
 //   dx = weight * invstd * (g - sum(g)/M - (x - mean) * invstd^2 * sum(g * (x - mean))/M)
-// x, dy: [N, C, S]; dx: [N, C, S]; mean, invstd: [C] from the forward; dweight, dbias: [C]
-// or null. With add.s (a forward given that addend), the mask is relu(f(x) + s)'s and g is
-// written to add.ds as well.
+// x, dy, dx: [N, C, S]; norm: the forward's mean and invstd, and its parameters; grads: [C]
+// each or null. With an addend (e.add.s, the forward's), the mask is relu(f(x) + s)'s and g is
+// written to e.add.ds as well.
 template <class T>
-void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const double* mean,
-                        const double* invstd, const T* weight, const T* bias, Index N, Index C,
-                        Index S, bool relu, Addend<T> add = {}) {
+void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, const BatchShape& sh,
+                        const Normalisation<T>& norm, const Epilogue<T>& e) {
+  const Addend<T> add = e.add;
+  const bool relu = e.relu;
   assert(!add.s || (relu && add.ds));
-  const double M = static_cast<double>(N * S);
-  if (S == 1) {
+  const Index N = sh.N, C = sh.C;
+  const double M = sh.count();
+  const double* invstd = norm.invstd;
+  if (sh.S == 1) {
     constexpr Index kBlock = 64;
     const Index nblocks = (C + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
@@ -684,7 +764,7 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
       double sum[kBlock] = {}, dot[kBlock] = {};
       T scale[kBlock], shift[kBlock], mu_hi[kBlock], mu_lo[kBlock];  // mu_hi: the affine map's centre
       for (Index j = 0; j < w; ++j) {
-        const ChannelGrad<T> ch(mean, invstd, weight, bias, c0 + j, relu);
+        const ChannelGrad<T> ch(norm, c0 + j, relu);
         scale[j] = ch.f.scale;
         shift[j] = ch.f.shift;
         mu_hi[j] = ch.f.centre;
@@ -706,9 +786,9 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
       T gs[kBlock], coef_a[kBlock], coef_b[kBlock];
       for (Index j = 0; j < w; ++j) {
         const Index c = c0 + j;
-        if (dbias) dbias[c] += static_cast<T>(sum[j]);
-        if (dweight) dweight[c] += static_cast<T>(dot[j] * invstd[c]);
-        const detail::ChannelDx<T> cd(sum[j], dot[j], M, mean, invstd, weight, bias, c, relu);
+        if (grads.bias) grads.bias[c] += static_cast<T>(sum[j]);
+        if (grads.weight) grads.weight[c] += static_cast<T>(dot[j] * invstd[c]);
+        const detail::ChannelDx<T> cd(sum[j], dot[j], M, norm, c, relu);
         gs[j] = cd.gs;
         coef_a[j] = cd.a;
         coef_b[j] = cd.b;
@@ -732,10 +812,9 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
   }
   // x and dy (and the shortcut) per value, read by both passes
   const Index streams = add.s ? 3 : 2;
-  const Index G = detail::channel_block(N, C, S, streams * sizeof(T), num_threads());
+  const Index G = detail::channel_block(N, C, sh.S, streams * sizeof(T), num_threads());
   const Index nblocks = (C + G - 1) / G;
-  const bool stream = detail::stream_output<T>(N * C * S);
-  const detail::BackwardWalk walk = detail::backward_walk(N, S, G, streams * sizeof(T) / 2);
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, streams * sizeof(T) / 2);
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
@@ -745,18 +824,18 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
       // pass 1 (x and dy from memory), pass 2 (x and dy from cache)
       // with an addend, pass 1 also writes the masked gradient g to add.ds, and pass 2 reads g
       // from there (plain, mask applied) instead of recomputing it from dy and s
-      detail::backward_sums(sum, dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, walk, add);
+      detail::backward_sums(sum, dot, dy, x, sh, norm, {c0, c1}, e, walk);
       for (Index c = c0; c < c1; ++c) {
-        if (dbias) dbias[c] += static_cast<T>(sum[c - c0]);
-        if (dweight) dweight[c] += static_cast<T>(dot[c - c0] * invstd[c]);
+        if (grads.bias) grads.bias[c] += static_cast<T>(sum[c - c0]);
+        if (grads.weight) grads.weight[c] += static_cast<T>(dot[c - c0] * invstd[c]);
       }
+      const GradSums sums{sum, dot, M};
       if (add.s)
-        detail::backward_dx(dx, sum, dot, M, add.ds, x, mean, invstd, weight, bias, N, C, S, c0, c1, false, stream,
-                            walk);
+        detail::backward_dx(dx, sums, add.ds, x, sh, norm, {c0, c1}, false, walk);
       else
-        detail::backward_dx(dx, sum, dot, M, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, stream, walk);
+        detail::backward_dx(dx, sums, dy, x, sh, norm, {c0, c1}, relu, walk);
     }
-    if (stream) simd::stream_fence();
+    if (walk.stream) simd::stream_fence();
   }
 }
 
@@ -765,58 +844,56 @@ void batchnorm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, co
 
 // Per-channel mean and biased variance of x: [N, C, S].
 template <class T>
-void batchnorm_statistics(double* mean, double* var, const T* x, Index N, Index C, Index S) {
-  const Index G = detail::channel_block(N, C, S, sizeof(T), num_threads());
-  const Index nblocks = (C + G - 1) / G;
+void batchnorm_statistics(double* mean, double* var, const T* x, const BatchShape& sh) {
+  const Index G = detail::channel_block(sh.N, sh.C, sh.S, sizeof(T), num_threads());
+  const Index nblocks = (sh.C + G - 1) / G;
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index blk = 0; blk < nblocks; ++blk) {
-    const Index c0 = blk * G, c1 = std::min(C, c0 + G);
-    detail::block_mean_var(mean + c0, var + c0, x, static_cast<T*>(nullptr), N, C, S, c0, c1);
+    const Index c0 = blk * G, c1 = std::min(sh.C, c0 + G);
+    detail::block_mean_var(mean + c0, var + c0, x, static_cast<T*>(nullptr), sh, {c0, c1});
   }
 }
 
 // Per-channel sum(g) and sum(g * (x - mean)), g the ReLU-masked (or plain) dy, as in
-// batchnorm_backward; for channels [first, last) when given (last < 0: to C), channel c's into
-// sum[c - first] and dot[c - first].
+// batchnorm_backward; for channels r, channel c's into sum[c - r.first] and dot[c - r.first].
 template <class T>
-void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, const double* mean,
-                             const double* invstd, const T* weight, const T* bias, Index N, Index C, Index S,
-                             bool relu, Index first = 0, Index last = -1) {
-  if (last < 0) last = C;
-  const Index G = detail::channel_block(N, last - first, S, 2 * sizeof(T), num_threads());
-  const Index nblocks = (last - first + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk(N, S, G, sizeof(T));
+void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, const BatchShape& sh,
+                             const Normalisation<T>& norm, bool relu, ChannelRange r = {}) {
+  r = r.resolved(sh.C);
+  const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads());
+  const Index nblocks = (r.last - r.first + G - 1) / G;
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, sizeof(T));
+  const Epilogue<T> e{relu};
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index blk = 0; blk < nblocks; ++blk) {
-    const Index c0 = first + blk * G, c1 = std::min(last, c0 + G);
-    double* block_sum = sum + (c0 - first);
-    double* block_dot = dot + (c0 - first);
+    const Index c0 = r.first + blk * G, c1 = std::min(r.last, c0 + G);
+    double* block_sum = sum + (c0 - r.first);
+    double* block_dot = dot + (c0 - r.first);
     std::fill(block_sum, block_sum + (c1 - c0), 0.0);
     std::fill(block_dot, block_dot + (c1 - c0), 0.0);
-    detail::backward_sums(block_sum, block_dot, dy, x, mean, invstd, weight, bias, N, C, S, c0, c1, relu, walk);
+    detail::backward_sums(block_sum, block_dot, dy, x, sh, norm, {c0, c1}, e, walk);
   }
 }
 
-// dx from given per-channel sums over M values (all replicas' for SyncBatchNorm); for channels
-// [first, last) when given (last < 0: to C), channel c's sums at sum[c - first], dot[c - first].
+// dx from given per-channel sums over sums.count values (all replicas' for SyncBatchNorm); for
+// channels r, channel c's sums at index c - r.first.
 template <class T>
-void batchnorm_backward_dx(T* dx, const double* sum, const double* dot, double M, const T* dy, const T* x,
-                           const double* mean, const double* invstd, const T* weight, const T* bias, Index N,
-                           Index C, Index S, bool relu, Index first = 0, Index last = -1) {
-  if (last < 0) last = C;
-  const Index G = detail::channel_block(N, last - first, S, 2 * sizeof(T), num_threads());
-  const Index nblocks = (last - first + G - 1) / G;
-  const bool stream = detail::stream_output<T>(N * C * S);
-  const detail::BackwardWalk walk = detail::backward_walk(N, S, G, sizeof(T));
+void batchnorm_backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x, const BatchShape& sh,
+                           const Normalisation<T>& norm, bool relu, ChannelRange r = {}) {
+  r = r.resolved(sh.C);
+  const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads());
+  const Index nblocks = (r.last - r.first + G - 1) / G;
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, sizeof(T));
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
     for (Index blk = 0; blk < nblocks; ++blk) {
-      const Index c0 = first + blk * G, c1 = std::min(last, c0 + G);
-      detail::backward_dx(dx, sum + (c0 - first), dot + (c0 - first), M, dy, x, mean, invstd, weight, bias, N, C, S,
-                          c0, c1, relu, stream, walk);
+      const Index c0 = r.first + blk * G, c1 = std::min(r.last, c0 + G);
+      const Index k = c0 - r.first;
+      detail::backward_dx(dx, GradSums{sums.sum + k, sums.dot + k, sums.count}, dy, x, sh, norm, {c0, c1}, relu,
+                          walk);
     }
-    if (stream) simd::stream_fence();
+    if (walk.stream) simd::stream_fence();
   }
 }
 

@@ -170,8 +170,9 @@ class BatchNormBase : public Module {
                         shape_string(*addend) + ", the batch norm's output " + shape_string(d));
     if (addend && reducer_ && is_training())
       throw std::logic_error(std::string(name_) + ": a SyncBatchNorm does not fuse a shortcut's add");
-    const T* s = addend ? addend->data() : nullptr;
-    const Index N = d[0], C = d[1], S = spatial(d);
+    const kernels::Epilogue<T> epilogue{relu, {addend ? addend->data() : nullptr}};
+    const kernels::BatchShape shape{d[0], d[1], spatial(d)};
+    const Index C = shape.C;
     const bool batch_stats = is_training() || !opt_.track_running_stats;
     Tensor<T, Rank> y = y_.take(d);
     const bool synced = reducer_ && is_training();
@@ -179,14 +180,14 @@ class BatchNormBase : public Module {
       drop_cache();
       return y;
     }
-    const T* w = opt_.affine ? weight_.data() : nullptr;
-    const T* b = opt_.affine ? bias_.data() : nullptr;
+    const kernels::AffineParams<T> params = affine_params();
     if (!batch_stats) {
       affine_.resize(C);
       for (Index c = 0; c < C; ++c)
         affine_.set(c, kernels::ChannelAffine<T>(static_cast<double>(running_mean_(c)),
-                                                 1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps), w, b, c));
-      kernels::batchnorm_forward_eval(y.data(), x.data(), affine_, N, C, S, relu, s);
+                                                 1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps),
+                                                 params, c));
+      kernels::batchnorm_forward_eval(y.data(), x.data(), shape, affine_, epilogue);
       drop_cache();
       return y;
     }
@@ -203,14 +204,14 @@ class BatchNormBase : public Module {
         x_.resize(x.dimensions());  // the kernel copies x into it
       }
     }
-    double M = static_cast<double>(N * S);
+    double M = shape.count();
     if (synced) {
       if (keep && !owned) std::copy_n(x.data(), x.size(), x_.data());
-      M = forward_synced(y.data(), keep ? x_.data() : x.data(), M, w, b, N, C, S, relu);
+      M = forward_synced(y.data(), keep ? x_.data() : x.data(), M, shape, relu);
     } else {
-      kernels::batchnorm_forward_train(y.data(), keep && !owned ? x_.data() : nullptr, mean_.data(), var_.data(),
-                                       invstd_.data(), keep && owned ? x_.data() : x.data(), w, b, N, C, S,
-                                       opt_.eps, relu, s);
+      kernels::batchnorm_forward_train(y.data(), keep && !owned ? x_.data() : nullptr,
+                                       {mean_.data(), var_.data(), invstd_.data()},
+                                       keep && owned ? x_.data() : x.data(), shape, params, opt_.eps, epilogue);
     }
     count_ = M;
     if (is_training() && opt_.track_running_stats) {
@@ -243,24 +244,22 @@ class BatchNormBase : public Module {
                              " it" + (cached_add_ ? " and add" : ""));
     check_grad_dims(name_, dims_of(x_), dims_of(dy));
     if (s) check_grad_dims(name_, dims_of(x_), dims_of(*s));
-    const Index N = x_.dimension(0), C = x_.dimension(1), S = spatial(dims_of(x_));
+    const kernels::BatchShape shape{x_.dimension(0), x_.dimension(1), spatial(dims_of(x_))};
     if (cached_synced_ && !reducer_)
       throw std::logic_error(std::string(name_) + ": the reducer was removed between forward and backward");
     Tensor<T, Rank> dx = dx_.take(dims_of(x_));
     if (cached_synced_) {  // as the forward ran, whatever the reducer is now
-      backward_synced(dx, dy, N, C, S, relu);
+      backward_synced(dx, dy, shape, relu);
       return dx;
     }
-    kernels::Addend<T> add;
+    kernels::Epilogue<T> epilogue{relu};
     if (s) {
       ds->resize(dims_of(x_));
-      add = {s->data(), ds->data()};
+      epilogue.add = {s->data(), ds->data()};
     }
-    kernels::batchnorm_backward(dx.data(), opt_.affine ? dweight_.data() : nullptr,
-                                opt_.affine ? dbias_.data() : nullptr, dy.data(), x_.data(),
-                                mean_.data(), invstd_.data(),
-                                opt_.affine ? weight_.data() : nullptr,
-                                opt_.affine ? bias_.data() : nullptr, N, C, S, relu, add);
+    kernels::AffineGrads<T> grads;
+    if (opt_.affine) grads = {dweight_.data(), dbias_.data()};
+    kernels::batchnorm_backward(dx.data(), grads, dy.data(), x_.data(), shape, normalisation(), epilogue);
     return dx;
   }
 
@@ -280,12 +279,19 @@ class BatchNormBase : public Module {
     return S;
   }
 
+  kernels::AffineParams<T> affine_params() const {
+    if (!opt_.affine) return {};
+    return {weight_.data(), bias_.data()};
+  }
+  // The last training forward's normalisation, for backward.
+  kernels::Normalisation<T> normalisation() const { return {mean_.data(), invstd_.data(), affine_params()}; }
+
   // SyncBatchNorm forward: local statistics, combined across replicas, then the normalising
   // pass (x read from memory twice, as the reduction sits between). Returns the global count.
-  double forward_synced(T* y, const T* x, double count, const T* w, const T* b, Index N, Index C, Index S,
-                        bool relu) {
+  double forward_synced(T* y, const T* x, double count, const kernels::BatchShape& shape, bool relu) {
+    const Index C = shape.C;
     if (count > 0) {
-      kernels::batchnorm_statistics(mean_.data(), var_.data(), x, N, C, S);
+      kernels::batchnorm_statistics(mean_.data(), var_.data(), x, shape);
       for (Index c = 0; c < C; ++c) var_[c] *= count;  // M2
     } else {  // an empty shard still takes part in the reduction
       std::fill(mean_.begin(), mean_.end(), 0.0);
@@ -301,9 +307,9 @@ class BatchNormBase : public Module {
     for (Index c = 0; c < C; ++c) {
       var_[c] /= count;
       invstd_[c] = 1.0 / std::sqrt(var_[c] + opt_.eps);
-      affine_.set(c, kernels::ChannelAffine<T>(mean_[c], invstd_[c], w, b, c));
+      affine_.set(c, kernels::ChannelAffine<T>(mean_[c], invstd_[c], affine_params(), c));
     }
-    kernels::batchnorm_forward_eval(y, x, affine_, N, C, S, relu);
+    kernels::batchnorm_forward_eval(y, x, shape, affine_, kernels::Epilogue<T>{relu});
     return count;
   }
 
@@ -312,9 +318,9 @@ class BatchNormBase : public Module {
   // groups of channels whose x and dy fit in a core's L2: a group's sums, their reduction,
   // then its dx while the group is still in cache, instead of a second read of the whole
   // tensor from memory.
-  void backward_synced(Tensor<T, Rank>& dx, const Tensor<T, Rank>& dy, Index N, Index C, Index S, bool relu) {
-    const T* w = opt_.affine ? weight_.data() : nullptr;
-    const T* b = opt_.affine ? bias_.data() : nullptr;
+  void backward_synced(Tensor<T, Rank>& dx, const Tensor<T, Rank>& dy, const kernels::BatchShape& shape, bool relu) {
+    const Index C = shape.C;
+    const kernels::Normalisation<T> norm = normalisation();
     const Index group = sync_group_channels(C);
     for (Index c0 = 0; c0 < C; c0 += group) {
       const Index c1 = std::min(C, c0 + group), n = c1 - c0;
@@ -322,16 +328,15 @@ class BatchNormBase : public Module {
       sums_.resize(2 * static_cast<std::size_t>(n));
       double* sum = sums_.data();
       double* dot = sum + n;
-      kernels::batchnorm_backward_sums(sum, dot, dy.data(), x_.data(), mean_.data(), invstd_.data(), w, b, N, C, S,
-                                       relu, c0, c1);
+      kernels::batchnorm_backward_sums(sum, dot, dy.data(), x_.data(), shape, norm, relu, {c0, c1});
       if (opt_.affine)
         for (Index c = c0; c < c1; ++c) {
           dbias_(c) += static_cast<T>(sum[c - c0]);
           dweight_(c) += static_cast<T>(dot[c - c0] * invstd_[c]);
         }
       reducer_->sum(sums_);
-      kernels::batchnorm_backward_dx(dx.data(), sum, dot, count_, dy.data(), x_.data(), mean_.data(), invstd_.data(),
-                                     w, b, N, C, S, relu, c0, c1);
+      kernels::batchnorm_backward_dx(dx.data(), {sum, dot, count_}, dy.data(), x_.data(), shape, norm, relu,
+                                     {c0, c1});
     }
   }
 
