@@ -10,6 +10,7 @@
 
 #include "init.hpp"
 #include "layer.hpp"
+#include "weight_storage.hpp"
 
 namespace bnrelu::nn::detail {
 
@@ -17,14 +18,14 @@ template <class T, int WeightRank>
 class WeightAndBias {
  public:
   void zero_grad() {
-    std::fill_n(dweight_data(), weight_size(), T(0));
+    std::fill_n(weight_.grad_data(), weight_.size(), T(0));
     if (has_bias_) dbias_.setZero();
   }
 
   // "weight" then "bias" (when present), as PyTorch names them.
   std::vector<ParamRef<T>> named_parameters() {
     std::vector<ParamRef<T>> p{
-        {"weight", shape_vector(weight_), {weight_data(), weight_size()}, {dweight_data(), weight_size()}}};
+        {"weight", weight_shape(), {weight_.data(), weight_.size()}, {weight_.grad_data(), weight_.size()}}};
     if (has_bias_) p.push_back({"bias", shape_vector(bias_), span_of(bias_), span_of(dbias_)});
     return p;
   }
@@ -33,7 +34,7 @@ class WeightAndBias {
   // W's rows and b (a bias is added if there was none). For inference: Sequential's
   // fuse_for_inference folds an eval-mode BatchNorm (and the ReLU after it) this way.
   void fold_affine(const std::vector<double>& scale, const std::vector<double>& shift, bool relu) {
-    const Index O = weight_.dimension(0), per_row = weight_.size() / O;
+    const Index O = weight_.dimensions()[0], per_row = static_cast<Index>(weight_.size()) / O;
     if (!has_bias_) {
       bias_.resize(O);
       dbias_.resize(O);
@@ -43,7 +44,7 @@ class WeightAndBias {
     }
     for (Index o = 0; o < O; ++o) {
       const double s = scale[static_cast<std::size_t>(o)];
-      T* row = weight_data() + o * per_row;
+      T* row = weight_.data() + o * per_row;
       for (Index i = 0; i < per_row; ++i) row[i] = static_cast<T>(s * static_cast<double>(row[i]));
       bias_(o) = static_cast<T>(s * static_cast<double>(bias_(o)) + shift[static_cast<std::size_t>(o)]);
     }
@@ -58,52 +59,20 @@ class WeightAndBias {
 
   // The weight and its gradient (named_parameters() views them wherever they live; these throw
   // std::logic_error while place_weight has them elsewhere).
-  Tensor<T, WeightRank>& weight() { return own(weight_); }
+  Tensor<T, WeightRank>& weight() { return weight_.value(); }
   Tensor<T, 1>& bias() { return bias_; }
-  const Tensor<T, WeightRank>& weight_grad() const { return own(dweight_); }
+  const Tensor<T, WeightRank>& weight_grad() const { return weight_.grad(); }
   const Tensor<T, 1>& bias_grad() const { return dbias_; }
 
-  // Moves the weight and its gradient into memory the caller owns (value and grad, each of the
-  // weight's size), or back into the layer (both null). Both are copied over, the values only
-  // when copy_values (false when another process has put the same values there already).
-  // bnrelu::dist keeps one copy of a large weight for all processes of a machine this way. The
-  // memory must outlive the placement. The layer keeps its own tensors meanwhile, unused: views
-  // taken before the move (an optimizer built earlier) still point at valid memory.
-  void place_weight(T* value, T* grad, bool copy_values = true) {
-    const std::size_t n = weight_size();
-    if (value) {
-      if (copy_values) std::copy_n(weight_data(), n, value);
-      std::copy_n(dweight_data(), n, grad);
-    } else if (placed_value_) {
-      std::copy_n(placed_value_, n, weight_.data());
-      std::copy_n(placed_grad_, n, dweight_.data());
-    }
-    placed_value_ = value;
-    placed_grad_ = grad;
-  }
+  // For bnrelu::dist: moves the weight and its gradient into memory the caller owns, or back
+  // (both null); see WeightStorage::place.
+  void place_weight(T* value, T* grad, bool copy_values = true) { weight_.place(value, grad, copy_values); }
 
  protected:
-  // A copy owns its weight, wherever the original's lives.
-  WeightAndBias(const WeightAndBias& other)
-      : weight_(other.weight_.dimensions()), dweight_(other.weight_.dimensions()), bias_(other.bias_),
-        dbias_(other.dbias_), has_bias_(other.has_bias_), relu_(other.relu_), folded_(other.folded_) {
-    std::copy_n(other.weight_data(), weight_size(), weight_.data());
-    std::copy_n(other.dweight_data(), weight_size(), dweight_.data());
-  }
-  WeightAndBias& operator=(const WeightAndBias& other) {
-    if (this != &other) *this = WeightAndBias(other);
-    return *this;
-  }
-  WeightAndBias(WeightAndBias&&) noexcept = default;
-  WeightAndBias& operator=(WeightAndBias&&) noexcept = default;
-  ~WeightAndBias() = default;
-
   // Weight of the given shape and, if wanted, a bias of its first dimension, both drawn from
   // U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's kaiming_uniform_(a = sqrt(5)) and bias init).
-  WeightAndBias(const Dims<WeightRank>& shape, bool bias, Index fan_in) : has_bias_(bias) {
-    weight_.resize(shape);
-    dweight_.resize(shape);
-    init::uniform_fan_in(weight_, fan_in);
+  WeightAndBias(const Dims<WeightRank>& shape, bool bias, Index fan_in) : weight_(shape), has_bias_(bias) {
+    init::uniform_fan_in(weight_.value(), fan_in);
     if (bias) {
       bias_.resize(shape[0]);
       dbias_.resize(shape[0]);
@@ -112,23 +81,17 @@ class WeightAndBias {
     zero_grad();
   }
 
-  template <class Own>
-  Own& own(Own& t) const {
-    if (placed_value_) throw std::logic_error("the layer's weight lives in memory given to place_weight");
-    return t;
+  T* weight_data() { return weight_.data(); }
+  const T* weight_data() const { return weight_.data(); }
+  T* dweight_data() { return weight_.grad_data(); }
+  std::vector<Index> weight_shape() const {
+    const auto& d = weight_.dimensions();
+    return std::vector<Index>(d.begin(), d.end());
   }
-  T* weight_data() { return placed_value_ ? placed_value_ : weight_.data(); }
-  T* dweight_data() { return placed_grad_ ? placed_grad_ : dweight_.data(); }
-  const T* dweight_data() const { return placed_grad_ ? placed_grad_ : dweight_.data(); }
-  const T* weight_data() const { return placed_value_ ? placed_value_ : weight_.data(); }
-  // The layer's own weight tensor keeps its shape while the values live elsewhere.
-  std::size_t weight_size() const { return static_cast<std::size_t>(weight_.size()); }
   T* bias_data() { return has_bias_ ? bias_.data() : nullptr; }
   T* dbias_data() { return has_bias_ ? dbias_.data() : nullptr; }
 
-  Tensor<T, WeightRank> weight_, dweight_;  // unused, but keep the shape, while placed elsewhere
-  T* placed_value_ = nullptr;
-  T* placed_grad_ = nullptr;
+  WeightStorage<T, WeightRank> weight_;
   Tensor<T, 1> bias_, dbias_;  // empty without bias
   bool has_bias_;
   bool relu_ = false;    // a folded ReLU on the output
