@@ -10,4 +10,11 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake ninja-build pkg-config \
   libeigen3-dev nlohmann-json3-dev libcli11-dev zlib1g-dev \
   libgtest-dev libbenchmark-dev clang-14 libclang-rt-14-dev libopenmpi-dev openmpi-bin \
-  dataset-fashion-mnist >/dev/null
+  libonnx-dev dataset-fashion-mnist >/dev/null
+# ONNX Runtime for the ONNX export's tests, from the npm registry at the version the lock file
+# pins. Its install script only fetches optional GPU files, so it does not run.
+if command -v npm >/dev/null; then
+  (cd "$(dirname "$0")/../tests/onnxruntime" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+else
+  echo "install-deps: npm not found; the ONNX Runtime tests will not be built" >&2
+fi

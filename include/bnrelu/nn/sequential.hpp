@@ -179,6 +179,15 @@ class Sequential : public Module {
   // Whether fuse_for_inference has run.
   bool inference_only() const { return inference_only_; }
 
+  // How many layers layer i computes: 1, or after fuse_for_inference folded the batch norm
+  // after it (and a ReLU after that) into it, 2 or 3; the layers it covers then pass through.
+  std::size_t layers_folded_into(std::size_t i) const {
+    static constexpr auto spans = []<std::size_t... I>(std::index_sequence<I...>) {
+      return std::array<std::size_t, size>{span_if_folded<I>()...};
+    }(std::index_sequence_for<Layers...>{});
+    return folded_[i] ? spans[i] : 1;
+  }
+
   // "<index>.<name>" for every layer's parameters, in layer order (PyTorch's state_dict order).
   std::vector<ParamRef<value_type>> named_parameters() {
     std::vector<ParamRef<value_type>> out;
@@ -272,6 +281,14 @@ class Sequential : public Module {
       return detail::IsReLU<layer_t<I + 2>> ? 3 : 2;
     else
       return 2;
+  }
+
+  template <std::size_t I>
+  static constexpr std::size_t span_if_folded() {
+    if constexpr (fold_site<I>())
+      return fold_span<I>();
+    else
+      return 1;
   }
 
   // Apply = false only checks that every fold would succeed.
