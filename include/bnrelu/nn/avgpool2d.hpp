@@ -30,6 +30,13 @@ class AvgPoolBase : public Module {
     has_cache_ = is_training();
     return y;
   }
+  // The eval-mode output, computed without touching the layer (any number of threads at once).
+  Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
+    const auto g = static_cast<const Derived&>(*this).geometry(dims_of(x));
+    Tensor<T, 4> y(g.N, g.C, g.HO, g.WO);
+    kernels::avgpool2d_forward(y.data(), x.data(), g);
+    return y;
+  }
   // Keeps x's storage (not needed for backward) for the input gradient.
   Tensor<T, 4> forward(Tensor<T, 4>&& x) {
     auto y = forward(std::as_const(x));

@@ -74,6 +74,31 @@ class BatchNormBase : public Module {
 
   const BatchNormOptions& options() const { return opt_; }
 
+  // The eval-mode output for x (relu: then ReLU), in a tensor of its own: reads the layer and
+  // changes nothing, so any number of threads may call it at once while nobody changes the
+  // layer. Whatever the training flag: the running statistics, or the batch's own without them.
+  Tensor<T, Rank> infer_impl(const Tensor<T, Rank>& x, bool relu) const {
+    const auto d = output_dims(dims_of(x));
+    const kernels::BatchShape shape{d[0], d[1], spatial(d)};
+    Tensor<T, Rank> y(d);
+    if (x.size() == 0) return y;
+    const kernels::Epilogue<T> epilogue{relu};
+    if (opt_.track_running_stats) {
+      kernels::ChannelAffines<T> f;
+      f.resize(shape.C);
+      for (Index c = 0; c < shape.C; ++c)
+        f.set(c, kernels::ChannelAffine<T>(static_cast<double>(running_mean_(c)),
+                                           1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps),
+                                           affine_params(), c));
+      kernels::batchnorm_forward_eval(y.data(), x.data(), shape, f, epilogue);
+    } else {
+      std::vector<double> mean(static_cast<std::size_t>(shape.C)), var(mean), invstd(mean);
+      kernels::batchnorm_forward_train(y.data(), static_cast<T*>(nullptr), {mean.data(), var.data(), invstd.data()},
+                                       x.data(), shape, affine_params(), opt_.eps, epilogue);
+    }
+    return y;
+  }
+
   Dims<Rank> output_dims(const Dims<Rank>& in) const {
     check_rank_dims(name_, in);
     if (in[1] != opt_.num_features)
@@ -386,6 +411,7 @@ class BatchNorm2d : public detail::BatchNormBase<T, 4> {
   explicit BatchNorm2d(const BatchNormOptions& opt) : Base(opt, "BatchNorm2d") {}
   Tensor<T, 4> forward(const Tensor<T, 4>& x) { return this->forward_impl(x, nullptr, false); }
   Tensor<T, 4> forward(Tensor<T, 4>&& x) { return this->forward_impl(x, &x, false); }
+  Tensor<T, 4> infer(const Tensor<T, 4>& x) const { return this->infer_impl(x, false); }
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) { return this->backward_impl(dy, false); }
   Tensor<T, 4> backward(Tensor<T, 4>&& dy) { return this->backward_impl(std::move(dy), false); }
   // BatchNorm then ReLU in one pass; Sequential uses these when fusion is on.
@@ -413,6 +439,7 @@ class BatchNorm1d : public detail::BatchNormBase<T, 2> {
   explicit BatchNorm1d(const BatchNormOptions& opt) : Base(opt, "BatchNorm1d") {}
   Tensor<T, 2> forward(const Tensor<T, 2>& x) { return this->forward_impl(x, nullptr, false); }
   Tensor<T, 2> forward(Tensor<T, 2>&& x) { return this->forward_impl(x, &x, false); }
+  Tensor<T, 2> infer(const Tensor<T, 2>& x) const { return this->infer_impl(x, false); }
   Tensor<T, 2> backward(const Tensor<T, 2>& dy) { return this->backward_impl(dy, false); }
   Tensor<T, 2> backward(Tensor<T, 2>&& dy) { return this->backward_impl(std::move(dy), false); }
   Tensor<T, 2> forward_fused_relu(Tensor<T, 2>&& x) { return this->forward_impl(x, &x, true); }

@@ -84,6 +84,18 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   Tensor<T, 4> forward(const Tensor<T, 4>& x) { return forward_impl(x, nullptr); }
   // Takes ownership of x to keep it for backward without a copy.
   Tensor<T, 4> forward(Tensor<T, 4>&& x) { return forward_impl(x, &x); }
+  // The eval-mode output (with a folded ReLU, if any), computed without touching the layer: any
+  // number of threads may call it at once while nobody changes the layer. The im2col or
+  // Winograd workspace is the calling thread's own, kept from one call to the next.
+  Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
+    const auto g = geometry(dims_of(x));
+    Tensor<T, 4> y(g.N, g.O, g.HO, g.WO);
+    thread_local std::vector<T> workspace;
+    workspace.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
+    kernels::conv2d_forward(y.data(), workspace.data(), x.data(), this->weight_data(), this->bias_data(), g,
+                            this->relu_, algorithm_);
+    return y;
+  }
 
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) {
     const auto g = backward_geometry(dy);

@@ -43,6 +43,12 @@ class Dropout : public Module {
   Tensor<T, Rank> forward(const Tensor<T, Rank>& x) {
     return forward(Tensor<T, Rank>(x));
   }
+  // The eval-mode output (x), computed without touching the layer (any number of threads at once).
+  template <int Rank>
+  Tensor<T, Rank> infer(const Tensor<T, Rank>& x) const {
+    detail::check_rank_dims("Dropout", dims_of(x));
+    return x;
+  }
   // In place: the output takes x's storage.
   template <int Rank>
   Tensor<T, Rank> forward(Tensor<T, Rank>&& x) {

@@ -28,6 +28,12 @@ class Flatten : public Module {
     has_cache_ = is_training();
     return y;
   }
+  // The eval-mode output, computed without touching the layer (any number of threads at once).
+  Tensor<T, 2> infer(const Tensor<T, 4>& x) const {
+    Tensor<T, 2> y(output_dims(dims_of(x)));
+    std::copy_n(x.data(), x.size(), y.data());
+    return y;
+  }
   // Keeps x's storage for the input gradient.
   Tensor<T, 2> forward(Tensor<T, 4>&& x) {
     auto y = forward(std::as_const(x));

@@ -53,6 +53,16 @@ class Linear : public Module, public detail::WeightAndBias<T, 2> {
   Tensor<T, 2> forward(const Tensor<T, 2>& x) { return forward_impl(x, nullptr); }
   // Takes ownership of x to keep it for backward without a copy.
   Tensor<T, 2> forward(Tensor<T, 2>&& x) { return forward_impl(x, &x); }
+  // The eval-mode output (with a folded ReLU, if any), computed without touching the layer: any
+  // number of threads may call it at once while nobody changes the layer.
+  Tensor<T, 2> infer(const Tensor<T, 2>& x) const {
+    const auto out = output_dims(dims_of(x));
+    Tensor<T, 2> y(out);
+    kernels::linear_forward(y.data(), x.data(), this->weight_data(), this->bias_data(), out[0], opt_.in_features,
+                            opt_.out_features);
+    if (this->relu_) kernels::relu_forward(y.data(), static_cast<std::uint8_t*>(nullptr), y.data(), y.size());
+    return y;
+  }
 
   Tensor<T, 2> backward(const Tensor<T, 2>& dy) {
     check_backward(dy);

@@ -58,6 +58,14 @@ class MaxPool2d : public Module {
     return y;
   }
 
+  // The eval-mode output, computed without touching the layer (any number of threads at once).
+  Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
+    const auto g = geometry(dims_of(x));
+    Tensor<T, 4> y(g.N, g.C, g.HO, g.WO);
+    kernels::maxpool2d_forward(y.data(), static_cast<std::int32_t*>(nullptr), x.data(), g);
+    return y;
+  }
+
   // Keeps x's storage (not needed for backward) for the input gradient.
   Tensor<T, 4> forward(Tensor<T, 4>&& x) {
     auto y = forward(std::as_const(x));

@@ -34,6 +34,13 @@ class ReLU : public Module {
     forward_into(x.data(), x);
     return std::move(x);
   }
+  // The eval-mode output, computed without touching the layer (any number of threads at once).
+  template <int Rank>
+  Tensor<T, Rank> infer(const Tensor<T, Rank>& x) const {
+    Tensor<T, Rank> y(x.dimensions());
+    kernels::relu_forward(y.data(), static_cast<std::uint8_t*>(nullptr), x.data(), x.size());
+    return y;
+  }
 
   template <int Rank>
   Tensor<T, Rank> backward(const Tensor<T, Rank>& dy) {

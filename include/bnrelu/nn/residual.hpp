@@ -110,6 +110,16 @@ class Residual : public Module {
     return finish(std::move(x), std::move(s));
   }
 
+  // The eval-mode output relu(main.infer(x) + shortcut.infer(x)), computed without touching the
+  // block: any number of threads may call it at once while nobody changes the block.
+  Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
+    output_dims(dims_of(x));
+    Tensor<T, 4> y = main_.infer(x);
+    const Tensor<T, 4> s = shortcut_.infer(x);
+    kernels::add_relu_into(y.data(), s.data(), y.size());
+    return y;
+  }
+
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) { return backward(Tensor<T, 4>(dy)); }
   Tensor<T, 4> backward(Tensor<T, 4>&& dy) {
     if (!ran_training_) detail::no_forward("Residual");

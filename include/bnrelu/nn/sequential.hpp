@@ -179,6 +179,16 @@ class Sequential : public Module {
   // Whether fuse_for_inference has run.
   bool inference_only() const { return inference_only_; }
 
+  // The eval-mode output for x, whatever the training flag: every layer's infer (a batch norm
+  // and the ReLU after it in one pass; a folded layer covers the batch norm and ReLU folded
+  // into it). It reads the model and changes nothing, each call computing in buffers of its
+  // own, so any number of threads may call it at once on one model while nobody changes the
+  // model. The same values as forward in eval mode.
+  output_type infer(const input_type& x) const {
+    output_dims(dims_of(x));
+    return infer_from<0>(x);
+  }
+
   // How many layers layer i computes: 1, or after fuse_for_inference folded the batch norm
   // after it (and a ReLU after that) into it, 2 or 3; the layers it covers then pass through.
   std::size_t layers_folded_into(std::size_t i) const {
@@ -388,6 +398,31 @@ class Sequential : public Module {
       return forward_from<I + 1, I, End>(consume<P>(std::forward<X>(x), [&](auto&& in) {
         return std::get<I>(layers_).forward(std::forward<decltype(in)>(in));
       }));
+    }
+  }
+
+  // infer through layers I .. size-1; x is layer I's input.
+  template <std::size_t I, class X>
+  auto infer_from(const X& x) const {
+    if constexpr (I + 1 == size) {
+      return std::get<I>(layers_).infer(x);
+    } else if constexpr (fold_site<I>()) {
+      auto y = std::get<I>(layers_).infer(x);
+      if (folded_[I]) {
+        if constexpr (I + fold_span<I>() < size)
+          return infer_from<I + fold_span<I>()>(y);
+        else
+          return y;
+      }
+      return infer_from<I + 1>(y);
+    } else if constexpr (fused_pair<I>()) {
+      auto y = std::get<I>(layers_).infer_impl(x, true);
+      if constexpr (I + 2 < size)
+        return infer_from<I + 2>(y);
+      else
+        return y;
+    } else {
+      return infer_from<I + 1>(std::get<I>(layers_).infer(x));
     }
   }
 

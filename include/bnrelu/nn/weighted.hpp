@@ -89,6 +89,7 @@ class WeightAndBias {
     return std::vector<Index>(d.begin(), d.end());
   }
   T* bias_data() { return has_bias_ ? bias_.data() : nullptr; }
+  const T* bias_data() const { return has_bias_ ? bias_.data() : nullptr; }
   T* dbias_data() { return has_bias_ ? dbias_.data() : nullptr; }
 
   WeightStorage<T, WeightRank> weight_;
