@@ -159,7 +159,10 @@ TEST(OnnxExport, RefusesWhatOnnxCannotExpressAndWritesNothing) {
   EXPECT_EQ(old_content(), "old");
   EXPECT_THROW(bnrelu::io::save_onnx(model, (scratch("no_such_dir") / "m.onnx").string(), bnrelu::Dims<4>{1, 1, 28, 28}),
                std::runtime_error);
-  bnrelu::io::save_onnx(model, path.string(), bnrelu::Dims<4>{1, 1, 28, 28});
+  EXPECT_THROW(bnrelu::io::save_onnx(model, path.string(), {1, 1, 0, 28}), bnrelu::shape_error);
+  EXPECT_THROW(bnrelu::io::save_onnx(model, path.string(), {1, 28}), std::invalid_argument);  // rank 2 into a Conv2d
+  EXPECT_EQ(old_content(), "old");
+  bnrelu::io::save_onnx(model, path.string(), {1, 1, 28, 28});  // as docs/api.md writes it
   EXPECT_NO_THROW(onnx::checker::check_model(path.string()));
 }
 

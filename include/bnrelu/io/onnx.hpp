@@ -23,6 +23,7 @@
 
 #include <onnx/onnx_pb.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <stdexcept>
@@ -271,8 +272,8 @@ std::string emit(GraphBuilder<T>& b, L& l, const std::string& name, const std::s
 // is exported as the symbolic "batch"): graph input "input", output "output", every parameter
 // and running statistic an initializer named as in state_dict(). Throws std::invalid_argument
 // for a layer ONNX cannot express and shape_error when input_dims do not fit the model.
-template <class Model, std::size_t R>
-onnx::ModelProto to_onnx(Model& model, const std::array<Index, R>& input_dims) {
+template <class Model>
+onnx::ModelProto to_onnx(Model& model, const std::vector<Index>& input_dims) {
   using T = typename Model::value_type;
   onnx::ModelProto m;
   m.set_ir_version(onnx::IR_VERSION);
@@ -283,7 +284,9 @@ onnx::ModelProto to_onnx(Model& model, const std::array<Index, R>& input_dims) {
   onnx::GraphProto* g = m.mutable_graph();
   g->set_name("bnrelu");
   onnx_detail::GraphBuilder<T> b(g);
-  std::vector<Index> dims(input_dims.begin(), input_dims.end());
+  if (input_dims.size() < 2 || std::any_of(input_dims.begin(), input_dims.end(), [](Index d) { return d < 1; }))
+    throw shape_error("save_onnx: input_dims must be N x C [x H x W] with every extent >= 1");
+  std::vector<Index> dims = input_dims;
   std::string out = onnx_detail::emit(b, model, "", "input", dims);
   if (out == "input") out = b.node("Identity", {out});
   // the last node's output is renamed "output"
@@ -303,19 +306,29 @@ onnx::ModelProto to_onnx(Model& model, const std::array<Index, R>& input_dims) {
         dim->set_dim_value(d[i]);
     }
   };
-  value_info(g->add_input(), "input", std::vector<Index>(input_dims.begin(), input_dims.end()));
+  value_info(g->add_input(), "input", input_dims);
   value_info(g->add_output(), "output", dims);
   return m;
 }
 
 // Writes to_onnx(model, input_dims) to path atomically (the old file, if any, stays whole on
 // failure). Errors as to_onnx's, and std::runtime_error for I/O.
-template <class Model, std::size_t R>
-void save_onnx(Model& model, const std::string& path, const std::array<Index, R>& input_dims) {
+template <class Model>
+void save_onnx(Model& model, const std::string& path, const std::vector<Index>& input_dims) {
   const onnx::ModelProto m = to_onnx(model, input_dims);
   std::string bytes;
   if (!m.SerializeToString(&bytes)) throw std::runtime_error("save_onnx: the model could not be serialised");
   write_file_atomic(path, bytes);
+}
+
+// The same, with the dims as a Dims<R> (dims_of(x) of an input x).
+template <class Model, std::size_t R>
+onnx::ModelProto to_onnx(Model& model, const std::array<Index, R>& input_dims) {
+  return to_onnx(model, std::vector<Index>(input_dims.begin(), input_dims.end()));
+}
+template <class Model, std::size_t R>
+void save_onnx(Model& model, const std::string& path, const std::array<Index, R>& input_dims) {
+  save_onnx(model, path, std::vector<Index>(input_dims.begin(), input_dims.end()));
 }
 
 }  // namespace bnrelu::io
