@@ -15,20 +15,11 @@ import statistics
 import subprocess
 import tempfile
 
+from machine import cpu
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_ENV = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.mmap_max=0")
 PYTHON = "/usr/bin/python3"  # Debian's, which has python3-torch
-
-
-def cpu():
-    info = {}
-    for line in open("/proc/cpuinfo"):
-        if ":" in line:
-            k, v = (s.strip() for s in line.split(":", 1))
-            info.setdefault(k, v)
-    flags = info.get("flags", "").split()
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}), {isa}, {os.cpu_count()} cores"
 
 
 def bnrelu_round(binary):
