@@ -79,6 +79,28 @@ TEST(Infer, ResNet20EqualsTheEvalForwardAndChangesNothing) {
   expect_infer_is_eval_forward(model, {3, 3, 16, 16});
 }
 
+// fuse_for_inference keeps each 3x3 Conv2d's Winograd filter transform; a weight changed
+// afterwards must be seen, not the kept transform of the old one.
+TEST(Infer, AWeightChangedAfterFoldingIsSeen) {
+  bnrelu::manual_seed(9);
+  auto model = bnrelu::models::seed_cnn<float>(1, 10);
+  train_two_steps(model, {8, 1, 28, 28});
+  model.fuse_for_inference();
+  auto& conv2 = model.get<4>();
+  ASSERT_TRUE(conv2.prepared_for_inference());
+  const auto x = random_input<4>({2, 1, 28, 28});
+  const auto before = model.infer(x);
+  conv2.weight()(3, 5, 1, 1) += 0.5f;
+  EXPECT_FALSE(conv2.prepared_for_inference());
+  const auto after = model.infer(x);
+  EXPECT_FALSE(same_bits(after, before));
+  conv2.prepare_inference();
+  EXPECT_TRUE(same_bits(model.infer(x), after));
+  EXPECT_TRUE(same_bits(model.forward(x), after));
+  for (auto& p : model.named_parameters()) (void)p;  // a writable view drops it too
+  EXPECT_FALSE(conv2.prepared_for_inference());
+}
+
 TEST(Infer, BatchNormWithoutRunningStatisticsUsesTheBatchs) {
   nn::Sequential model(nn::BatchNorm2d<float>({.num_features = 3, .track_running_stats = false}), nn::ReLU<float>{});
   const auto x = random_input<4>({4, 3, 5, 5});

@@ -30,6 +30,7 @@
 #include <string>
 #include <type_traits>
 #include <typeinfo>
+#include <utility>
 #include <vector>
 
 #include "../error.hpp"
@@ -193,7 +194,7 @@ std::string emit(GraphBuilder<T>& b, L& l, const std::string& name, const std::s
   } else if constexpr (is_a_v<Layer, nn::Conv2d>) {
     const auto& o = l.options();
     dims = as_vector(l.output_dims(as_dims<4>(dims, where)));
-    const auto& w = l.weight();
+    const auto& w = std::as_const(l).weight();
     std::vector<std::string> inputs{in, b.constant(name + ".weight", {o.out_channels, o.in_channels, o.kernel_size, o.kernel_size}, w.data())};
     if (l.bias().size() > 0) inputs.push_back(b.constant(name + ".bias", {o.out_channels}, l.bias().data()));
     std::string out = b.node("Conv", inputs);
@@ -203,7 +204,7 @@ std::string emit(GraphBuilder<T>& b, L& l, const std::string& name, const std::s
   } else if constexpr (is_a_v<Layer, nn::Linear>) {
     const auto& o = l.options();
     dims = as_vector(l.output_dims(as_dims<2>(dims, where)));
-    std::vector<std::string> inputs{in, b.constant(name + ".weight", {o.out_features, o.in_features}, l.weight().data())};
+    std::vector<std::string> inputs{in, b.constant(name + ".weight", {o.out_features, o.in_features}, std::as_const(l).weight().data())};
     if (l.bias().size() > 0) inputs.push_back(b.constant(name + ".bias", {o.out_features}, l.bias().data()));
     std::string out = b.node("Gemm", inputs);
     b.attr("transB", std::int64_t{1});

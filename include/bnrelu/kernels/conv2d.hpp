@@ -113,21 +113,24 @@ inline int conv_image_threads(Index N) { return N >= num_threads() ? num_threads
 
 // y[n] = weight * im2col(x[n]) + bias, then max(0, .) when relu (while the image is in cache)
 // x: [N, C, H, W]; weight: [O, C*KH*KW]; bias: [O] or null; y: [N, O, HO, WO]
-// workspace: conv2d_forward_workspace<T>(g, algorithm) elements.
+// workspace: conv2d_forward_workspace<T>(g, algorithm) elements. filters: weight's Winograd
+// transform (winograd_filter_transform, [16, O, C]) when the caller keeps one, else null.
 template <class T>
 void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bias,
                     const Conv2dGeometry& g, bool relu = false,
-                    ConvAlgorithm algorithm = ConvAlgorithm::automatic) {
+                    ConvAlgorithm algorithm = ConvAlgorithm::automatic, const T* filters = nullptr) {
   const Index K = g.col_rows(), P = g.col_cols();
   const int threads = conv_image_threads(g.N);
   if (use_winograd(g, algorithm)) {
     const auto wg = winograd_forward_geometry(g);
-    T* u = workspace;
-    winograd_filter_transform(u, weight, g.O, g.C);
-    T* scratch = u + 16 * g.O * g.C;
+    if (!filters) {
+      winograd_filter_transform(workspace, weight, g.O, g.C);
+      filters = workspace;
+    }
+    T* scratch = workspace + 16 * g.O * g.C;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (Index n = 0; n < g.N; ++n)
-      winograd_conv_image(y + n * g.O * P, x + n * g.C * g.H * g.W, u, bias, wg,
+      winograd_conv_image(y + n * g.O * P, x + n * g.C * g.H * g.W, filters, bias, wg,
                           scratch + bnrelu::detail::thread_index() * winograd_image_workspace<T>(wg), relu);
     return;
   }

@@ -66,6 +66,37 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   void set_algorithm(ConvAlgorithm a) { algorithm_ = a; }
   ConvAlgorithm algorithm() const { return algorithm_; }
 
+  // Keeps the weight's Winograd transform for the eval-mode forward and infer, which otherwise
+  // compute it on every call (a sizeable share of a batch of one). Sequential's
+  // fuse_for_inference calls it once the weights are final. Any later mutable access to the
+  // weight (weight(), named_parameters(), fold_affine, place_weight) drops it again.
+  void prepare_inference() {
+    filters_.clear();
+    if (opt_.kernel_size != 3) return;  // Winograd F(2x2, 3x3) only
+    filters_.resize(static_cast<std::size_t>(16 * opt_.out_channels * opt_.in_channels));
+    kernels::winograd_filter_transform(filters_.data(), this->weight_data(), opt_.out_channels, opt_.in_channels);
+  }
+  bool prepared_for_inference() const { return !filters_.empty(); }
+
+  // The parameters' mutable views, as WeightAndBias gives them, dropping the kept transform.
+  Tensor<T, 4>& weight() {
+    filters_.clear();
+    return Params::weight();
+  }
+  const Tensor<T, 4>& weight() const { return Params::weight(); }
+  std::vector<ParamRef<T>> named_parameters() {
+    filters_.clear();
+    return Params::named_parameters();
+  }
+  void fold_affine(const std::vector<double>& scale, const std::vector<double>& shift, bool relu) {
+    filters_.clear();
+    Params::fold_affine(scale, shift, relu);
+  }
+  void place_weight(T* value, T* grad, bool copy_values = true) {
+    filters_.clear();
+    Params::place_weight(value, grad, copy_values);
+  }
+
   // N x C x H x W -> N x O x HO x WO; shape_error if C is wrong or the kernel does not fit.
   Dims<4> output_dims(const Dims<4>& in) const {
     detail::check_rank_dims("Conv2d", in);
@@ -93,7 +124,7 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
     thread_local std::vector<T> workspace;
     workspace.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
     kernels::conv2d_forward(y.data(), workspace.data(), x.data(), this->weight_data(), this->bias_data(), g,
-                            this->relu_, algorithm_);
+                            this->relu_, algorithm_, filters_.empty() ? nullptr : filters_.data());
     return y;
   }
 
@@ -146,13 +177,15 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
     if (this->relu_ && is_training()) detail::inference_only("Conv2d");
     Tensor<T, 4> y = y_.take({g.N, g.O, g.HO, g.WO});
     workspace_.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
+    const bool kept = !filters_.empty() && !is_training();
     kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), this->weight_data(), this->bias_data(), g,
-                            this->relu_, algorithm_);
+                            this->relu_, algorithm_, kept ? filters_.data() : nullptr);
     x_.keep(x, owned, is_training());
     return y;
   }
 
   Conv2dOptions opt_;
+  std::vector<T> filters_;      // prepare_inference's Winograd transform of the weight, or empty
   detail::InputCache<T, 4> x_;  // cache for backward
   detail::Recycler<T, 4> y_;    // storage for the next output
   ConvAlgorithm algorithm_ = ConvAlgorithm::automatic;

@@ -173,6 +173,9 @@ class Sequential : public Module {
     });
     eval();
     fold_from<0, true>();
+    for_each_indexed([](std::size_t, auto& l) {
+      if constexpr (requires { l.prepare_inference(); }) l.prepare_inference();
+    });
     inference_only_ = true;
   }
 

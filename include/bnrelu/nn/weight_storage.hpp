@@ -39,6 +39,7 @@ class WeightStorage {
 
   // The layer's own tensors; std::logic_error while the values live elsewhere.
   Tensor<T, Rank>& value() { return own(value_); }
+  const Tensor<T, Rank>& value() const { return own(value_); }
   const Tensor<T, Rank>& grad() const { return own(grad_); }
 
   // Moves the values and gradient into memory the caller owns (value and grad, each size()

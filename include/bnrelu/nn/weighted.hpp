@@ -60,7 +60,9 @@ class WeightAndBias {
   // The weight and its gradient (named_parameters() views them wherever they live; these throw
   // std::logic_error while place_weight has them elsewhere).
   Tensor<T, WeightRank>& weight() { return weight_.value(); }
+  const Tensor<T, WeightRank>& weight() const { return weight_.value(); }
   Tensor<T, 1>& bias() { return bias_; }
+  const Tensor<T, 1>& bias() const { return bias_; }
   const Tensor<T, WeightRank>& weight_grad() const { return weight_.grad(); }
   const Tensor<T, 1>& bias_grad() const { return dbias_; }
 
