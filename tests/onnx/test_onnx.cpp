@@ -125,6 +125,16 @@ TEST(OnnxExport, PoolingLayersBecomeTheirOperators) {
   EXPECT_EQ(m.graph().node(2).output(0), "output");
 }
 
+TEST(OnnxExport, ALoneLayerKeepsItsStateDictNames) {
+  nn::Conv2d<float> conv({.in_channels = 2, .out_channels = 3, .kernel_size = 3, .padding = 1});
+  const onnx::ModelProto m = bnrelu::io::to_onnx(conv, {1, 2, 5, 5});
+  EXPECT_NO_THROW(onnx::checker::check_model(m));
+  ASSERT_EQ(m.graph().initializer_size(), 2);
+  EXPECT_EQ(m.graph().initializer(0).name(), "weight");
+  EXPECT_EQ(m.graph().initializer(1).name(), "bias");
+  EXPECT_EQ(m.graph().node(0).output(0), "output");
+}
+
 // A layer of the user's own, which the exporter cannot know.
 struct Doubler : nn::Module {
   using value_type = float;

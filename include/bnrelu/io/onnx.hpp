@@ -182,21 +182,23 @@ template <class T, class L>
 std::string emit(GraphBuilder<T>& b, L& l, const std::string& name, const std::string& in,
                  std::vector<Index>& dims) {
   using Layer = std::remove_cvref_t<L>;
-  const std::string where = "layer " + name;
+  const std::string where = name.empty() ? std::string("the model") : "layer " + name;
+  // state_dict's name of this layer's tensor `leaf` ("3.weight"; "weight" for a lone layer)
+  auto key = [&](const char* leaf) { return name.empty() ? std::string(leaf) : name + "." + leaf; };
   if constexpr (is_sequential<Layer>::value) {
     return emit_chain(b, l, name, in, dims);
   } else if constexpr (is_residual<Layer>::value) {
     std::vector<Index> sdims = dims;
-    const std::string m = emit(b, l.main(), name.empty() ? "main" : name + ".main", in, dims);
-    const std::string s = emit(b, l.shortcut(), name.empty() ? "shortcut" : name + ".shortcut", in, sdims);
+    const std::string m = emit(b, l.main(), key("main"), in, dims);
+    const std::string s = emit(b, l.shortcut(), key("shortcut"), in, sdims);
     if (sdims != dims) refuse(where, "the main branch's and the shortcut's outputs differ in shape");
     return b.node("Relu", {b.node("Add", {m, s})});
   } else if constexpr (is_a_v<Layer, nn::Conv2d>) {
     const auto& o = l.options();
     dims = as_vector(l.output_dims(as_dims<4>(dims, where)));
     const auto& w = std::as_const(l).weight();
-    std::vector<std::string> inputs{in, b.constant(name + ".weight", {o.out_channels, o.in_channels, o.kernel_size, o.kernel_size}, w.data())};
-    if (l.bias().size() > 0) inputs.push_back(b.constant(name + ".bias", {o.out_channels}, l.bias().data()));
+    std::vector<std::string> inputs{in, b.constant(key("weight"), {o.out_channels, o.in_channels, o.kernel_size, o.kernel_size}, w.data())};
+    if (l.bias().size() > 0) inputs.push_back(b.constant(key("bias"), {o.out_channels}, l.bias().data()));
     std::string out = b.node("Conv", inputs);
     b.window(o.kernel_size, o.stride, o.padding);
     b.attr("dilations", {o.dilation, o.dilation});
@@ -204,8 +206,8 @@ std::string emit(GraphBuilder<T>& b, L& l, const std::string& name, const std::s
   } else if constexpr (is_a_v<Layer, nn::Linear>) {
     const auto& o = l.options();
     dims = as_vector(l.output_dims(as_dims<2>(dims, where)));
-    std::vector<std::string> inputs{in, b.constant(name + ".weight", {o.out_features, o.in_features}, std::as_const(l).weight().data())};
-    if (l.bias().size() > 0) inputs.push_back(b.constant(name + ".bias", {o.out_features}, l.bias().data()));
+    std::vector<std::string> inputs{in, b.constant(key("weight"), {o.out_features, o.in_features}, std::as_const(l).weight().data())};
+    if (l.bias().size() > 0) inputs.push_back(b.constant(key("bias"), {o.out_features}, l.bias().data()));
     std::string out = b.node("Gemm", inputs);
     b.attr("transB", std::int64_t{1});
     return l.folded_relu() ? b.node("Relu", {out}) : out;
@@ -224,9 +226,9 @@ std::string emit(GraphBuilder<T>& b, L& l, const std::string& name, const std::s
         shift[static_cast<std::size_t>(c)] = l.bias()(c);
       }
     std::string out = b.node("BatchNormalization",
-                             {in, b.constant(name + ".weight", {C}, scale), b.constant(name + ".bias", {C}, shift),
-                              b.constant(name + ".running_mean", {C}, l.running_mean().data()),
-                              b.constant(name + ".running_var", {C}, l.running_var().data())});
+                             {in, b.constant(key("weight"), {C}, scale), b.constant(key("bias"), {C}, shift),
+                              b.constant(key("running_mean"), {C}, l.running_mean().data()),
+                              b.constant(key("running_var"), {C}, l.running_var().data())});
     b.attr("epsilon", static_cast<float>(o.eps));
     constexpr bool relu = is_a_v<Layer, nn::BatchNormReLU2d> || is_a_v<Layer, nn::BatchNormReLU1d>;
     return relu ? b.node("Relu", {out}) : out;
