@@ -85,11 +85,7 @@ class BatchNormBase : public Module {
     const kernels::Epilogue<T> epilogue{relu};
     if (opt_.track_running_stats) {
       kernels::ChannelAffines<T> f;
-      f.resize(shape.C);
-      for (Index c = 0; c < shape.C; ++c)
-        f.set(c, kernels::ChannelAffine<T>(static_cast<double>(running_mean_(c)),
-                                           1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps),
-                                           affine_params(), c));
+      running_maps(f);
       kernels::batchnorm_forward_eval(y.data(), x.data(), shape, f, epilogue);
     } else {
       std::vector<double> mean(static_cast<std::size_t>(shape.C)), var(mean), invstd(mean);
@@ -205,13 +201,8 @@ class BatchNormBase : public Module {
       drop_cache();
       return y;
     }
-    const kernels::AffineParams<T> params = affine_params();
     if (!batch_stats) {
-      affine_.resize(C);
-      for (Index c = 0; c < C; ++c)
-        affine_.set(c, kernels::ChannelAffine<T>(static_cast<double>(running_mean_(c)),
-                                                 1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps),
-                                                 params, c));
+      running_maps(affine_);
       kernels::batchnorm_forward_eval(y.data(), x.data(), shape, affine_, epilogue);
       drop_cache();
       return y;
@@ -236,7 +227,7 @@ class BatchNormBase : public Module {
     } else {
       kernels::batchnorm_forward_train(y.data(), keep && !owned ? x_.data() : nullptr,
                                        {mean_.data(), var_.data(), invstd_.data()},
-                                       keep && owned ? x_.data() : x.data(), shape, params, opt_.eps, epilogue);
+                                       keep && owned ? x_.data() : x.data(), shape, affine_params(), opt_.eps, epilogue);
     }
     count_ = M;
     if (is_training() && opt_.track_running_stats) {
@@ -307,6 +298,15 @@ class BatchNormBase : public Module {
   kernels::AffineParams<T> affine_params() const {
     if (!opt_.affine) return {};
     return {weight_.data(), bias_.data()};
+  }
+  // The eval-mode map of every channel, from the running statistics.
+  void running_maps(kernels::ChannelAffines<T>& f) const {
+    const Index C = opt_.num_features;
+    f.resize(C);
+    for (Index c = 0; c < C; ++c)
+      f.set(c, kernels::ChannelAffine<T>(static_cast<double>(running_mean_(c)),
+                                         1.0 / std::sqrt(static_cast<double>(running_var_(c)) + opt_.eps),
+                                         affine_params(), c));
   }
   // The last training forward's normalisation, for backward.
   kernels::Normalisation<T> normalisation() const { return {mean_.data(), invstd_.data(), affine_params()}; }
