@@ -79,3 +79,52 @@ TEST(Linear, EmptyBatch) {
   for (auto& p : fc.named_parameters())
     for (float g : p.grad) EXPECT_EQ(g, 0.0f);
 }
+
+// Batches of up to kernels::detail::kRowBatch rows take matrix-vector products over blocks of the
+// weight; larger ones a GEMM. Both agree with a double-precision reference, and give the same
+// bits on 1, 2 and 3 threads.
+TEST(Linear, SmallAndLargeBatchesMatchReferenceForAnyThreadCount) {
+  const bnrelu::Index I = 300, O = 70;  // several weight blocks, the last one partial
+  const int saved = bnrelu::num_threads();
+  const bnrelu::Index rows = bnrelu::kernels::detail::kRowBatch;
+  for (bnrelu::Index N : {bnrelu::Index{1}, bnrelu::Index{3}, rows, rows + 1, bnrelu::Index{20}}) {
+    SCOPED_TRACE(N);
+    bnrelu::manual_seed(9);
+    nn::Linear<float> fc({.in_features = I, .out_features = O});
+    const auto x = random_tensor<float, 2>({N, I});
+    const auto dy = random_tensor<float, 2>({N, O});
+    const Tensor<float, 2> w = fc.weight();
+    const Tensor<float, 1> b = fc.bias();
+    Tensor<double, 2> y_ref(N, O), dx_ref(N, I), dw_ref(O, I);
+    y_ref.setZero();
+    dx_ref.setZero();
+    dw_ref.setZero();
+    for (bnrelu::Index n = 0; n < N; ++n)
+      for (bnrelu::Index o = 0; o < O; ++o) {
+        double acc = b(o);
+        for (bnrelu::Index i = 0; i < I; ++i) {
+          acc += double(x(n, i)) * w(o, i);
+          dx_ref(n, i) += double(dy(n, o)) * w(o, i);
+          dw_ref(o, i) += double(dy(n, o)) * x(n, i);
+        }
+        y_ref(n, o) = acc;
+      }
+    std::vector<Tensor<float, 2>> ys, dxs, dws;
+    for (int threads : {1, 2, 3}) {
+      bnrelu::set_num_threads(threads);
+      fc.zero_grad();
+      ys.push_back(fc.forward(x));
+      dxs.push_back(fc.backward(dy));
+      dws.push_back(fc.weight_grad());
+    }
+    bnrelu::set_num_threads(saved);
+    EXPECT_TRUE(close_to(ys[0], y_ref, 1e-5));
+    EXPECT_TRUE(close_to(dxs[0], dx_ref, 1e-5));
+    EXPECT_TRUE(close_to(dws[0], dw_ref, 1e-5));
+    for (std::size_t t = 1; t < ys.size(); ++t) {
+      EXPECT_TRUE(close_to(ys[t], ys[0], 0)) << t + 1 << " threads";
+      EXPECT_TRUE(close_to(dxs[t], dxs[0], 0)) << t + 1 << " threads";
+      EXPECT_TRUE(close_to(dws[t], dws[0], 0)) << t + 1 << " threads";
+    }
+  }
+}
