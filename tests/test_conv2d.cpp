@@ -288,3 +288,54 @@ TEST(Conv2d, ExtremeSizesAreShapeErrors) {
   auto model = bnrelu::models::seed_cnn<float>(1, 10);
   EXPECT_THROW(model.output_dims({Index{1} << 62, 1, 28, 28}), bnrelu::shape_error);
 }
+
+// A batch smaller than the thread count runs each image's forward on the whole team (input
+// channels, Winograd's 16 products, then output channels shared out); a larger one gives each
+// thread whole images. Both give the bits of one thread, with bias and folded ReLU, and agree
+// with a direct convolution in double precision.
+TEST(Conv2d, ForwardSharedWithinAnImageMatchesOneThread) {
+  namespace k = bnrelu::kernels;
+  const int saved = bnrelu::num_threads();
+  // 20 output channels: blocks of 8 rows and a partial one; odd sizes: partial tiles; 3 x 4:
+  // fewer tiles in a channel than a vector holds
+  for (auto [H, W] : {std::pair<bnrelu::Index, bnrelu::Index>{9, 7}, {3, 4}})
+  for (auto algorithm : {k::ConvAlgorithm::im2col, k::ConvAlgorithm::winograd})
+    for (bnrelu::Index N : {1, 2, 3}) {
+      SCOPED_TRACE(static_cast<int>(algorithm));
+      SCOPED_TRACE(N);
+      SCOPED_TRACE(H);
+      const k::Conv2dGeometry g{.N = N, .C = 9, .H = H, .W = W, .O = 20, .KH = 3, .KW = 3, .stride = 1,
+                                .pad = 1, .dil = 1, .HO = H, .WO = W};
+      bnrelu::manual_seed(4);
+      const auto x = random_tensor<float, 4>({N, g.C, g.H, g.W});
+      const auto w = random_tensor<float, 2>({g.O, g.col_rows()});
+      const auto b = random_tensor<float, 1>({g.O});
+      std::vector<Tensor<float, 4>> ys;
+      for (int threads : {1, 2, 3}) {
+        bnrelu::set_num_threads(threads);
+        std::vector<float> workspace(static_cast<std::size_t>(k::conv2d_forward_workspace<float>(g, algorithm)));
+        Tensor<float, 4> y(N, g.O, g.HO, g.WO);
+        k::conv2d_forward(y.data(), workspace.data(), x.data(), w.data(), b.data(), g, /*relu=*/true, algorithm);
+        ys.push_back(y);
+      }
+      bnrelu::set_num_threads(saved);
+      Tensor<double, 4> ref(N, g.O, g.HO, g.WO);
+      for (bnrelu::Index n = 0; n < N; ++n)
+        for (bnrelu::Index o = 0; o < g.O; ++o)
+          for (bnrelu::Index oh = 0; oh < g.HO; ++oh)
+            for (bnrelu::Index ow = 0; ow < g.WO; ++ow) {
+              double acc = b(o);
+              for (bnrelu::Index c = 0; c < g.C; ++c)
+                for (bnrelu::Index kh = 0; kh < 3; ++kh)
+                  for (bnrelu::Index kw = 0; kw < 3; ++kw) {
+                    const bnrelu::Index ih = oh - 1 + kh, iw = ow - 1 + kw;
+                    if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+                      acc += double(x(n, c, ih, iw)) * w(o, (c * 3 + kh) * 3 + kw);
+                  }
+              ref(n, o, oh, ow) = std::max(acc, 0.0);
+            }
+      EXPECT_TRUE(close_to(ys[0], ref, 1e-5));
+      EXPECT_TRUE(close_to(ys[1], ys[0], 0)) << "2 threads";
+      EXPECT_TRUE(close_to(ys[2], ys[0], 0)) << "3 threads";
+    }
+}

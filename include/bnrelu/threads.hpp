@@ -70,6 +70,14 @@ inline int thread_index() {
   return 0;
 #endif
 }
+// The number of threads in the calling thread's team (1 outside a parallel region).
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
 }  // namespace detail
 
 }  // namespace bnrelu

@@ -1,5 +1,6 @@
 // Convolution arithmetic: im2col + Eigen GEMM, or Winograd F(2x2, 3x3) for the 3x3, stride-1
-// layers it serves better (winograd.hpp); one image per thread either way.
+// layers it serves better (winograd.hpp); one image per thread either way, or for a batch
+// smaller than the thread count, each image's forward shared by all the threads.
 #pragma once
 
 #include <algorithm>
@@ -32,10 +33,12 @@ inline void valid_columns(Index& first, Index& last, Index off, const Conv2dGeom
   first = std::min(first, last);
 }
 
-// x: [C, H, W] one image -> col: [C*KH*KW, HO*WO]; out-of-image taps are 0.
+// x: [C, H, W] one image -> col: [C*KH*KW, HO*WO]; out-of-image taps are 0. The rows of
+// channels [c0, c1) only when given (a team's share).
 template <class T>
-void im2col(T* col, const T* x, const Conv2dGeometry& g) {
-  for (Index c = 0; c < g.C; ++c)
+void im2col(T* col, const T* x, const Conv2dGeometry& g, Index c0 = 0, Index c1 = -1) {
+  if (c1 < 0) c1 = g.C;
+  for (Index c = c0; c < c1; ++c)
     for (Index kh = 0; kh < g.KH; ++kh)
       for (Index kw = 0; kw < g.KW; ++kw) {
         T* row = col + ((c * g.KH + kh) * g.KW + kw) * g.HO * g.WO;
@@ -107,9 +110,39 @@ inline WinogradGeometry winograd_backward_geometry(const Conv2dGeometry& g) {
   return {g.N, g.O, g.HO, g.WO, g.C, 2 - g.pad};
 }
 
-// Images are spread over threads when there are enough of them; otherwise one image at a
-// time with Eigen threading the GEMM.
+// Images are spread over threads when there are at least as many as threads. A smaller
+// batch runs one image at a time on the whole team (the forward only; the backward of such a
+// batch runs on one thread).
 inline int conv_image_threads(Index N) { return N >= num_threads() ? num_threads() : 1; }
+// Whether the forward shares each image among the threads. An im2col product too small for
+// Eigen's GEMM (rows + columns + depth under EIGEN_GEMM_TO_COEFFBASED_THRESHOLD, 20) is
+// computed coefficient by coefficient, rounding otherwise; such a layer is not shared, so that
+// every output is the same whatever the thread count.
+inline bool conv_team_forward(const Conv2dGeometry& g, bool winograd) {
+  return g.N < num_threads() && (winograd || g.col_rows() + g.col_cols() >= 20);
+}
+
+// Output channels [o0, o1) of one image from its columns: the rows of weight * col, + bias,
+// then max(0, .) when relu.
+template <class T>
+void conv_rows(T* yn, const T* col, const T* weight, const T* bias, const Conv2dGeometry& g, bool relu, Index o0,
+               Index o1) {
+  const Index K = g.col_rows(), P = g.col_cols(), rows = o1 - o0;
+  if (rows <= 0) return;
+  MatrixMap<T> y(yn + o0 * P, rows, P);
+  y.noalias() = ConstMatrixMap<T>(weight + o0 * K, rows, K) * ConstMatrixMap<T>(col, K, P);
+  if (bias) y.colwise() += Eigen::Map<const Eigen::Vector<T, Eigen::Dynamic>>(bias + o0, rows);
+  if (relu)
+    for (Index i = 0; i < rows * P; ++i) yn[o0 * P + i] = relu_value(yn[o0 * P + i]);
+}
+
+// The team's share of output channels: whole blocks of 8 rows (Eigen's products treat rows in
+// blocks of whole vectors, so each output is computed the same way whichever thread has it).
+inline void team_rows(Index& o0, Index& o1, Index O, int t, int team) {
+  const Index blocks = (O + 7) / 8;
+  o0 = std::min(O, blocks * t / team * 8);
+  o1 = std::min(O, blocks * (t + 1) / team * 8);
+}
 
 // y[n] = weight * im2col(x[n]) + bias, then max(0, .) when relu (while the image is in cache)
 // x: [N, C, H, W]; weight: [O, C*KH*KW]; bias: [O] or null; y: [N, O, HO, WO]
@@ -128,24 +161,38 @@ void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bi
       filters = workspace;
     }
     T* scratch = workspace + 16 * g.O * g.C;
+    if (conv_team_forward(g, true)) {
+#pragma omp parallel num_threads(num_threads())
+      for (Index n = 0; n < g.N; ++n)
+        winograd_conv_image_team(y + n * g.O * P, x + n * g.C * g.H * g.W, filters, bias, wg, scratch, relu);
+      return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (Index n = 0; n < g.N; ++n)
       winograd_conv_image(y + n * g.O * P, x + n * g.C * g.H * g.W, filters, bias, wg,
                           scratch + bnrelu::detail::thread_index() * winograd_image_workspace<T>(wg), relu);
     return;
   }
-  ConstMatrixMap<T> w(weight, g.O, K);
+  if (conv_team_forward(g, false)) {  // one image at a time: channels' columns, then output channels
+#pragma omp parallel num_threads(num_threads())
+    {
+      const int t = bnrelu::detail::thread_index(), team = bnrelu::detail::team_size();
+      Index o0, o1;
+      team_rows(o0, o1, g.O, t, team);
+      for (Index n = 0; n < g.N; ++n) {
+#pragma omp barrier
+        im2col(workspace, x + n * g.C * g.H * g.W, g, g.C * t / team, g.C * (t + 1) / team);
+#pragma omp barrier
+        conv_rows(y + n * g.O * P, workspace, weight, bias, g, relu, o0, o1);
+      }
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (Index n = 0; n < g.N; ++n) {
     T* col = workspace + static_cast<Index>(bnrelu::detail::thread_index()) * K * P;
     im2col(col, x + n * g.C * g.H * g.W, g);
-    MatrixMap<T> yn(y + n * g.O * P, g.O, P);
-    yn.noalias() = w * ConstMatrixMap<T>(col, K, P);
-    if (bias) yn.colwise() += Eigen::Map<const Eigen::Vector<T, Eigen::Dynamic>>(bias, g.O);
-    if (relu) {
-      T* out = y + n * g.O * P;
-      for (Index i = 0; i < g.O * P; ++i) out[i] = relu_value(out[i]);
-    }
+    conv_rows(y + n * g.O * P, col, weight, bias, g, relu, 0, g.O);
   }
 }
 
@@ -241,8 +288,12 @@ void conv2d_backward(T* dx, T* dweight, T* dbias, T* workspace, const T* dy, con
 template <class T>
 Index conv2d_forward_workspace(const Conv2dGeometry& g, ConvAlgorithm a = ConvAlgorithm::automatic) {
   const Index t = conv_image_threads(g.N);
-  if (use_winograd(g, a)) return 16 * g.O * g.C + t * winograd_image_workspace<T>(winograd_forward_geometry(g));
-  return t * g.col_rows() * g.col_cols();
+  const bool winograd = use_winograd(g, a), team = conv_team_forward(g, winograd);
+  if (winograd) {
+    const auto wg = winograd_forward_geometry(g);
+    return 16 * g.O * g.C + (team ? winograd_team_workspace<T>(wg, num_threads()) : t * winograd_image_workspace<T>(wg));
+  }
+  return (team ? 1 : t) * g.col_rows() * g.col_cols();
 }
 template <class T>
 Index conv2d_backward_workspace(const Conv2dGeometry& g, ConvAlgorithm a = ConvAlgorithm::automatic) {

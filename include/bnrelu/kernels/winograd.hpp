@@ -27,6 +27,7 @@
 #include "../detail/eigen.hpp"
 
 #include "../tensor.hpp"
+#include "../threads.hpp"
 #include "matrix.hpp"
 #include "simd.hpp"
 
@@ -118,9 +119,10 @@ struct WinogradScratch {
         stage_stride(g.tiles() + packet) {}
   // even and odd planes plus one padded row: the transforms' own scratch
   Index planes(const WinogradGeometry& g) const { return 2 * g.rows() * half_stride + line; }
-  Index conv_image(const WinogradGeometry& g) const {
-    return 16 * (v_stride + m_stride) + planes(g) + 4 * stage_stride;
-  }
+  // one image's V and M, and the transforms' scratch (the part each thread of a team has)
+  Index transformed(const WinogradGeometry&) const { return 16 * (v_stride + m_stride); }
+  Index transform_scratch(const WinogradGeometry& g) const { return planes(g) + 4 * stage_stride; }
+  Index conv_image(const WinogradGeometry& g) const { return transformed(g) + transform_scratch(g); }
   // the weight gradient's per-thread V, D and accumulated M[16][O, C]
   Index weight_gradient(const WinogradGeometry& g) const {
     return 16 * (v_stride + m_stride + g.O * g.C) + planes(g);
@@ -133,17 +135,20 @@ struct WinogradScratch {
 // Each channel's padded plane is split into even and odd columns, so that the padded column
 // 2 tw + j of tile tw is even[tw + j / 2] (j even) or odd[tw + j / 2] (j odd): every step is a
 // vector operation over a row of tiles.
+// Channels [c0, c1) only when given (a team's share).
 template <class T>
-void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGeometry& g, T* scratch) {
+void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGeometry& g, T* scratch,
+                              Index c0 = 0, Index c1 = -1) {
   using P8 = simd::Packet<T>;
   const WinogradScratch s(g, simd::width<T>);
-  const Index C = g.C, H = g.H, W = g.W, TH = g.TH, TW = g.TW, P = g.tiles(), R = g.rows();
+  const Index H = g.H, W = g.W, TH = g.TH, TW = g.TW, P = g.tiles(), R = g.rows();
   const Index L = s.L, KS = s.half_stride;
+  if (c1 < 0) c1 = g.C;
   T* even = scratch;       // [R, KS]
   T* odd = even + R * KS;  // [R, KS]
   T* line = odd + R * KS;  // one padded input row
   std::fill(scratch, scratch + s.planes(g), T(0));  // padding rows and columns stay zero
-  for (Index c = 0; c < C; ++c) {
+  for (Index c = c0; c < c1; ++c) {
     detail::split_columns(even, odd, KS, line, x + c * H * W, W, g.pad, std::max<Index>(0, g.pad),
                           std::min(R, H + g.pad));
     T* vc = v + c * P;
@@ -165,11 +170,20 @@ void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGe
         vertical(oa, o0 + tw);
         vertical(ob, o0 + tw + 1);
         T* out = vc + th * TW + tw;
+        // a packet that would run past the channel's last tile stores its lanes up to it only:
+        // past it lies the next channel, which another thread of a team may have written already
+        const Index keep = std::min(L, P - th * TW - tw);
+        auto put = [&](T* at, P8 value) {
+          if (keep == L) return simd::store(at, value);
+          alignas(64) T lanes[simd::width<T>];
+          simd::store(lanes, value);
+          std::copy(lanes, lanes + keep, at);
+        };
         for (int i = 0; i < 4; ++i) {  // then (B^T d) B along the row
-          simd::store(out + (i * 4 + 0) * v_stride, simd::psub(ea[i], eb[i]));
-          simd::store(out + (i * 4 + 1) * v_stride, simd::padd(oa[i], eb[i]));
-          simd::store(out + (i * 4 + 2) * v_stride, simd::psub(eb[i], oa[i]));
-          simd::store(out + (i * 4 + 3) * v_stride, simd::psub(oa[i], ob[i]));
+          put(out + (i * 4 + 0) * v_stride, simd::psub(ea[i], eb[i]));
+          put(out + (i * 4 + 1) * v_stride, simd::padd(oa[i], eb[i]));
+          put(out + (i * 4 + 2) * v_stride, simd::psub(eb[i], oa[i]));
+          put(out + (i * 4 + 3) * v_stride, simd::psub(oa[i], ob[i]));
         }
       }
     }
@@ -179,13 +193,15 @@ void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGe
 // Output transform y[O, HO, WO] = A^T M A (+ bias, then ReLU when relu) of M[xi] rows (O x P,
 // m_stride apart), one output channel at a time as vectors over its tiles, staged and then
 // interleaved into the output rows. stage: 4 * WinogradScratch::stage_stride elements.
+// Output channels [o0, o1) only when given (a team's share).
 template <class T>
 void winograd_output_transform(T* y, const T* m, Index m_stride, const T* bias, bool relu,
-                               const WinogradGeometry& g, T* stage) {
+                               const WinogradGeometry& g, T* stage, Index o0 = 0, Index o1 = -1) {
   using P8 = simd::Packet<T>;
   const WinogradScratch s(g, simd::width<T>);
-  const Index O = g.O, HO = g.HO, WO = g.WO, TW = g.TW, P = g.tiles();
-  for (Index o = 0; o < O; ++o) {
+  const Index HO = g.HO, WO = g.WO, TW = g.TW, P = g.tiles();
+  if (o1 < 0) o1 = g.O;
+  for (Index o = o0; o < o1; ++o) {
     const P8 b = simd::set1<T>(bias ? bias[o] : T(0));
     for (Index t = 0; t < P; t += s.L) {
       const T* mt = m + o * P + t;
@@ -241,6 +257,41 @@ void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const Wino
     MatrixMap<T>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
   }
   winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage);
+}
+
+// Scratch of winograd_conv_image_team for a team of `threads`, in elements of T.
+template <class T>
+Index winograd_team_workspace(const WinogradGeometry& g, Index threads) {
+  const WinogradScratch s(g, simd::width<T>);
+  return s.transformed(g) + threads * s.transform_scratch(g);
+}
+
+// winograd_conv_image computed by the calling team of threads together, for batches smaller
+// than the team: input channels shared out for the input transform, the 16 products, then output
+// channels for the output transform. Every thread of the team calls it (inside a parallel
+// region); each output is computed as winograd_conv_image computes it, whatever the team's size.
+// workspace: winograd_team_workspace<T>(g, team) elements.
+template <class T>
+void winograd_conv_image_team(T* y, const T* x, const T* u, const T* bias, const WinogradGeometry& g, T* workspace,
+                              bool relu = false) {
+  const WinogradScratch s(g, simd::width<T>);
+  const Index C = g.C, O = g.O, P = g.tiles();
+  const int t = bnrelu::detail::thread_index(), team = bnrelu::detail::team_size();
+  T* v = workspace;
+  T* m = v + 16 * s.v_stride;
+  T* planes = v + s.transformed(g) + t * s.transform_scratch(g);
+  T* stage = planes + s.planes(g);
+  winograd_input_transform(v, s.v_stride, x, g, planes, C * t / team, C * (t + 1) / team);
+#pragma omp barrier
+#pragma omp for schedule(static)
+  for (int xi = 0; xi < 16; ++xi) {
+    ConstMatrixMap<T> uxi(u + xi * O * C, O, C);
+    ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
+    MatrixMap<T>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
+  }
+  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, O * t / team, O * (t + 1) / team);
+  // the next image's input transform writes V only, which the products above have read: the
+  // barrier after it keeps its products from writing M before this output transform has read it
 }
 
 // The weight gradient by Winograd F(3x3, 2x2), the transpose of F(2x2, 3x3): for a tile of
