@@ -1,5 +1,5 @@
-// Shared pieces of the benchmark programs: a STREAM triad for the machine's memory limit,
-// and helpers for tensors and thread counts.
+// Shared pieces of the benchmark programs: the build's vector ISA in every report, a STREAM
+// triad for the machine's memory limit, and helpers for tensors and thread counts.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -13,6 +13,21 @@
 #include <bnrelu/threads.hpp>
 
 namespace bnrelu::bench {
+
+// The vector instructions this build's kernels use, in every report's context (the console
+// header and the JSON "context"), next to Google Benchmark's own CPU and cache lines.
+inline const char* build_isa() {
+#if defined(__AVX512F__)
+  return "AVX-512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "AVX2 + FMA";
+#elif defined(__AVX__)
+  return "AVX";
+#else
+  return "SSE2";
+#endif
+}
+inline const bool isa_in_context = (benchmark::AddCustomContext("bnrelu_isa", build_isa()), true);
 
 // a = b + s * c over arrays far larger than the L3 cache; bytes moved = 3 arrays (STREAM's
 // convention, no write-allocate traffic counted).
