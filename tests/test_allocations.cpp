@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <vector>
 
 namespace {
@@ -160,6 +161,41 @@ TEST_P(SteadyState, EvalForwardReusesAllMemory) {
     // the returned logits, and Eigen's heap-packed products
     EXPECT_LE(calls, 3 * 6) << "more malloc calls than Eigen's GEMM packing and the returned logits make";
   }
+}
+
+// infer on a const model takes its outputs from the calling thread's spares and hands every
+// intermediate back: steady calls of one shape allocate only the returned logits and Eigen's
+// heap-packed products, and touch no new page (without the spares, each batch-64 call of the
+// seed CNN on one thread faulted in its 25 MB of activations afresh).
+TEST_P(SteadyState, InferReusesAllMemory) {
+  bnrelu::set_num_threads(GetParam());
+  bnrelu::manual_seed(0);
+  auto seed = bnrelu::models::seed_cnn<float>(1, 10);
+  seed.eval();
+  seed.fuse_for_inference();
+  auto resnet = bnrelu::models::resnet20<float>(3, 10);
+  resnet.fuse_for_inference();
+  bnrelu::Tensor<float, 4> x(64, 1, 28, 28), images(8, 3, 16, 16);
+  x.setRandom();
+  images.setRandom();
+  const auto& a = seed;
+  const auto& b = resnet;
+  for (auto [name, call] : {std::pair<const char*, std::function<void()>>{"seed CNN", [&] { a.infer(x); }},
+                            {"ResNet-20", [&] { b.infer(images); }}}) {
+    SCOPED_TRACE(name);
+    ASSERT_TRUE(warm_up(call)) << "no 5 infer calls in a row without touching new memory";
+    const long faults = minor_faults();
+    Counted c;
+    for (int i = 0; i < 3; ++i) call();
+    const long calls = c.stop();
+    EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state infer touched new memory";
+    EXPECT_LE(calls, 3 * 6) << "more malloc calls than Eigen's GEMM packing and the returned logits make";
+  }
+  // the spares are real, and release_infer_buffers frees them: the next call allocates again
+  bnrelu::nn::release_infer_buffers();
+  Counted again;
+  a.infer(x);
+  EXPECT_GT(again.stop(), 6);
 }
 
 // ResNet-20: residual blocks hand storage between their branches and across block boundaries

@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "infer_arena.hpp"
 #include "../kernels/avgpool.hpp"
 #include "layer.hpp"
 
@@ -33,7 +34,7 @@ class AvgPoolBase : public Module {
   // The eval-mode output, computed without touching the layer (any number of threads at once).
   Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
     const auto g = static_cast<const Derived&>(*this).geometry(dims_of(x));
-    Tensor<T, 4> y(g.N, g.C, g.HO, g.WO);
+    Tensor<T, 4> y = detail::infer_output<T>(Dims<4>{g.N, g.C, g.HO, g.WO});
     kernels::avgpool2d_forward(y.data(), x.data(), g);
     return y;
   }

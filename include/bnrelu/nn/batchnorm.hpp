@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "infer_arena.hpp"
 #include "../kernels/batchnorm.hpp"
 #include "layer.hpp"
 
@@ -80,7 +81,7 @@ class BatchNormBase : public Module {
   Tensor<T, Rank> infer_impl(const Tensor<T, Rank>& x, bool relu) const {
     const auto d = output_dims(dims_of(x));
     const kernels::BatchShape shape{d[0], d[1], spatial(d)};
-    Tensor<T, Rank> y(d);
+    Tensor<T, Rank> y = detail::infer_output<T>(d);
     if (x.size() == 0) return y;
     const kernels::Epilogue<T> epilogue{relu};
     if (opt_.track_running_stats) {

@@ -4,6 +4,7 @@
 #include <utility>
 #include <vector>
 
+#include "infer_arena.hpp"
 #include "../kernels/conv2d.hpp"
 #include "layer.hpp"
 #include "weighted.hpp"
@@ -120,7 +121,7 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   // Winograd workspace is the calling thread's own, kept from one call to the next.
   Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
     const auto g = geometry(dims_of(x));
-    Tensor<T, 4> y(g.N, g.O, g.HO, g.WO);
+    Tensor<T, 4> y = detail::infer_output<T>(Dims<4>{g.N, g.O, g.HO, g.WO});
     thread_local std::vector<T> workspace;
     workspace.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
     kernels::conv2d_forward(y.data(), workspace.data(), x.data(), this->weight_data(), this->bias_data(), g,

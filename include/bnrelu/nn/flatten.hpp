@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "infer_arena.hpp"
 #include "layer.hpp"
 
 namespace bnrelu::nn {
@@ -30,7 +31,7 @@ class Flatten : public Module {
   }
   // The eval-mode output, computed without touching the layer (any number of threads at once).
   Tensor<T, 2> infer(const Tensor<T, 4>& x) const {
-    Tensor<T, 2> y(output_dims(dims_of(x)));
+    Tensor<T, 2> y = detail::infer_output<T>(output_dims(dims_of(x)));
     std::copy_n(x.data(), x.size(), y.data());
     return y;
   }

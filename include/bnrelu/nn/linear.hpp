@@ -4,6 +4,7 @@
 #include <utility>
 #include <vector>
 
+#include "infer_arena.hpp"
 #include "../kernels/linear.hpp"
 #include "layer.hpp"
 #include "weighted.hpp"
@@ -57,7 +58,7 @@ class Linear : public Module, public detail::WeightAndBias<T, 2> {
   // number of threads may call it at once while nobody changes the layer.
   Tensor<T, 2> infer(const Tensor<T, 2>& x) const {
     const auto out = output_dims(dims_of(x));
-    Tensor<T, 2> y(out);
+    Tensor<T, 2> y = detail::infer_output<T>(out);
     kernels::linear_forward(y.data(), x.data(), this->weight_data(), this->bias_data(), out[0], opt_.in_features,
                             opt_.out_features);
     if (this->relu_) kernels::relu_forward(y.data(), static_cast<std::uint8_t*>(nullptr), y.data(), y.size());

@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "infer_arena.hpp"
 #include "../kernels/pool.hpp"
 #include "layer.hpp"
 
@@ -61,7 +62,7 @@ class MaxPool2d : public Module {
   // The eval-mode output, computed without touching the layer (any number of threads at once).
   Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
     const auto g = geometry(dims_of(x));
-    Tensor<T, 4> y(g.N, g.C, g.HO, g.WO);
+    Tensor<T, 4> y = detail::infer_output<T>(Dims<4>{g.N, g.C, g.HO, g.WO});
     kernels::maxpool2d_forward(y.data(), static_cast<std::int32_t*>(nullptr), x.data(), g);
     return y;
   }

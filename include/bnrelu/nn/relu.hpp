@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "infer_arena.hpp"
 #include "../kernels/relu.hpp"
 #include "layer.hpp"
 
@@ -37,7 +38,7 @@ class ReLU : public Module {
   // The eval-mode output, computed without touching the layer (any number of threads at once).
   template <int Rank>
   Tensor<T, Rank> infer(const Tensor<T, Rank>& x) const {
-    Tensor<T, Rank> y(x.dimensions());
+    Tensor<T, Rank> y = detail::infer_output<T>(dims_of(x));
     kernels::relu_forward(y.data(), static_cast<std::uint8_t*>(nullptr), x.data(), x.size());
     return y;
   }

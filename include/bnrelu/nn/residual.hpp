@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "infer_arena.hpp"
 #include "../kernels/relu.hpp"
 #include "identity.hpp"
 #include "layer.hpp"
@@ -115,8 +116,9 @@ class Residual : public Module {
   Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
     output_dims(dims_of(x));
     Tensor<T, 4> y = main_.infer(x);
-    const Tensor<T, 4> s = shortcut_.infer(x);
+    Tensor<T, 4> s = shortcut_.infer(x);
     kernels::add_relu_into(y.data(), s.data(), y.size());
+    detail::infer_recycle(std::move(s));
     return y;
   }
 

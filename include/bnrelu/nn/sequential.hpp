@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "infer_arena.hpp"
 #include "layer.hpp"
 
 namespace bnrelu::nn {
@@ -404,28 +405,34 @@ class Sequential : public Module {
     }
   }
 
-  // infer through layers I .. size-1; x is layer I's input.
+  // infer through layers I .. size-1; x is layer I's input: the caller's (an lvalue), or an
+  // intermediate (an rvalue), which goes back to the thread's infer spares once layer I has read it.
   template <std::size_t I, class X>
-  auto infer_from(const X& x) const {
+  auto infer_from(X&& x) const {
+    auto y = [&] {
+      if constexpr (fused_pair<I>() && I + 1 < size)
+        return std::get<I>(layers_).infer_impl(x, true);
+      else
+        return std::get<I>(layers_).infer(x);
+    }();
+    if constexpr (!std::is_lvalue_reference_v<X>) detail::infer_recycle(std::move(x));
     if constexpr (I + 1 == size) {
-      return std::get<I>(layers_).infer(x);
+      return y;
     } else if constexpr (fold_site<I>()) {
-      auto y = std::get<I>(layers_).infer(x);
       if (folded_[I]) {
         if constexpr (I + fold_span<I>() < size)
-          return infer_from<I + fold_span<I>()>(y);
+          return infer_from<I + fold_span<I>()>(std::move(y));
         else
           return y;
       }
-      return infer_from<I + 1>(y);
+      return infer_from<I + 1>(std::move(y));
     } else if constexpr (fused_pair<I>()) {
-      auto y = std::get<I>(layers_).infer_impl(x, true);
       if constexpr (I + 2 < size)
-        return infer_from<I + 2>(y);
+        return infer_from<I + 2>(std::move(y));
       else
         return y;
     } else {
-      return infer_from<I + 1>(std::get<I>(layers_).infer(x));
+      return infer_from<I + 1>(std::move(y));
     }
   }
 
