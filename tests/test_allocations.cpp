@@ -17,6 +17,7 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -71,6 +72,21 @@ struct Counted {
   }
 };
 
+// The page faults of 3 calls of f, the fewest over 3 tries. A steady state that touches new
+// memory does so in every try; a page the kernel reclaimed from the idle process (these
+// machines run a memory-reclaim daemon, kdamond) costs a fault in one try, not in all three.
+template <class F>
+long steady_faults(F&& f) {
+  long fewest = -1;
+  for (int attempt = 0; attempt < 3 && fewest != 0; ++attempt) {
+    const long before = minor_faults();
+    for (int i = 0; i < 3; ++i) f();
+    const long faults = minor_faults() - before;
+    fewest = fewest < 0 ? faults : std::min(fewest, faults);
+  }
+  return fewest;
+}
+
 // Runs f until 5 calls in a row touch no new page (at most 100 calls); false if they never do.
 // A step that allocates or grows something every time never gets there. The allocator's heaps
 // (one per thread that allocates) settle within the first dozen calls.
@@ -123,11 +139,10 @@ TEST_P(SteadyState, TrainingStepReusesAllMemory) {
   const Index N = 16;
   TrainingStep step(model, {N, 1, 28, 28});
   ASSERT_TRUE(warm_up(step)) << "no 5 steps in a row without touching new memory";
-  const long faults = minor_faults();
   Counted c;
   for (int i = 0; i < 3; ++i) step();
   const long calls = c.stop();
-  EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state step touched new memory";
+  EXPECT_EQ(steady_faults(step), 0) << "a steady-state step touched new memory";
   // Eigen packs on the stack up to 128 KiB (Winograd's small products), on the heap above:
   // Linear's products, one per block of columns (measured: 10 calls a step on one and on two
   // threads). The bound leaves room for another Eigen's blocking.
@@ -153,11 +168,10 @@ TEST_P(SteadyState, EvalForwardReusesAllMemory) {
     bnrelu::Tensor<float, 4> x(32, 1, 28, 28);
     x.setRandom();
     ASSERT_TRUE(warm_up([&] { model.forward(x); })) << "no 5 forwards in a row without touching new memory";
-    const long faults = minor_faults();
     Counted c;
     for (int i = 0; i < 3; ++i) model.forward(x);
     const long calls = c.stop();
-    EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state eval forward touched new memory";
+    EXPECT_EQ(steady_faults([&] { model.forward(x); }), 0) << "a steady-state eval forward touched new memory";
     // the returned logits, and Eigen's heap-packed products
     EXPECT_LE(calls, 3 * 6) << "more malloc calls than Eigen's GEMM packing and the returned logits make";
   }
@@ -184,11 +198,10 @@ TEST_P(SteadyState, InferReusesAllMemory) {
                             {"ResNet-20", [&] { b.infer(images); }}}) {
     SCOPED_TRACE(name);
     ASSERT_TRUE(warm_up(call)) << "no 5 infer calls in a row without touching new memory";
-    const long faults = minor_faults();
     Counted c;
     for (int i = 0; i < 3; ++i) call();
     const long calls = c.stop();
-    EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state infer touched new memory";
+    EXPECT_EQ(steady_faults(call), 0) << "a steady-state infer touched new memory";
     EXPECT_LE(calls, 3 * 6) << "more malloc calls than Eigen's GEMM packing and the returned logits make";
   }
   // the spares are real, and release_infer_buffers frees them: the next call allocates again
@@ -206,9 +219,7 @@ TEST_P(SteadyState, ResNet20TrainingStepReusesAllMemory) {
   auto model = bnrelu::models::resnet20<float>(3, 10);
   TrainingStep step(model, {8, 3, 16, 16});
   ASSERT_TRUE(warm_up(step)) << "no 5 steps in a row without touching new memory";
-  const long faults = minor_faults();
-  for (int i = 0; i < 3; ++i) step();
-  EXPECT_EQ(minor_faults() - faults, 0) << "a steady-state step touched new memory";
+  EXPECT_EQ(steady_faults(step), 0) << "a steady-state step touched new memory";
   model.eval();
   ASSERT_TRUE(warm_up([&] { model.forward(step.images()); })) << "no 5 eval forwards in a row without touching new memory";
 }
