@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.hpp"
@@ -92,11 +93,16 @@ void bn_add_relu(benchmark::State& state, const Shape& sh, bool fused) {
   state.counters["threads"] = threads;
 }
 
+enum class Run { train_step, eval, infer };
+
 // One training step of ResNet-20 (forward, cross-entropy, backward; no optimizer, as in
-// bench/torch_resnet.py) or one eval forward, N x 3 x 32 x 32, after two untimed ones.
-void resnet20(benchmark::State& state, bool train) {
+// bench/torch_resnet.py), one eval forward, or one infer after fuse_for_inference (every
+// batch norm folded into its convolution, each block's add and ReLU in the last
+// convolution's epilogue), N x 3 x 32 x 32, after two untimed ones.
+void resnet20(benchmark::State& state, Run run) {
   const int threads = static_cast<int>(state.range(0));
   const Index N = state.range(1);
+  const bool train = run == Run::train_step;
   bnrelu::set_num_threads(threads);
   bnrelu::manual_seed(1);
   auto model = bnrelu::models::resnet20<float>(3, 10);
@@ -104,9 +110,13 @@ void resnet20(benchmark::State& state, bool train) {
   std::vector<std::int64_t> labels(static_cast<std::size_t>(N));
   for (Index i = 0; i < N; ++i) labels[static_cast<std::size_t>(i)] = i % 10;
   bnrelu::nn::CrossEntropyLoss<float> ce;
+  if (run == Run::infer) {
+    model.forward(x);  // a training forward: running statistics that are not the initial ones
+    model.fuse_for_inference();
+  }
   model.train(train);
   auto step = [&] {
-    auto logits = model.forward(x);
+    auto logits = run == Run::infer ? model.infer(x) : model.forward(x);
     if (train) {
       ce.forward(logits, labels);
       model.zero_grad();
@@ -134,9 +144,9 @@ int register_all() {
       benchmark::RegisterBenchmark(name.c_str(), [sh, fused](benchmark::State& s) { bn_add_relu(s, sh, fused); })
           ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
     }
-  for (bool train : {true, false})
-    benchmark::RegisterBenchmark(train ? "resnet20/train_step" : "resnet20/eval",
-                                 [train](benchmark::State& s) { resnet20(s, train); })
+  for (auto [run, name] : {std::pair{Run::train_step, "resnet20/train_step"}, std::pair{Run::eval, "resnet20/eval"},
+                           std::pair{Run::infer, "resnet20/infer"}})
+    benchmark::RegisterBenchmark(name, [run](benchmark::State& s) { resnet20(s, run); })
         ->Args({1, 128})->Args({2, 128})->UseRealTime()->Unit(benchmark::kMillisecond);
   return 0;
 }

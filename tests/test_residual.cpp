@@ -8,6 +8,7 @@
 #include <bnrelu/nn/residual.hpp>
 #include <bnrelu/testing/gradcheck.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <set>
@@ -240,6 +241,59 @@ TEST(Residual, FuseForInferenceFoldsEveryBlock) {
   EXPECT_TRUE(close_to(model.forward(x), ref, 1e-12));
   EXPECT_THROW(model.train(), std::logic_error);
   EXPECT_TRUE(nn::any_folded(model));
+}
+
+// After fuse_for_inference, infer adds the shortcut and applies the ReLU in the epilogue of the
+// convolution that took the main branch's last batch norm: the bits of that convolution's
+// output, a separate add and a ReLU, for Winograd (8 channels) and im2col (4) convolutions,
+// both shortcut kinds, whole images per thread and images shared by a team.
+TEST(Residual, FoldedInferAddsInTheConvolutionsEpilogue) {
+  const int threads_before = bnrelu::num_threads();
+  for (Index c : {8, 4})
+    for (bool projection : {false, true})
+      for (Index n : {1, 3})
+        for (int threads : {1, 2}) {
+          SCOPED_TRACE(std::to_string(c) + (projection ? " projection" : " identity") + ", batch " +
+                       std::to_string(n) + ", threads " + std::to_string(threads));
+          bnrelu::set_num_threads(threads);
+          bnrelu::manual_seed(21);
+          auto check = [&](auto block, Index in) {
+            const auto x = random_tensor<float, 4>({n, in, 9, 7}, -2, 2);
+            block.forward(random_tensor<float, 4>({5, in, 9, 7}, -2, 2));  // running statistics
+            block.fuse_for_inference();
+            ASSERT_TRUE(block.main().folded_into_add_target());
+            auto h = block.main().infer(x);  // the folded convolution's output: no ReLU yet
+            const auto s = block.shortcut().infer(x);
+            for (Index i = 0; i < h.size(); ++i) h.data()[i] = std::max(0.0f, h.data()[i] + s.data()[i]);
+            const auto y = block.infer(x);
+            ASSERT_EQ(dims_of(y), dims_of(h));
+            EXPECT_EQ(std::memcmp(y.data(), h.data(), h.size() * sizeof(float)), 0);
+            EXPECT_TRUE(std::any_of(y.data(), y.data() + y.size(), [](float v) { return v == 0; }));
+            EXPECT_TRUE(std::any_of(y.data(), y.data() + y.size(), [](float v) { return v > 0; }));
+            const auto yf = block.forward(x);  // the eval forward's separate add and ReLU
+            EXPECT_EQ(std::memcmp(y.data(), yf.data(), y.size() * sizeof(float)), 0);
+          };
+          if (projection)
+            check(projection_block<float>(c, 2 * c), c);
+          else
+            check(identity_block<float>(c), c);
+        }
+  bnrelu::set_num_threads(threads_before);
+}
+
+TEST(Residual, FoldedEpilogueRejectsABadAddend) {
+  bnrelu::manual_seed(22);
+  nn::Conv2d<float> conv({.in_channels = 2, .out_channels = 3, .kernel_size = 3, .padding = 1});
+  const auto x = random_tensor<float, 4>({2, 2, 5, 5});
+  EXPECT_THROW(conv.infer_add_relu(x, random_tensor<float, 4>({2, 3, 5, 4})), bnrelu::shape_error);
+  EXPECT_NO_THROW(conv.infer_add_relu(x, random_tensor<float, 4>({2, 3, 5, 5})));
+  conv.fold_affine({1, 1, 1}, {0, 0, 0}, true);  // a folded ReLU would come before the add
+  EXPECT_THROW(conv.infer_add_relu(x, random_tensor<float, 4>({2, 3, 5, 5})), std::logic_error);
+  auto unfolded = identity_block<float>(8);
+  EXPECT_FALSE(unfolded.main().folded_into_add_target());
+  EXPECT_THROW(unfolded.main().infer_add_relu(random_tensor<float, 4>({1, 8, 4, 4}),
+                                              random_tensor<float, 4>({1, 8, 4, 4})),
+               std::logic_error);
 }
 
 namespace {

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../tensor.hpp"
+
 namespace bnrelu::kernels {
 
 // ReLU that lets NaN through (as PyTorch's relu does) and maps everything below 0 to 0.
@@ -20,6 +22,17 @@ template <class T>
 inline T relu_grad(T pre, T dy) {
   using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
   return std::bit_cast<T>(std::bit_cast<U>(dy) & (U(0) - U(!(pre <= T(0)))));
+}
+
+// y[i] = relu(y[i] + a[i]) (or without the ReLU) over n values: an addend joined to a layer's
+// output in the layer's own epilogue, rounded as a separate add and ReLU after it would round.
+template <class T>
+inline void add_then_relu(T* y, const T* a, Index n, bool relu) {
+  if (relu) {
+    for (Index i = 0; i < n; ++i) y[i] = relu_value(y[i] + a[i]);
+  } else {
+    for (Index i = 0; i < n; ++i) y[i] += a[i];
+  }
 }
 
 }  // namespace bnrelu::kernels

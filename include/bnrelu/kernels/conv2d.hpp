@@ -123,16 +123,18 @@ inline bool conv_team_forward(const Conv2dGeometry& g, bool winograd) {
 }
 
 // Output channels [o0, o1) of one image from its columns: the rows of weight * col, + bias,
-// then max(0, .) when relu.
+// + the addend's rows (an) if given, then max(0, .) when relu.
 template <class T>
 void conv_rows(T* yn, const T* col, const T* weight, const T* bias, const Conv2dGeometry& g, bool relu, Index o0,
-               Index o1) {
+               Index o1, const T* an = nullptr) {
   const Index K = g.col_rows(), P = g.col_cols(), rows = o1 - o0;
   if (rows <= 0) return;
   MatrixMap<T> y(yn + o0 * P, rows, P);
   y.noalias() = ConstMatrixMap<T>(weight + o0 * K, rows, K) * ConstMatrixMap<T>(col, K, P);
   if (bias) y.colwise() += Eigen::Map<const Eigen::Vector<T, Eigen::Dynamic>>(bias + o0, rows);
-  if (relu)
+  if (an)
+    add_then_relu(yn + o0 * P, an + o0 * P, rows * P, relu);
+  else if (relu)
     for (Index i = 0; i < rows * P; ++i) yn[o0 * P + i] = relu_value(yn[o0 * P + i]);
 }
 
@@ -144,15 +146,19 @@ inline void team_rows(Index& o0, Index& o1, Index O, int t, int team) {
   o1 = std::min(O, blocks * (t + 1) / team * 8);
 }
 
-// y[n] = weight * im2col(x[n]) + bias, then max(0, .) when relu (while the image is in cache)
-// x: [N, C, H, W]; weight: [O, C*KH*KW]; bias: [O] or null; y: [N, O, HO, WO]
-// workspace: conv2d_forward_workspace<T>(g, algorithm) elements. filters: weight's Winograd
-// transform (winograd_filter_transform, [16, O, C]) when the caller keeps one, else null.
+// y[n] = weight * im2col(x[n]) + bias (+ addend[n]), then max(0, .) when relu, while the image
+// is in cache. x: [N, C, H, W]; weight: [O, C*KH*KW]; bias: [O] or null; y: [N, O, HO, WO];
+// addend: [N, O, HO, WO] or null (a residual block's shortcut, added to the rounded convolution
+// as a separate add would add it). workspace: conv2d_forward_workspace<T>(g, algorithm)
+// elements. filters: weight's Winograd transform (winograd_filter_transform, [16, O, C]) when
+// the caller keeps one, else null.
 template <class T>
 void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bias,
                     const Conv2dGeometry& g, bool relu = false,
-                    ConvAlgorithm algorithm = ConvAlgorithm::automatic, const T* filters = nullptr) {
+                    ConvAlgorithm algorithm = ConvAlgorithm::automatic, const T* filters = nullptr,
+                    const T* addend = nullptr) {
   const Index K = g.col_rows(), P = g.col_cols();
+  auto add_of = [&](Index n) { return addend ? addend + n * g.O * P : nullptr; };
   const int threads = conv_image_threads(g.N);
   if (use_winograd(g, algorithm)) {
     const auto wg = winograd_forward_geometry(g);
@@ -164,13 +170,15 @@ void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bi
     if (conv_team_forward(g, true)) {
 #pragma omp parallel num_threads(num_threads())
       for (Index n = 0; n < g.N; ++n)
-        winograd_conv_image_team(y + n * g.O * P, x + n * g.C * g.H * g.W, filters, bias, wg, scratch, relu);
+        winograd_conv_image_team(y + n * g.O * P, x + n * g.C * g.H * g.W, filters, bias, wg, scratch, relu,
+                                 add_of(n));
       return;
     }
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (Index n = 0; n < g.N; ++n)
       winograd_conv_image(y + n * g.O * P, x + n * g.C * g.H * g.W, filters, bias, wg,
-                          scratch + bnrelu::detail::thread_index() * winograd_image_workspace<T>(wg), relu);
+                          scratch + bnrelu::detail::thread_index() * winograd_image_workspace<T>(wg), relu,
+                          add_of(n));
     return;
   }
   if (conv_team_forward(g, false)) {  // one image at a time: channels' columns, then output channels
@@ -183,7 +191,7 @@ void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bi
 #pragma omp barrier
         im2col(workspace, x + n * g.C * g.H * g.W, g, g.C * t / team, g.C * (t + 1) / team);
 #pragma omp barrier
-        conv_rows(y + n * g.O * P, workspace, weight, bias, g, relu, o0, o1);
+        conv_rows(y + n * g.O * P, workspace, weight, bias, g, relu, o0, o1, add_of(n));
       }
     }
     return;
@@ -192,7 +200,7 @@ void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bi
   for (Index n = 0; n < g.N; ++n) {
     T* col = workspace + static_cast<Index>(bnrelu::detail::thread_index()) * K * P;
     im2col(col, x + n * g.C * g.H * g.W, g);
-    conv_rows(y + n * g.O * P, col, weight, bias, g, relu, 0, g.O);
+    conv_rows(y + n * g.O * P, col, weight, bias, g, relu, 0, g.O, add_of(n));
   }
 }
 

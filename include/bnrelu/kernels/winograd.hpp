@@ -28,6 +28,7 @@
 
 #include "../tensor.hpp"
 #include "../threads.hpp"
+#include "activation.hpp"
 #include "matrix.hpp"
 #include "simd.hpp"
 
@@ -190,13 +191,16 @@ void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGe
   }
 }
 
-// Output transform y[O, HO, WO] = A^T M A (+ bias, then ReLU when relu) of M[xi] rows (O x P,
-// m_stride apart), one output channel at a time as vectors over its tiles, staged and then
-// interleaved into the output rows. stage: 4 * WinogradScratch::stage_stride elements.
-// Output channels [o0, o1) only when given (a team's share).
+// Output transform y[O, HO, WO] = A^T M A (+ bias, + addend, then ReLU when relu) of M[xi] rows
+// (O x P, m_stride apart), one output channel at a time as vectors over its tiles, staged and
+// then interleaved into the output rows. The addend, when given, is [O, HO, WO] like y and is
+// added to the rounded A^T M A + bias, as an add after the convolution would add it. stage:
+// 4 * WinogradScratch::stage_stride elements. Output channels [o0, o1) only when given (a team's
+// share).
 template <class T>
 void winograd_output_transform(T* y, const T* m, Index m_stride, const T* bias, bool relu,
-                               const WinogradGeometry& g, T* stage, Index o0 = 0, Index o1 = -1) {
+                               const WinogradGeometry& g, T* stage, Index o0 = 0, Index o1 = -1,
+                               const T* addend = nullptr) {
   using P8 = simd::Packet<T>;
   const WinogradScratch s(g, simd::width<T>);
   const Index HO = g.HO, WO = g.WO, TW = g.TW, P = g.tiles();
@@ -216,7 +220,9 @@ void winograd_output_transform(T* y, const T* m, Index m_stride, const T* bias, 
                          simd::padd(simd::psub(simd::psub(s0[1], s0[2]), s0[3]), b),
                          simd::padd(simd::padd(simd::padd(s1[0], s1[1]), s1[2]), b),
                          simd::padd(simd::psub(simd::psub(s1[1], s1[2]), s1[3]), b)};
-      for (int k = 0; k < 4; ++k) simd::store(stage + k * s.stage_stride + t, relu ? simd::relu(out[k]) : out[k]);
+      const bool relu_now = relu && !addend;  // with an addend, the ReLU follows the add below
+      for (int k = 0; k < 4; ++k)
+        simd::store(stage + k * s.stage_stride + t, relu_now ? simd::relu(out[k]) : out[k]);
     }
     T* yo = y + o * HO * WO;
     for (Index oh = 0; oh < HO; ++oh) {
@@ -228,6 +234,7 @@ void winograd_output_transform(T* y, const T* m, Index m_stride, const T* bias, 
         row[2 * tw + 1] = right[tw];
       }
       if (WO % 2) row[WO - 1] = left[WO / 2];
+      if (addend) add_then_relu(row, addend + o * HO * WO + oh * WO, WO, relu);
     }
   }
 }
@@ -238,12 +245,13 @@ Index winograd_image_workspace(const WinogradGeometry& g) {
   return WinogradScratch(g, simd::width<T>).conv_image(g);
 }
 
-// One image: y[O, HO, WO] = conv3x3(x[C, H, W]) + bias, then ReLU when relu.
+// One image: y[O, HO, WO] = conv3x3(x[C, H, W]) + bias (+ addend, [O, HO, WO], if given), then
+// ReLU when relu.
 // u: [16, O, C] from one of the filter transforms; bias may be null;
 // workspace: winograd_image_workspace<T>(g) elements.
 template <class T>
 void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const WinogradGeometry& g, T* workspace,
-                         bool relu = false) {
+                         bool relu = false, const T* addend = nullptr) {
   const WinogradScratch s(g, simd::width<T>);
   const Index C = g.C, O = g.O, P = g.tiles();
   T* v = workspace;
@@ -256,7 +264,7 @@ void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const Wino
     ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
     MatrixMap<T>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
   }
-  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage);
+  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, 0, -1, addend);
 }
 
 // Scratch of winograd_conv_image_team for a team of `threads`, in elements of T.
@@ -273,7 +281,7 @@ Index winograd_team_workspace(const WinogradGeometry& g, Index threads) {
 // workspace: winograd_team_workspace<T>(g, team) elements.
 template <class T>
 void winograd_conv_image_team(T* y, const T* x, const T* u, const T* bias, const WinogradGeometry& g, T* workspace,
-                              bool relu = false) {
+                              bool relu = false, const T* addend = nullptr) {
   const WinogradScratch s(g, simd::width<T>);
   const Index C = g.C, O = g.O, P = g.tiles();
   const int t = bnrelu::detail::thread_index(), team = bnrelu::detail::team_size();
@@ -289,7 +297,7 @@ void winograd_conv_image_team(T* y, const T* x, const T* u, const T* bias, const
     ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
     MatrixMap<T>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
   }
-  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, O * t / team, O * (t + 1) / team);
+  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, O * t / team, O * (t + 1) / team, addend);
   // the next image's input transform writes V only, which the products above have read: the
   // barrier after it keeps its products from writing M before this output transform has read it
 }

@@ -1,6 +1,7 @@
 // 2-D convolution layer (square kernel, stride, zero padding, dilation).
 #pragma once
 
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -119,14 +120,20 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   // The eval-mode output (with a folded ReLU, if any), computed without touching the layer: any
   // number of threads may call it at once while nobody changes the layer. The im2col or
   // Winograd workspace is the calling thread's own, kept from one call to the next.
-  Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
+  Tensor<T, 4> infer(const Tensor<T, 4>& x) const { return infer_impl(x, nullptr); }
+
+  // relu(infer(x) + s) with the add and the ReLU in the convolution's epilogue, which writes
+  // each output once (a residual block's end after fuse_for_inference folded its batch norm
+  // here); the bits of infer(x) followed by a separate add and ReLU. s has the output's shape
+  // (shape_error otherwise); std::logic_error if a ReLU was folded into this layer, which would
+  // come before the add.
+  Tensor<T, 4> infer_add_relu(const Tensor<T, 4>& x, const Tensor<T, 4>& s) const {
     const auto g = geometry(dims_of(x));
-    Tensor<T, 4> y = detail::infer_output<T>(Dims<4>{g.N, g.O, g.HO, g.WO});
-    thread_local std::vector<T> workspace;
-    workspace.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
-    kernels::conv2d_forward(y.data(), workspace.data(), x.data(), this->weight_data(), this->bias_data(), g,
-                            this->relu_, algorithm_, filters_.empty() ? nullptr : filters_.data());
-    return y;
+    if (dims_of(s) != Dims<4>{g.N, g.O, g.HO, g.WO})
+      throw shape_error("Conv2d: the addend is " + shape_string(dims_of(s)) + " but the output " +
+                        shape_string(Dims<4>{g.N, g.O, g.HO, g.WO}));
+    if (this->relu_) throw std::logic_error("Conv2d: infer_add_relu on a layer with a folded ReLU");
+    return infer_impl(x, s.data());
   }
 
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) {
@@ -171,6 +178,18 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
     workspace_.resize(static_cast<std::size_t>(kernels::conv2d_backward_workspace<T>(g, algorithm_)));
     kernels::conv2d_backward(dx, this->dweight_data(), this->dbias_data(), workspace_.data(), dy.data(),
                              x_.get().data(), this->weight_data(), g, algorithm_);
+  }
+
+  // infer's output, relu(conv(x) + addend) when the addend is given.
+  Tensor<T, 4> infer_impl(const Tensor<T, 4>& x, const T* addend) const {
+    const auto g = geometry(dims_of(x));
+    Tensor<T, 4> y = detail::infer_output<T>(Dims<4>{g.N, g.O, g.HO, g.WO});
+    thread_local std::vector<T> workspace;
+    workspace.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
+    kernels::conv2d_forward(y.data(), workspace.data(), x.data(), this->weight_data(), this->bias_data(), g,
+                            this->relu_ || addend, algorithm_, filters_.empty() ? nullptr : filters_.data(),
+                            addend);
+    return y;
   }
 
   Tensor<T, 4> forward_impl(const Tensor<T, 4>& x, Tensor<T, 4>* owned) {

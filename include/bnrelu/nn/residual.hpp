@@ -112,9 +112,20 @@ class Residual : public Module {
   }
 
   // The eval-mode output relu(main.infer(x) + shortcut.infer(x)), computed without touching the
-  // block: any number of threads may call it at once while nobody changes the block.
+  // block: any number of threads may call it at once while nobody changes the block. After
+  // fuse_for_inference folded the main branch's last batch norm into a Conv2d, that
+  // convolution's epilogue adds the shortcut (x itself for the identity) and applies the ReLU.
   Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
     output_dims(dims_of(x));
+    if constexpr (requires { main_.infer_add_relu(x, x); main_.folded_into_add_target(); }) {
+      if (main_.folded_into_add_target()) {
+        if constexpr (std::is_same_v<Shortcut, Identity<T>>) return main_.infer_add_relu(x, x);
+        Tensor<T, 4> s = shortcut_.infer(x);
+        Tensor<T, 4> y = main_.infer_add_relu(x, s);
+        detail::infer_recycle(std::move(s));
+        return y;
+      }
+    }
     Tensor<T, 4> y = main_.infer(x);
     Tensor<T, 4> s = shortcut_.infer(x);
     kernels::add_relu_into(y.data(), s.data(), y.size());

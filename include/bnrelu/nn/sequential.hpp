@@ -193,6 +193,38 @@ class Sequential : public Module {
     return infer_from<0>(x);
   }
 
+  // Whether infer_add_relu applies: fuse_for_inference folded the chain's last layer, a batch
+  // norm without a ReLU, into a Conv2d before it, whose epilogue can then add and apply a ReLU.
+  bool folded_into_add_target() const {
+    if constexpr (ends_in_add_target())
+      return folded_[size - 2] && !std::get<size - 2>(layers_).folded_relu();
+    else
+      return false;
+  }
+
+  // relu(infer(x) + s), the add and the ReLU computed in the epilogue of the layer the last batch
+  // norm was folded into (a residual block's end after fuse_for_inference): the same bits as
+  // infer, an add and a ReLU apart. Only when folded_into_add_target() (std::logic_error
+  // otherwise); shape_error if s does not have the output's shape.
+  output_type infer_add_relu(const input_type& x, const output_type& s) const {
+    if (!folded_into_add_target())
+      throw std::logic_error("Sequential: infer_add_relu needs a last batch norm folded into the layer before it");
+    if constexpr (ends_in_add_target()) {
+      output_dims(dims_of(x));
+      const auto& target = std::get<size - 2>(layers_);
+      if constexpr (size == 2) {
+        return target.infer_add_relu(x, s);
+      } else {
+        auto h = infer_from<0, size - 2>(x);
+        auto y = target.infer_add_relu(h, s);
+        detail::infer_recycle(std::move(h));
+        return y;
+      }
+    } else {
+      return infer(x);  // not reached: folded_into_add_target() is false
+    }
+  }
+
   // How many layers layer i computes: 1, or after fuse_for_inference folded the batch norm
   // after it (and a ReLU after that) into it, 2 or 3; the layers it covers then pass through.
   std::size_t layers_folded_into(std::size_t i) const {
@@ -405,35 +437,46 @@ class Sequential : public Module {
     }
   }
 
-  // infer through layers I .. size-1; x is layer I's input: the caller's (an lvalue), or an
-  // intermediate (an rvalue), which goes back to the thread's infer spares once layer I has read it.
-  template <std::size_t I, class X>
+  // infer through layers I .. End-1; x is layer I's input: the caller's (an lvalue), or an
+  // intermediate (an rvalue), which goes back to the thread's infer spares once layer I has read
+  // it. No fold or fused pair starting before End reaches past it (End is size, or a layer
+  // that a batch norm was folded into).
+  template <std::size_t I, std::size_t End = size, class X>
   auto infer_from(X&& x) const {
     auto y = [&] {
-      if constexpr (fused_pair<I>() && I + 1 < size)
+      if constexpr (fused_pair<I>() && I + 1 < End)
         return std::get<I>(layers_).infer_impl(x, true);
       else
         return std::get<I>(layers_).infer(x);
     }();
     if constexpr (!std::is_lvalue_reference_v<X>) detail::infer_recycle(std::move(x));
-    if constexpr (I + 1 == size) {
+    if constexpr (I + 1 == End) {
       return y;
     } else if constexpr (fold_site<I>()) {
       if (folded_[I]) {
-        if constexpr (I + fold_span<I>() < size)
-          return infer_from<I + fold_span<I>()>(std::move(y));
+        if constexpr (I + fold_span<I>() < End)
+          return infer_from<I + fold_span<I>(), End>(std::move(y));
         else
           return y;
       }
-      return infer_from<I + 1>(std::move(y));
+      return infer_from<I + 1, End>(std::move(y));
     } else if constexpr (fused_pair<I>()) {
-      if constexpr (I + 2 < size)
-        return infer_from<I + 2>(std::move(y));
+      if constexpr (I + 2 < End)
+        return infer_from<I + 2, End>(std::move(y));
       else
         return y;
     } else {
-      return infer_from<I + 1>(std::move(y));
+      return infer_from<I + 1, End>(std::move(y));
     }
+  }
+
+  // Layer size-2 can join an addend to its output in its epilogue (Conv2d::infer_add_relu) and
+  // is followed by the chain's last layer, a batch norm that can be folded into it.
+  static constexpr bool ends_in_add_target() {
+    if constexpr (size >= 2 && fold_site<size - 2>())
+      return requires(const layer_t<size - 2>& l, const output_type& t) { l.infer_add_relu(t, t); };
+    else
+      return false;
   }
 
   // Runs backward through layers I-1 .. Stop; every layer but the last gets dy as an rvalue.
