@@ -1,5 +1,7 @@
-// What threads share: the thread count (threads.hpp) and the random generator (random.hpp).
+// What threads share: the thread count (threads.hpp) and the random generator (random.hpp);
+// the cache sizes the kernels size their work by (platform/cache.hpp).
 #include <bnrelu/nn/linear.hpp>
+#include <bnrelu/platform/cache.hpp>
 #include <bnrelu/random.hpp>
 #include <bnrelu/threads.hpp>
 
@@ -9,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -76,4 +79,30 @@ TEST(Random, ModelsBuiltOnTwoThreadsAreWhole) {
     EXPECT_TRUE(std::all_of(w.data(), w.data() + w.size(), [&](float v) { return std::abs(v) <= bound; }));
   }
   EXPECT_FALSE(std::equal(l1->weight().data(), l1->weight().data() + l1->weight().size(), l2->weight().data()));
+}
+
+// Cache sizes come from sysfs where Linux reports them, else from CPUID (virtual machines may
+// hide the first but not the second); where both report a level, they agree (Linux reads the
+// same CPUID leaves). On x86 some source must report L2, or the kernels would fall back to a
+// guess.
+TEST(Platform, CacheSizesComeFromSysfsElseCpuid) {
+  namespace p = bnrelu::platform;
+  for (int level : {1, 2}) {
+    SCOPED_TRACE("L" + std::to_string(level));
+    const auto sysfs = p::sysfs_cache_bytes(level), cpuid = p::cpuid_cache_bytes(level);
+    if (sysfs > 0 && cpuid > 0) {
+      EXPECT_EQ(sysfs, cpuid);
+    }
+    EXPECT_EQ(p::cache_bytes(level), sysfs > 0 ? sysfs : cpuid);
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  const auto l2 = p::cache_bytes(2);
+  ASSERT_GT(l2, 0) << "neither sysfs nor CPUID reports an L2";
+  EXPECT_GE(l2, bnrelu::Index{128} << 10);
+  EXPECT_LE(l2, bnrelu::Index{64} << 20);
+  EXPECT_EQ(l2 % 1024, 0);
+#endif
+  const auto llc = p::last_level_cache_bytes();
+  EXPECT_GE(llc, bnrelu::Index{1} << 20);
+  EXPECT_EQ(p::last_level_cache_bytes(12345) == 12345, p::cache_bytes(3) <= 0 && p::cache_bytes(4) <= 0);
 }

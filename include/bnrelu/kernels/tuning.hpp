@@ -1,6 +1,6 @@
 // The machine-dependent values the kernels tune themselves by, in one place: each derived from
-// the caches the program finds (platform/cache.hpp) at first use, with a fallback where Linux
-// does not report them. Tests set them to cover every path with small tensors; they change
+// the caches the program finds (platform/cache.hpp: sysfs, else CPUID) at first use, with a
+// fallback where neither reports them. Tests set them to cover every path with small tensors; they change
 // which path runs, never a result.
 #pragma once
 
