@@ -21,6 +21,7 @@
 #include "common.hpp"
 
 #ifdef BNRELU_HAVE_DNNL
+#include <omp.h>
 #include <oneapi/dnnl/dnnl.hpp>
 #endif
 
@@ -153,6 +154,9 @@ void run_onednn(benchmark::State& state, const Shape& sh, Pass pass) {
   using dt = memory::data_type;
   const int threads = static_cast<int>(state.range(0));
   bnrelu::set_num_threads(threads);
+  // oneDNN's primitives run on OpenMP's thread count of the calling thread, which bnrelu's does
+  // not set
+  omp_set_num_threads(threads);
   engine eng(engine::kind::cpu, 0);
   stream s(eng);
   const Index H = sh.S == 1 ? 1 : 28 * 28 == sh.S ? 28 : 14;
