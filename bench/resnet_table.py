@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""ResNet-20 at batch 128 (N x 3 x 32 x 32): bnrelu's training step and eval forward
-(bench_residual's resnet20 rows) next to PyTorch 1.13's (bench/torch_resnet.py), run in
-alternating rounds so that both see the same machine load; prints the medians over the rounds
-as a Markdown table, with the CPU.
+"""ResNet-20 at batch 128 (N x 3 x 32 x 32): bnrelu's training step, eval forward and folded
+inference (bench_residual's resnet20 rows: fuse_for_inference, then infer) next to PyTorch
+1.13's training step and eval forward (bench/torch_resnet.py), run in alternating rounds so
+that both see the same machine load; prints the medians over the rounds as a Markdown table,
+with the CPU.
 
     /usr/bin/python3 bench/resnet_table.py build/release/bench/bench_residual [--rounds 5]
 
@@ -30,7 +31,7 @@ def bnrelu_round(binary):
         rows = json.load(open(out.name))["benchmarks"]
     res = {}
     for r in rows:
-        kind = "train" if "train_step" in r["name"] else "eval"
+        kind = "train" if "train_step" in r["name"] else "infer" if "/infer/" in r["name"] else "eval"
         res[(kind, int(r["threads"]))] = r["images_per_second"]
     return res
 
@@ -60,9 +61,11 @@ def main():
     print(f"CPU: {cpu()}; medians of {args.rounds} alternating rounds\n")
     print("| images/s, batch 128 | threads | bnrelu | PyTorch 1.13 | bnrelu / PyTorch |")
     print("|---|---|---|---|---|")
-    for kind, label in (("train", "training step"), ("eval", "eval forward")):
+    for kind, label in (("train", "training step"), ("eval", "eval forward"),
+                        ("infer", "inference (bnrelu folded, `infer`; PyTorch eval)")):
         for t in (1, 2):
-            a, b = statistics.median(ours[(kind, t)]), statistics.median(theirs[(kind, t)])
+            a = statistics.median(ours[(kind, t)])
+            b = statistics.median(theirs[("eval" if kind == "infer" else kind, t)])
             print(f"| {label} | {t} | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
 
 
