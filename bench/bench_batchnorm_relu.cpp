@@ -11,6 +11,8 @@
 #include <bnrelu/kernels/batchnorm.hpp>
 #include <bnrelu/kernels/relu.hpp>
 #include <bnrelu/nn/batchnorm_relu.hpp>
+#include <bnrelu/nn/relu.hpp>
+#include <bnrelu/nn/sequential.hpp>
 
 #include <cstdint>
 #include <optional>
@@ -220,6 +222,34 @@ void layer_memory(benchmark::State& state) {
   state.counters["input_bytes"] = static_cast<double>(x.size() * sizeof(float));
 }
 
+// The public API as README's training loop calls it: y = model.forward(x) on the caller's x,
+// then model.backward(dy), results dropped each step, after two untimed steps; a
+// Sequential(BatchNorm2d, ReLU) with fusion on (one kernel each way) or off (BatchNorm, then
+// ReLU with its mask). Both rows pay the same copy of the caller's x (forward on an lvalue
+// keeps its own), so their ratio is what fusion saves through the API.
+void layer_api(benchmark::State& state, const Shape& sh, bool fused) {
+  const int threads = static_cast<int>(state.range(0));
+  bnrelu::set_num_threads(threads);
+  const Index H = sh.S == 28 * 28 ? 28 : 14;
+  auto model = bnrelu::nn::Sequential(bnrelu::nn::BatchNorm2d<float>({.num_features = sh.C}),
+                                      bnrelu::nn::ReLU<float>());
+  model.set_fusion(fused);
+  const auto x = bnrelu::bench::random_tensor<4>({sh.N, sh.C, H, sh.S / H});
+  const auto dy = bnrelu::bench::random_tensor<4>({sh.N, sh.C, H, sh.S / H});
+  auto step = [&] {
+    auto y = model.forward(x);
+    auto dx = model.backward(dy);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+  };
+  for (int i = 0; i < 2; ++i) step();
+  for (auto _ : state) step();
+  state.SetBytesProcessed(state.iterations() * ideal_tensors(Pass::forward_backward) * sh.N * sh.C * sh.S *
+                          static_cast<Index>(sizeof(float)));
+  state.counters["threads"] = threads;
+}
+
 const std::vector<Shape> kShapes{{64, 64, 784, "64x64x28x28"},
                                  {64, 128, 196, "64x128x14x14"},
                                  {256, 64, 784, "256x64x28x28"},
@@ -242,6 +272,13 @@ int register_all() {
           ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
 #endif
     }
+  for (const auto& sh : kShapes)
+    if (sh.S > 1)
+      for (bool fused : {true, false}) {
+        const std::string name = std::string(fused ? "api_fused" : "api_unfused") + "/fwd+bwd/" + sh.name;
+        benchmark::RegisterBenchmark(name.c_str(), [sh, fused](benchmark::State& s) { layer_api(s, sh, fused); })
+            ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+      }
   benchmark::RegisterBenchmark("layer_memory/BatchNormReLU2d/64x64x28x28", layer_memory)->Iterations(1);
   return 0;
 }
