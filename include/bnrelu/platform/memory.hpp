@@ -17,8 +17,8 @@ namespace bnrelu::platform {
 // above its mmap threshold (128 KiB at first, rising as such blocks are freed, to at most
 // 32 MiB) with fresh mappings, and hands heap memory above its trim threshold back to the
 // system: either way every step page-faults its activations in again, which costs more than
-// the layers' own work (Sequential(BatchNorm2d, ReLU) at 256x64x28x28 on one thread: 409 ms a
-// step against 16 ms). Once per process, when the first bnrelu layer is built, this makes
+// the layers' own work (Sequential(BatchNorm2d, ReLU) at 256x64x28x28 on one thread: 561 ms a
+// step against 17.6 ms). Once per process, when the first bnrelu layer is built, this makes
 // malloc serve every block from its heaps and keep what is freed (M_MMAP_MAX 0, M_TRIM_THRESHOLD
 // INT_MAX): the process keeps its peak heap, and steps reuse it. It leaves malloc as it is when
 // the environment variable BNRELU_KEEP_FREED_MEMORY is 0, when GLIBC_TUNABLES sets any of
