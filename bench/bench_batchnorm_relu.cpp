@@ -53,6 +53,7 @@ Index ideal_tensors(Pass p) {
 struct Shape {
   Index N, C, S;  // S = H*W, 1 for N x C
   std::string name;
+  Index H() const { return S == 1 ? 1 : S == 28 * 28 ? 28 : 14; }  // the shapes below are square
 };
 
 // Everything one BN-ReLU layer touches, allocated once outside the timed loop.
@@ -161,7 +162,7 @@ void run_onednn(benchmark::State& state, const Shape& sh, Pass pass) {
   omp_set_num_threads(threads);
   engine eng(engine::kind::cpu, 0);
   stream s(eng);
-  const Index H = sh.S == 1 ? 1 : 28 * 28 == sh.S ? 28 : 14;
+  const Index H = sh.H();
   const memory::dims dims{sh.N, sh.C, H, sh.S / H};
   const auto layout = sh.S == 1 ? tag::nchw : tag::nChw8c;
   memory::desc md(dims, dt::f32, layout);
@@ -230,7 +231,7 @@ void layer_memory(benchmark::State& state) {
 void layer_api(benchmark::State& state, const Shape& sh, bool fused) {
   const int threads = static_cast<int>(state.range(0));
   bnrelu::set_num_threads(threads);
-  const Index H = sh.S == 28 * 28 ? 28 : 14;
+  const Index H = sh.H();
   auto model = bnrelu::nn::Sequential(bnrelu::nn::BatchNorm2d<float>({.num_features = sh.C}),
                                       bnrelu::nn::ReLU<float>());
   model.set_fusion(fused);
