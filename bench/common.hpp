@@ -35,12 +35,12 @@ inline void stream_triad(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
   const Index n = Index{1} << 25;  // 3 x 128 MiB
   std::vector<float> a(n), b(n, 1.0f), c(n, 2.0f);
-  set_num_threads(threads);
-#pragma omp parallel for schedule(static)
+  // plain OpenMP loops: bnrelu::set_num_threads leaves OpenMP's default count alone
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (Index i = 0; i < n; ++i) a[i] = 0;  // first touch by the threads that use the pages
   const float s = 3.0f;
   for (auto _ : state) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) num_threads(threads)
     for (Index i = 0; i < n; ++i) a[i] = b[i] + s * c[i];
     benchmark::DoNotOptimize(a.data());
     benchmark::ClobberMemory();
