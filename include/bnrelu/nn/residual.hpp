@@ -43,8 +43,9 @@ concept EndsInAddReLUFusable = requires(M& m) {
 // shortcut's gradient and the batch norm's input gradient (kernels/batchnorm.hpp, Addend).
 // Results and gradients are the bits of the unfused chain (set_fusion(false)), which runs
 // batch norm, add and ReLU apart.
-// Training keeps the shortcut's output for the backward, and the backward writes the shortcut's
-// gradient over it. A SyncBatchNorm (set_batchnorm_reducer) runs unfused.
+// Training keeps the shortcut's output for the backward; the fused backward writes the
+// shortcut's gradient over it, the unfused one hands the shortcut the ReLU's masked gradient,
+// which the main branch only reads. A SyncBatchNorm (set_batchnorm_reducer) runs unfused.
 template <Layer Main, Layer Shortcut = Identity<typename Main::value_type>>
 class Residual : public Module {
  public:
@@ -146,9 +147,10 @@ class Residual : public Module {
       }
     }
     if (!last_fused_) {
+      // both branches get the gradient of the sum: the main branch reads it, the shortcut takes it
       Tensor<T, 4> dt = relu_.backward(std::move(dy));
-      std::copy_n(dt.data(), dt.size(), s_.data());  // both branches get the gradient of the sum
-      dx = main_.backward(std::move(dt));
+      dx = main_.backward(std::as_const(dt));
+      s_ = std::move(dt);
     }
     Tensor<T, 4> ds = shortcut_.backward(std::move(s_));
     kernels::add_into(dx.data(), ds.data(), dx.size());
@@ -251,7 +253,7 @@ class Residual : public Module {
   Shortcut shortcut_;
   ReLU<T> relu_;          // the unfused chain's ReLU
   Tensor<T, 4> s_;        // cache: the shortcut's output of the last training forward; backward
-                          // overwrites it with the shortcut's gradient
+                          // replaces it with the shortcut's gradient
   detail::Recycler<T, 4> spare_x_;  // storage for the next copy of x given to the shortcut
   bool fusion_ = true;
   bool last_fused_ = false;
