@@ -222,6 +222,49 @@ TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
   k::detail::stream_threshold() = saved;
 }
 
+// Channels too big to stay in L2 between the passes go in blocks of as many channels as the
+// threads allow (long runs from memory); forced here onto small tensors, those blocks must give
+// the same bits as the default ones, forward and backward, with ReLU and with a shortcut's add.
+TYPED_TEST(FusedVsUnfused, LongRunBlocksGiveTheSameBits) {
+  using T = TypeParam;
+  namespace k = bnrelu::kernels;
+  const Index saved = k::detail::long_run_bytes(), saved_backward = k::detail::backward_long_run_bytes();
+  constexpr Index kNever = std::numeric_limits<Index>::max();
+  // the two settings choose different blocks for {2, 40, 32, 32} on one thread
+  EXPECT_EQ(k::detail::channel_block(2, 40, 32 * 32, sizeof(float), 1, kNever), 1);
+  EXPECT_EQ(k::detail::channel_block(2, 40, 32 * 32, sizeof(float), 1, 0), 20);
+  for (const auto& d : std::vector<bnrelu::Dims<4>>{{2, 40, 32, 32}, {3, 17, 7, 3}}) {
+    SCOPED_TRACE(bnrelu::shape_string(d));
+    const auto x = random_tensor<T, 4>(d, -2, 3);
+    const auto s = random_tensor<T, 4>(d);
+    const auto dy = random_tensor<T, 4>(d);
+    std::vector<Tensor<T, 4>> out;
+    std::vector<std::vector<T>> grads;
+    for (Index bytes : {kNever, Index{0}}) {
+      k::detail::long_run_bytes() = bytes;
+      k::detail::backward_long_run_bytes() = bytes;
+      nn::BatchNormReLU2d<T> l({.num_features = d[1]});
+      out.push_back(l.forward(x));
+      out.push_back(l.backward(dy));
+      nn::BatchNorm2d<T> bn({.num_features = d[1]});
+      out.push_back(bn.forward_add_relu(Tensor<T, 4>(x), s));
+      Tensor<T, 4> ds;
+      out.push_back(bn.backward_add_relu(Tensor<T, 4>(dy), s, ds));
+      out.push_back(ds);
+      for (auto& p : l.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
+      for (auto& p : bn.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
+    }
+    k::detail::long_run_bytes() = saved;
+    k::detail::backward_long_run_bytes() = saved_backward;
+    const std::size_t half = out.size() / 2;
+    for (std::size_t i = 0; i < half; ++i) EXPECT_TRUE(close_to(out[half + i], out[i], 0)) << "output " << i;
+    for (std::size_t i = 0; i < grads.size() / 2; ++i)
+      EXPECT_EQ(grads[grads.size() / 2 + i], grads[i]) << "gradient " << i;
+  }
+  k::detail::long_run_bytes() = saved;
+  k::detail::backward_long_run_bytes() = saved_backward;
+}
+
 // Blocks whose x and dy do not fit in L2 take the backward's second pass in reverse image order
 // (and ask fewer images ahead in the first); forced here onto small tensors, that walk must give
 // the same bits, for the layer and for SyncBatchNorm's separate passes.

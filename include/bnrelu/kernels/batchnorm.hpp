@@ -220,15 +220,22 @@ bool stream_output(Index elements) {
 // Channels per task in the S > 1 kernels. Adjacent channels of one image are contiguous, so
 // a block of G channels is read as N runs of G*S values. The block's slice (G*N*S values) is
 // kept within half of a core's L2, so that the passes after the first find it cached; for small
-// maps a few channels per block lengthen the runs to about 4 KiB for the prefetchers. Every
-// channel is summed in the same order whatever G is, so results depend neither on the block
-// size nor on the thread count.
+// maps a few channels per block lengthen the runs to about 4 KiB for the prefetchers. When one
+// channel's slice alone exceeds long_runs_above (the forward: long_run_bytes(), half of L2; the
+// backward, whose reverse second pass also finds data in L3: backward_long_run_bytes()), the
+// blocks take as many channels as the spread over the threads allows, since memory delivers
+// long runs faster than short ones: at 256x64x56x56, float, one thread, caches flushed, the
+// statistics pass reads x in runs of 12.5 KiB at 13 GB/s with one channel per block and at
+// 22-25 GB/s with 16-64 (docs/performance.md). Every channel is summed in the same order
+// whatever G is, so results depend neither on the block size nor on the thread count.
 inline constexpr Index kMaxBlock = 64;
 
-inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threads) {
-  const Index run = std::max<Index>(1, (4 << 10) / std::max<Index>(1, S * elem_size));
-  const Index fit = std::max<Index>(1, l2_bytes() / 2 / std::max<Index>(1, N * S * elem_size));  // N may be 0
+inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threads, Index long_runs_above) {
   const Index spread = std::max<Index>(1, C / (2 * threads));  // two blocks per thread at least
+  const Index slice = N * S * elem_size;                       // one channel's (N may be 0)
+  if (slice > long_runs_above) return std::min(spread, kMaxBlock);
+  const Index run = std::max<Index>(1, (4 << 10) / std::max<Index>(1, S * elem_size));
+  const Index fit = std::max<Index>(1, l2_bytes() / 2 / std::max<Index>(1, slice));
   return std::clamp<Index>(std::min({run, fit, spread}), 1, kMaxBlock);
 }
 
@@ -542,7 +549,7 @@ void batchnorm_forward_train(T* y, T* x_copy, const BatchStats& stats, const T* 
     }
     return;
   }
-  const Index G = detail::channel_block(N, C, sh.S, sizeof(T), num_threads());
+  const Index G = detail::channel_block(N, C, sh.S, sizeof(T), num_threads(), detail::long_run_bytes());
   const Index nblocks = (C + G - 1) / G;
   const bool stream = detail::stream_output<T>(sh.size());
 #pragma omp parallel num_threads(bnrelu::num_threads())
@@ -686,7 +693,8 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
   }
   // x and dy (and the shortcut) per value, read by both passes
   const Index streams = add.s ? 3 : 2;
-  const Index G = detail::channel_block(N, C, sh.S, streams * sizeof(T), num_threads());
+  const Index G =
+      detail::channel_block(N, C, sh.S, streams * sizeof(T), num_threads(), detail::backward_long_run_bytes());
   const Index nblocks = (C + G - 1) / G;
   const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, streams * sizeof(T) / 2);
 #pragma omp parallel num_threads(bnrelu::num_threads())
@@ -719,7 +727,7 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
 // Per-channel mean and biased variance of x: [N, C, S].
 template <class T>
 void batchnorm_statistics(double* mean, double* var, const T* x, const BatchShape& sh) {
-  const Index G = detail::channel_block(sh.N, sh.C, sh.S, sizeof(T), num_threads());
+  const Index G = detail::channel_block(sh.N, sh.C, sh.S, sizeof(T), num_threads(), detail::long_run_bytes());
   const Index nblocks = (sh.C + G - 1) / G;
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index blk = 0; blk < nblocks; ++blk) {
@@ -734,7 +742,8 @@ template <class T>
 void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, const BatchShape& sh,
                              const Normalisation<T>& norm, bool relu, ChannelRange r = {}) {
   r = r.resolved(sh.C);
-  const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads());
+  const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads(),
+                                        detail::backward_long_run_bytes());
   const Index nblocks = (r.last - r.first + G - 1) / G;
   const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, sizeof(T));
   const Epilogue<T> e{relu};
@@ -755,7 +764,8 @@ template <class T>
 void batchnorm_backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x, const BatchShape& sh,
                            const Normalisation<T>& norm, bool relu, ChannelRange r = {}) {
   r = r.resolved(sh.C);
-  const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads());
+  const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads(),
+                                        detail::backward_long_run_bytes());
   const Index nblocks = (r.last - r.first + G - 1) / G;
   const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, sizeof(T));
 #pragma omp parallel num_threads(bnrelu::num_threads())

@@ -4,6 +4,8 @@
 // which path runs, never a result.
 #pragma once
 
+#include <algorithm>
+
 #include "../platform/cache.hpp"
 #include "../tensor.hpp"
 
@@ -25,6 +27,24 @@ inline Index l2_bytes() {
 // cache's size by default.
 inline Index& stream_threshold() {
   static Index bytes = platform::last_level_cache_bytes();
+  return bytes;
+}
+
+// BatchNorm's channel blocks (kernels/batchnorm.hpp, channel_block): a channel whose slice
+// exceeds this many bytes cannot stay in L2 between the passes, and the forward's blocks then
+// take many channels for long runs. Half of L2 by default.
+inline Index& long_run_bytes() {
+  static Index bytes = l2_bytes() / 2;
+  return bytes;
+}
+
+// The same for the backward, whose second pass walks back over what its first pass read and
+// finds it in L2 and the last-level cache while a channel's x and dy (and shortcut) fit in one
+// core's share of that cache, taken as an eighth of it (eight cores share an L3 on AMD's
+// chiplets; Intel's per-core slices are smaller). Above that, the backward's blocks also take
+// many channels. The larger of that share and half of L2 by default.
+inline Index& backward_long_run_bytes() {
+  static Index bytes = std::max(l2_bytes() / 2, platform::last_level_cache_bytes() / 8);
   return bytes;
 }
 
