@@ -1,6 +1,7 @@
 // A residual block's end, relu(BatchNorm(x) + s), fused into one pass each way versus the
-// unfused chain of this library's own kernels (BatchNorm, an in-place add, ReLU with its mask;
-// backward: ReLU's mask, then BatchNorm's backward), next to the machine's STREAM triad; and
+// unfused chain of this library's own kernels (BatchNorm, an in-place add, in-place ReLU with
+// its one-byte mask; backward: the mask applied to dy in place, then BatchNorm's backward),
+// each as Residual runs it with fusion on and off, next to the machine's STREAM triad; and
 // the whole ResNet-20 training step and eval forward (see bench_training for the seed CNN).
 //
 // bytes_per_second counts what the ideal fused algorithm must move, for both rows alike:
@@ -33,7 +34,7 @@ struct Shape {
 
 struct Buffers {
   Shape sh;
-  std::vector<float> x, s, y, dy, dx, ds, weight, bias, dweight, dbias;
+  std::vector<float> x, s, y, dy, dx, weight, bias, dweight, dbias;
   std::vector<std::uint8_t> mask;
   std::vector<double> mean, var, invstd;
   explicit Buffers(const Shape& shape) : sh(shape) {
@@ -45,7 +46,7 @@ struct Buffers {
     fill(s, sh.n(), -1, 1);
     fill(dy, sh.n(), -1, 1);
     y.assign(static_cast<std::size_t>(sh.n()), 0);
-    dx = ds = y;
+    dx = y;
     mask.assign(static_cast<std::size_t>(sh.n()), 0);
     fill(weight, sh.C, 0.5, 1.5);
     fill(bias, sh.C, -0.3, 0.3);
@@ -61,15 +62,17 @@ struct Buffers {
     k::add_into(y.data(), s.data(), sh.n());
     k::relu_forward(y.data(), mask.data(), y.data(), sh.n());
   }
+  // As Residual runs them: fused, the shortcut's gradient is written over s; unfused, ReLU's
+  // backward masks dy in place, and that one tensor is the shortcut's gradient and the batch
+  // norm's dy. (Both overwrite an input of the next step, s or dy, with values of the same kind.)
   void backward(bool fused) {
     if (fused) {
       k::batchnorm_backward(dx.data(), grads(), dy.data(), x.data(), shape(), norm(),
-                            k::Epilogue<float>{true, {s.data(), ds.data()}});
+                            k::Epilogue<float>{true, {s.data(), s.data()}});
       return;
     }
-    // the masked gradient is the shortcut's gradient and the batch norm's dy
-    k::relu_backward(ds.data(), dy.data(), mask.data(), sh.n());
-    k::batchnorm_backward(dx.data(), grads(), ds.data(), x.data(), shape(), norm(), k::Epilogue<float>{false});
+    k::relu_backward(dy.data(), dy.data(), mask.data(), sh.n());
+    k::batchnorm_backward(dx.data(), grads(), dy.data(), x.data(), shape(), norm(), k::Epilogue<float>{false});
   }
   k::BatchShape shape() const { return {sh.N, sh.C, sh.S()}; }
   k::BatchStats stats() { return {mean.data(), var.data(), invstd.data()}; }
