@@ -150,7 +150,8 @@ class Residual : public Module {
       // both branches get the gradient of the sum: the main branch reads it, the shortcut takes it
       Tensor<T, 4> dt = relu_.backward(std::move(dy));
       dx = main_.backward(std::as_const(dt));
-      s_ = std::move(dt);
+      std::swap(s_, dt);
+      recycle_output(std::move(dt));  // the shortcut's output: storage for the next forward's output
     }
     Tensor<T, 4> ds = shortcut_.backward(std::move(s_));
     kernels::add_into(dx.data(), ds.data(), dx.size());
