@@ -14,6 +14,7 @@
 #include <bnrelu/nn/relu.hpp>
 #include <bnrelu/nn/sequential.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <unordered_map>
@@ -53,7 +54,7 @@ Index ideal_tensors(Pass p) {
 struct Shape {
   Index N, C, S;  // S = H*W, 1 for N x C
   std::string name;
-  Index H() const { return S == 1 ? 1 : S == 28 * 28 ? 28 : 14; }  // the shapes below are square
+  Index H() const { return std::lround(std::sqrt(static_cast<double>(S))); }  // the shapes below are square
 };
 
 // Everything one BN-ReLU layer touches, allocated once outside the timed loop.

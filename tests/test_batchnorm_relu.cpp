@@ -178,13 +178,36 @@ TEST(BatchNormReLU, ErrorsLeaveStateUnchanged) {
   EXPECT_NO_THROW(l.backward(random_tensor<float, 4>({2, 2, 3, 3})));
 }
 
+// Sets one of the kernels' tuning values (kernels/tuning.hpp) for a scope, and puts the old
+// value back when the scope ends, however it ends.
+class ForcedTuning {
+ public:
+  ForcedTuning(Index& value, Index forced) : value_(value), saved_(value) { value_ = forced; }
+  ~ForcedTuning() { value_ = saved_; }
+  ForcedTuning(const ForcedTuning&) = delete;
+  ForcedTuning& operator=(const ForcedTuning&) = delete;
+
+ private:
+  Index& value_;
+  Index saved_;
+};
+
+// out and grads hold two runs' results, the second run's after the first's: each must equal
+// its counterpart bit for bit.
+template <class T>
+void expect_runs_agree(const std::vector<Tensor<T, 4>>& out, const std::vector<std::vector<T>>& grads) {
+  const std::size_t half = out.size() / 2;
+  for (std::size_t i = 0; i < half; ++i) EXPECT_TRUE(close_to(out[half + i], out[i], 0)) << "output " << i;
+  for (std::size_t i = 0; i < grads.size() / 2; ++i)
+    EXPECT_EQ(grads[grads.size() / 2 + i], grads[i]) << "gradient " << i;
+}
+
 // Outputs bigger than the last-level cache are written with non-temporal stores, after a scalar
 // head up to the packet alignment; forced here onto small tensors (odd plane sizes put the
 // chunks at every alignment), they must give the same bits as ordinary stores.
 TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
   using T = TypeParam;
   namespace k = bnrelu::kernels;
-  const Index saved = k::detail::stream_threshold();
   for (const auto& d : std::vector<bnrelu::Dims<4>>{{3, 5, 7, 3}, {4, 3, 28, 28}, {2, 6, 1, 1}, {5, 2, 3, 1}}) {
     SCOPED_TRACE(bnrelu::shape_string(d));
     const auto x = random_tensor<T, 4>(d, -2, 3);
@@ -192,7 +215,7 @@ TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
     std::vector<Tensor<T, 4>> out;
     std::vector<std::vector<T>> grads;
     for (Index threshold : {std::numeric_limits<Index>::max(), Index{0}}) {
-      k::detail::stream_threshold() = threshold;
+      const ForcedTuning forced(k::detail::stream_threshold(), threshold);
       nn::BatchNormReLU2d<T> l({.num_features = d[1]});
       for (auto& p : l.named_parameters())
         for (auto& v : p.value) v = static_cast<T>(0.5 + 0.1 * static_cast<double>(&v - p.value.data()));
@@ -213,13 +236,8 @@ TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
       l.eval();
       out.push_back(l.forward(x));
     }
-    k::detail::stream_threshold() = saved;
-    const std::size_t half = out.size() / 2;
-    for (std::size_t i = 0; i < half; ++i) EXPECT_TRUE(close_to(out[half + i], out[i], 0)) << "output " << i;
-    for (std::size_t i = 0; i < grads.size() / 2; ++i)
-      EXPECT_EQ(grads[grads.size() / 2 + i], grads[i]) << "gradient " << i;
+    expect_runs_agree(out, grads);
   }
-  k::detail::stream_threshold() = saved;
 }
 
 // Channels too big to stay in L2 between the passes go in blocks of as many channels as the
@@ -228,7 +246,6 @@ TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
 TYPED_TEST(FusedVsUnfused, LongRunBlocksGiveTheSameBits) {
   using T = TypeParam;
   namespace k = bnrelu::kernels;
-  const Index saved = k::detail::long_run_bytes(), saved_backward = k::detail::backward_long_run_bytes();
   constexpr Index kNever = std::numeric_limits<Index>::max();
   // the two settings choose different blocks for {2, 40, 32, 32} on one thread
   EXPECT_EQ(k::detail::channel_block(2, 40, 32 * 32, sizeof(float), 1, kNever), 1);
@@ -241,8 +258,8 @@ TYPED_TEST(FusedVsUnfused, LongRunBlocksGiveTheSameBits) {
     std::vector<Tensor<T, 4>> out;
     std::vector<std::vector<T>> grads;
     for (Index bytes : {kNever, Index{0}}) {
-      k::detail::long_run_bytes() = bytes;
-      k::detail::backward_long_run_bytes() = bytes;
+      const ForcedTuning forward_runs(k::detail::long_run_bytes(), bytes);
+      const ForcedTuning backward_runs(k::detail::backward_long_run_bytes(), bytes);
       nn::BatchNormReLU2d<T> l({.num_features = d[1]});
       out.push_back(l.forward(x));
       out.push_back(l.backward(dy));
@@ -254,15 +271,8 @@ TYPED_TEST(FusedVsUnfused, LongRunBlocksGiveTheSameBits) {
       for (auto& p : l.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
       for (auto& p : bn.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
     }
-    k::detail::long_run_bytes() = saved;
-    k::detail::backward_long_run_bytes() = saved_backward;
-    const std::size_t half = out.size() / 2;
-    for (std::size_t i = 0; i < half; ++i) EXPECT_TRUE(close_to(out[half + i], out[i], 0)) << "output " << i;
-    for (std::size_t i = 0; i < grads.size() / 2; ++i)
-      EXPECT_EQ(grads[grads.size() / 2 + i], grads[i]) << "gradient " << i;
+    expect_runs_agree(out, grads);
   }
-  k::detail::long_run_bytes() = saved;
-  k::detail::backward_long_run_bytes() = saved_backward;
 }
 
 // Blocks whose x and dy do not fit in L2 take the backward's second pass in reverse image order
@@ -271,7 +281,6 @@ TYPED_TEST(FusedVsUnfused, LongRunBlocksGiveTheSameBits) {
 TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
   using T = TypeParam;
   namespace k = bnrelu::kernels;
-  const Index saved = k::detail::backward_spill_bytes();
   for (const auto& d : std::vector<bnrelu::Dims<4>>{{3, 5, 7, 3}, {5, 3, 28, 28}, {1, 4, 2, 2}}) {
     SCOPED_TRACE(bnrelu::shape_string(d));
     const auto x = random_tensor<T, 4>(d, -2, 3);
@@ -282,7 +291,7 @@ TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
     std::vector<std::vector<T>> grads;
     std::vector<std::vector<double>> sums;
     for (Index spill : {std::numeric_limits<Index>::max(), Index{0}}) {
-      k::detail::backward_spill_bytes() = spill;
+      const ForcedTuning forced(k::detail::backward_spill_bytes(), spill);
       EXPECT_EQ(k::detail::backward_walk<T>(sh, 1, sizeof(T)).reverse, spill == 0);
       nn::BatchNormReLU2d<T> l({.num_features = C});
       for (auto& p : l.named_parameters())
@@ -301,13 +310,8 @@ TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
       k::batchnorm_backward_dx(dx.data(), {sum.data(), dot.data(), sh.count()}, dy.data(), x.data(), sh, norm, true);
       out.push_back(dx);
     }
-    k::detail::backward_spill_bytes() = saved;
-    EXPECT_TRUE(close_to(out[2], out[0], 0));
-    EXPECT_TRUE(close_to(out[3], out[1], 0));
-    for (std::size_t i = 0; i < grads.size() / 2; ++i)
-      EXPECT_EQ(grads[grads.size() / 2 + i], grads[i]) << "gradient " << i;
+    expect_runs_agree(out, grads);
     EXPECT_EQ(sums[2], sums[0]);
     EXPECT_EQ(sums[3], sums[1]);
   }
-  k::detail::backward_spill_bytes() = saved;
 }
