@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -112,6 +113,71 @@ TEST(Infer, BatchNormWithoutRunningStatisticsUsesTheBatchs) {
 TEST(Infer, RefusesABadShapeLikeForward) {
   const auto model = bnrelu::models::seed_cnn<float>(1, 10);
   EXPECT_THROW(model.infer(random_input<4>({2, 3, 28, 28})), bnrelu::shape_error);
+}
+
+// A convolution's infer followed by a max pool, computed in one pass (Conv2d::infer_max_pooled,
+// which Sequential's infer takes for a Conv2d, with or without a folded batch norm and ReLU,
+// followed by a MaxPool2d): the bits of the two layers' infer one after the other, for the
+// pools Winograd's 2x2 tiles compute (odd outputs too) and those pooled from scratch, for
+// inputs holding NaN and infinities, on one thread and on a team sharing a batch of one.
+template <class T>
+void expect_pooled_infer_is_infer_then_pool(const nn::Conv2dOptions& conv_opt, const nn::MaxPool2dOptions& pool_opt,
+                                            const bnrelu::Dims<4>& d) {
+  SCOPED_TRACE("kernel " + std::to_string(conv_opt.kernel_size) + ", " + std::to_string(conv_opt.in_channels) +
+               " -> " + std::to_string(conv_opt.out_channels) + ", pool " + std::to_string(pool_opt.kernel_size) +
+               ", input " + bnrelu::shape_string(d));
+  bnrelu::manual_seed(11);
+  nn::Conv2d<T> conv(conv_opt);
+  nn::MaxPool2d<T> pool(pool_opt);
+  Tensor<T, 4> x(d);
+  bnrelu::fill_uniform(x.data(), x.size(), -1, 1);
+  x(0, 0, 1, 2) = std::numeric_limits<T>::quiet_NaN();  // NaN and infinities reach some windows
+  x(d[0] - 1, d[1] - 1, d[2] - 2, 0) = std::numeric_limits<T>::infinity();
+  x(d[0] - 1, 0, 3, d[3] - 1) = -std::numeric_limits<T>::infinity();
+  auto bits_equal = [](const Tensor<T, 4>& a, const Tensor<T, 4>& b) {
+    return a.dimensions() == b.dimensions() &&
+           std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(T)) == 0;
+  };
+  const int saved = bnrelu::num_threads();
+  for (int threads : {1, 2}) {
+    for (bool prepared : {false, true}) {
+      SCOPED_TRACE("threads " + std::to_string(threads) + (prepared ? ", kept Winograd filters" : ""));
+      bnrelu::set_num_threads(threads);
+      if (prepared) conv.prepare_inference();
+      const auto expected = pool.infer(conv.infer(x));
+      EXPECT_TRUE(bits_equal(conv.infer_max_pooled(x, pool.pool_geometry(conv.output_dims(bnrelu::dims_of(x)))), expected));
+      const auto one = x.slice(bnrelu::Dims<4>{0, 0, 0, 0}, bnrelu::Dims<4>{1, d[1], d[2], d[3]});
+      const Tensor<T, 4> first = one;  // a batch of one: a team shares the image
+      EXPECT_TRUE(bits_equal(conv.infer_max_pooled(first, pool.pool_geometry(conv.output_dims(bnrelu::dims_of(first)))),
+                             pool.infer(conv.infer(first))));
+    }
+  }
+  bnrelu::set_num_threads(saved);
+  nn::Sequential chain(conv, pool);
+  static_assert(nn::detail::PoolsInto<nn::Conv2d<T>, nn::MaxPool2d<T>>);
+  const auto expected = pool.infer(conv.infer(x));
+  EXPECT_TRUE(bits_equal(chain.infer(x), expected));
+  const auto wrong = pool.pool_geometry({d[0], conv_opt.out_channels + 1, 8, 8});
+  EXPECT_THROW(conv.infer_max_pooled(x, wrong), bnrelu::shape_error);
+}
+
+TEST(Infer, ConvolutionAndMaxPoolInOnePassGiveTheTwoLayersBits) {
+  // Winograd (3x3, 8+ channels): the pool's windows are its tiles, outputs of 14 and 13 (odd)
+  expect_pooled_infer_is_infer_then_pool<float>({.in_channels = 8, .out_channels = 16, .kernel_size = 3, .padding = 1},
+                                                {.kernel_size = 2}, {3, 8, 14, 14});
+  expect_pooled_infer_is_infer_then_pool<float>({.in_channels = 9, .out_channels = 8, .kernel_size = 3, .padding = 1},
+                                                {.kernel_size = 2}, {2, 9, 13, 11});
+  expect_pooled_infer_is_infer_then_pool<double>({.in_channels = 8, .out_channels = 8, .kernel_size = 3, .padding = 1},
+                                                 {.kernel_size = 2}, {2, 8, 10, 9});
+  // pooled from scratch: Winograd with an overlapping, padded pool; im2col (one input channel,
+  // the seed CNN's first layer; a 5x5 kernel at stride 2)
+  expect_pooled_infer_is_infer_then_pool<float>({.in_channels = 8, .out_channels = 8, .kernel_size = 3, .padding = 1},
+                                                {.kernel_size = 3, .stride = 2, .padding = 1}, {2, 8, 12, 12});
+  expect_pooled_infer_is_infer_then_pool<float>({.in_channels = 1, .out_channels = 64, .kernel_size = 3, .padding = 1},
+                                                {.kernel_size = 2}, {3, 1, 28, 28});
+  expect_pooled_infer_is_infer_then_pool<double>(
+      {.in_channels = 3, .out_channels = 5, .kernel_size = 5, .stride = 2, .padding = 2}, {.kernel_size = 2},
+      {2, 3, 15, 15});
 }
 
 // Each of `threads` threads runs infer on its own inputs `rounds` times on the one shared model;

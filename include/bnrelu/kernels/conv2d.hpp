@@ -13,6 +13,7 @@
 #include "../threads.hpp"
 #include "activation.hpp"
 #include "matrix.hpp"
+#include "pool.hpp"
 #include "winograd.hpp"
 
 namespace bnrelu::kernels {
@@ -146,21 +147,51 @@ inline void team_rows(Index& o0, Index& o1, Index O, int t, int team) {
   o1 = std::min(O, blocks * (t + 1) / team * 8);
 }
 
+// Whether a max pool after the convolution runs inside Winograd's output transform: windows
+// of 2x2 at stride 2 without padding are the transform's own 2x2 tiles.
+inline bool pool_in_winograd_tiles(const Pool2dGeometry* pool, bool winograd) {
+  return pool && winograd && pool->KH == 2 && pool->KW == 2 && detail::tiling_pool(*pool);
+}
+// Elements of the one image's output a pool reads from, per thread (or per team), outside
+// Winograd's tiles.
+inline Index pooled_image_scratch(const Conv2dGeometry& g, const Pool2dGeometry* pool, bool winograd) {
+  return pool && !pool_in_winograd_tiles(pool, winograd) ? g.O * g.HO * g.WO : 0;
+}
+
 // y[n] = weight * im2col(x[n]) + bias (+ addend[n]), then max(0, .) when relu, while the image
 // is in cache. x: [N, C, H, W]; weight: [O, C*KH*KW]; bias: [O] or null; y: [N, O, HO, WO];
 // addend: [N, O, HO, WO] or null (a residual block's shortcut, added to the rounded convolution
-// as a separate add would add it). workspace: conv2d_forward_workspace<T>(g, algorithm)
+// as a separate add would add it). workspace: conv2d_forward_workspace<T>(g, algorithm, pool)
 // elements. filters: weight's Winograd transform (winograd_filter_transform, [16, O, C]) when
 // the caller keeps one, else null.
+//
+// pool (without an addend): the max pool that follows, as one plane's geometry (H, W = HO, WO);
+// y is then [N, O, pool->HO, pool->WO], and the convolution's own output never leaves the
+// thread's cache: Winograd's tiles are its 2x2 windows, or each image's output goes to
+// scratch and maxpool_plane reads it from there. The same values as the convolution then
+// maxpool2d_forward.
 template <class T>
 void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bias,
                     const Conv2dGeometry& g, bool relu = false,
                     ConvAlgorithm algorithm = ConvAlgorithm::automatic, const T* filters = nullptr,
-                    const T* addend = nullptr) {
+                    const T* addend = nullptr, const Pool2dGeometry* pool = nullptr) {
   const Index K = g.col_rows(), P = g.col_cols();
   auto add_of = [&](Index n) { return addend ? addend + n * g.O * P : nullptr; };
   const int threads = conv_image_threads(g.N);
-  if (use_winograd(g, algorithm)) {
+  const bool winograd = use_winograd(g, algorithm), tile_pool = pool_in_winograd_tiles(pool, winograd);
+  const Index scratch_image = pooled_image_scratch(g, pool, winograd);
+  const Index y_image = pool ? g.O * pool->HO * pool->WO : g.O * P;
+  // the convolution's output of image n: y's own, or the thread's (team's) scratch to pool from
+  T* const pooled_scratch = workspace + conv2d_forward_workspace<T>(g, algorithm);
+  auto out_of = [&](Index n, int slot) { return scratch_image ? pooled_scratch + slot * scratch_image : y + n * y_image; };
+  // channels [o0, o1) of image n pooled from the scratch into y
+  auto pool_channels = [&](Index n, int slot, Index o0, Index o1) {
+    if (!scratch_image) return;
+    for (Index o = o0; o < o1; ++o)
+      maxpool_plane(y + n * y_image + o * pool->HO * pool->WO, static_cast<std::int32_t*>(nullptr),
+                    out_of(n, slot) + o * P, *pool);
+  };
+  if (winograd) {
     const auto wg = winograd_forward_geometry(g);
     if (!filters) {
       winograd_filter_transform(workspace, weight, g.O, g.C);
@@ -169,16 +200,23 @@ void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bi
     T* scratch = workspace + 16 * g.O * g.C;
     if (conv_team_forward(g, true)) {
 #pragma omp parallel num_threads(num_threads())
-      for (Index n = 0; n < g.N; ++n)
-        winograd_conv_image_team(y + n * g.O * P, x + n * g.C * g.H * g.W, filters, bias, wg, scratch, relu,
-                                 add_of(n));
+      {
+        const int t = bnrelu::detail::thread_index(), team = bnrelu::detail::team_size();
+        for (Index n = 0; n < g.N; ++n) {
+          winograd_conv_image_team(out_of(n, 0), x + n * g.C * g.H * g.W, filters, bias, wg, scratch, relu, add_of(n),
+                                   tile_pool);
+          pool_channels(n, 0, g.O * t / team, g.O * (t + 1) / team);  // the channels this thread wrote
+        }
+      }
       return;
     }
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (Index n = 0; n < g.N; ++n)
-      winograd_conv_image(y + n * g.O * P, x + n * g.C * g.H * g.W, filters, bias, wg,
-                          scratch + bnrelu::detail::thread_index() * winograd_image_workspace<T>(wg), relu,
-                          add_of(n));
+    for (Index n = 0; n < g.N; ++n) {
+      const int slot = bnrelu::detail::thread_index();
+      winograd_conv_image(out_of(n, slot), x + n * g.C * g.H * g.W, filters, bias, wg,
+                          scratch + slot * winograd_image_workspace<T>(wg), relu, add_of(n), tile_pool);
+      pool_channels(n, slot, 0, g.O);
+    }
     return;
   }
   if (conv_team_forward(g, false)) {  // one image at a time: channels' columns, then output channels
@@ -191,16 +229,19 @@ void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bi
 #pragma omp barrier
         im2col(workspace, x + n * g.C * g.H * g.W, g, g.C * t / team, g.C * (t + 1) / team);
 #pragma omp barrier
-        conv_rows(y + n * g.O * P, workspace, weight, bias, g, relu, o0, o1, add_of(n));
+        conv_rows(out_of(n, 0), workspace, weight, bias, g, relu, o0, o1, add_of(n));
+        pool_channels(n, 0, o0, o1);
       }
     }
     return;
   }
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (Index n = 0; n < g.N; ++n) {
-    T* col = workspace + static_cast<Index>(bnrelu::detail::thread_index()) * K * P;
+    const int slot = bnrelu::detail::thread_index();
+    T* col = workspace + static_cast<Index>(slot) * K * P;
     im2col(col, x + n * g.C * g.H * g.W, g);
-    conv_rows(y + n * g.O * P, col, weight, bias, g, relu, 0, g.O, add_of(n));
+    conv_rows(out_of(n, slot), col, weight, bias, g, relu, 0, g.O, add_of(n));
+    pool_channels(n, slot, 0, g.O);
   }
 }
 
@@ -292,16 +333,19 @@ void conv2d_backward(T* dx, T* dweight, T* dbias, T* workspace, const T* dy, con
   }
 }
 
-// Workspace sizes for the two passes.
+// Workspace sizes for the two passes; the forward's with the scratch a pool after it reads from.
 template <class T>
-Index conv2d_forward_workspace(const Conv2dGeometry& g, ConvAlgorithm a = ConvAlgorithm::automatic) {
+Index conv2d_forward_workspace(const Conv2dGeometry& g, ConvAlgorithm a = ConvAlgorithm::automatic,
+                               const Pool2dGeometry* pool = nullptr) {
   const Index t = conv_image_threads(g.N);
   const bool winograd = use_winograd(g, a), team = conv_team_forward(g, winograd);
+  const Index pooled = (team ? 1 : t) * pooled_image_scratch(g, pool, winograd);
   if (winograd) {
     const auto wg = winograd_forward_geometry(g);
-    return 16 * g.O * g.C + (team ? winograd_team_workspace<T>(wg, num_threads()) : t * winograd_image_workspace<T>(wg));
+    return 16 * g.O * g.C + (team ? winograd_team_workspace<T>(wg, num_threads()) : t * winograd_image_workspace<T>(wg)) +
+           pooled;
   }
-  return (team ? 1 : t) * g.col_rows() * g.col_cols();
+  return (team ? 1 : t) * g.col_rows() * g.col_cols() + pooled;
 }
 template <class T>
 Index conv2d_backward_workspace(const Conv2dGeometry& g, ConvAlgorithm a = ConvAlgorithm::automatic) {

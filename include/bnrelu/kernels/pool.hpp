@@ -163,43 +163,42 @@ void maxpool2x2_plane_backward(T* dx, const T* dy, const std::int32_t* argmax, c
 
 }  // namespace detail
 
+// One plane of max pooling: x [H, W] -> y [HO, WO]; argmax (index into the H*W plane) may be
+// null. Padding counts as -inf. Ties go to the first maximum in row-major window order; a NaN
+// wins over any number (as in PyTorch, a later NaN replaces an earlier one).
+template <class T>
+void maxpool_plane(T* y, std::int32_t* argmax, const T* x, const Pool2dGeometry& g) {
+  if (g.KH == 2 && g.KW == 2 && detail::tiling_pool(g)) return detail::maxpool2x2_plane(y, argmax, x, g);
+  for (Index oh = 0; oh < g.HO; ++oh) {
+    const Index h0 = oh * g.stride - g.pad;
+    const Index hs = std::max<Index>(h0, 0), he = std::min<Index>(h0 + g.KH, g.H);
+    for (Index ow = 0; ow < g.WO; ++ow) {
+      const Index w0 = ow * g.stride - g.pad;
+      const Index ws = std::max<Index>(w0, 0), we = std::min<Index>(w0 + g.KW, g.W);
+      T best = -std::numeric_limits<T>::infinity();
+      Index best_i = hs * g.W + ws;
+      for (Index h = hs; h < he; ++h)
+        for (Index w = ws; w < we; ++w) {
+          const T v = x[h * g.W + w];
+          if (v > best || std::isnan(v)) {
+            best = v;
+            best_i = h * g.W + w;
+          }
+        }
+      y[oh * g.WO + ow] = best;
+      if (argmax) argmax[oh * g.WO + ow] = static_cast<std::int32_t>(best_i);
+    }
+  }
+}
+
 // x: [N, C, H, W]; y: [N, C, HO, WO]; argmax: [N, C, HO, WO], index into the H*W plane, or
-// null when not wanted (eval). Padding counts as -inf. Ties go to the first maximum in
-// row-major window order; a NaN wins over any number (as in PyTorch, a later NaN replaces an
-// earlier one).
+// null when not wanted (eval). Each plane as maxpool_plane computes it.
 template <class T>
 void maxpool2d_forward(T* y, std::int32_t* argmax, const T* x, const Pool2dGeometry& g) {
   const Index planes = g.N * g.C;
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
-  for (Index p = 0; p < planes; ++p) {
-    const T* xp = x + p * g.H * g.W;
-    T* yp = y + p * g.HO * g.WO;
-    std::int32_t* ap = argmax ? argmax + p * g.HO * g.WO : nullptr;
-    if (g.KH == 2 && g.KW == 2 && detail::tiling_pool(g)) {
-      detail::maxpool2x2_plane(yp, ap, xp, g);
-      continue;
-    }
-    for (Index oh = 0; oh < g.HO; ++oh) {
-      const Index h0 = oh * g.stride - g.pad;
-      const Index hs = std::max<Index>(h0, 0), he = std::min<Index>(h0 + g.KH, g.H);
-      for (Index ow = 0; ow < g.WO; ++ow) {
-        const Index w0 = ow * g.stride - g.pad;
-        const Index ws = std::max<Index>(w0, 0), we = std::min<Index>(w0 + g.KW, g.W);
-        T best = -std::numeric_limits<T>::infinity();
-        Index best_i = hs * g.W + ws;
-        for (Index h = hs; h < he; ++h)
-          for (Index w = ws; w < we; ++w) {
-            const T v = xp[h * g.W + w];
-            if (v > best || std::isnan(v)) {
-              best = v;
-              best_i = h * g.W + w;
-            }
-          }
-        yp[oh * g.WO + ow] = best;
-        if (ap) ap[oh * g.WO + ow] = static_cast<std::int32_t>(best_i);
-      }
-    }
-  }
+  for (Index p = 0; p < planes; ++p)
+    maxpool_plane(y + p * g.HO * g.WO, argmax ? argmax + p * g.HO * g.WO : nullptr, x + p * g.H * g.W, g);
 }
 
 // dx = 0, then dx[argmax] += dy for every output. When windows tile the map, each input

@@ -45,6 +45,15 @@ inline P relu_grad(const P& pre, const P& dy) {
   return Eigen::internal::pandnot(dy, Eigen::internal::pcmp_le(pre, Eigen::internal::pzero(pre)));
 }
 
+// Max pooling's step over a window: v where v > best or v is NaN, else best (a later value wins
+// if greater or NaN, as kernels/pool.hpp and PyTorch order a window).
+template <class P>
+inline P pool_max(const P& best, const P& v) {
+  using namespace Eigen::internal;
+  const P v_is_nan = pandnot(ptrue(v), pcmp_eq(v, v));
+  return pselect(por(pcmp_lt(best, v), v_is_nan), v, best);
+}
+
 // Non-temporal store of a packet to a packet-aligned address: the line goes to memory without
 // first being read (no write-allocate) and without displacing cached data. For outputs too big
 // to stay in cache; stream_fence() orders such stores before the data is handed to another

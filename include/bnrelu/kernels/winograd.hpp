@@ -197,10 +197,14 @@ void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGe
 // added to the rounded A^T M A + bias, as an add after the convolution would add it. stage:
 // 4 * WinogradScratch::stage_stride elements. Output channels [o0, o1) only when given (a team's
 // share).
+//
+// pool2x2 (without an addend): y is instead the 2x2, stride-2 max pool of that output,
+// [O, HO / 2, WO / 2]. Each pooling window is one tile, so the pool takes the maximum of the
+// tile's four outputs in row-major order (maxpool_plane's order) before anything is stored.
 template <class T>
 void winograd_output_transform(T* y, const T* m, Index m_stride, const T* bias, bool relu,
                                const WinogradGeometry& g, T* stage, Index o0 = 0, Index o1 = -1,
-                               const T* addend = nullptr) {
+                               const T* addend = nullptr, bool pool2x2 = false) {
   using P8 = simd::Packet<T>;
   const WinogradScratch s(g, simd::width<T>);
   const Index HO = g.HO, WO = g.WO, TW = g.TW, P = g.tiles();
@@ -221,8 +225,20 @@ void winograd_output_transform(T* y, const T* m, Index m_stride, const T* bias, 
                          simd::padd(simd::padd(simd::padd(s1[0], s1[1]), s1[2]), b),
                          simd::padd(simd::psub(simd::psub(s1[1], s1[2]), s1[3]), b)};
       const bool relu_now = relu && !addend;  // with an addend, the ReLU follows the add below
+      if (pool2x2) {  // outputs (0, 0), (0, 1), (1, 0), (1, 1) of the tile: its window's order
+        P8 best = relu_now ? simd::relu(out[0]) : out[0];
+        for (int k = 1; k < 4; ++k) best = simd::pool_max(best, relu_now ? simd::relu(out[k]) : out[k]);
+        simd::store(stage + t, best);
+        continue;
+      }
       for (int k = 0; k < 4; ++k)
         simd::store(stage + k * s.stage_stride + t, relu_now ? simd::relu(out[k]) : out[k]);
+    }
+    if (pool2x2) {  // the windows of whole tiles: a last odd row or column of outputs has none
+      const Index PH = HO / 2, PW = WO / 2;
+      for (Index ph = 0; ph < PH; ++ph)
+        std::copy(stage + ph * TW, stage + ph * TW + PW, y + (o * PH + ph) * PW);
+      continue;
     }
     T* yo = y + o * HO * WO;
     for (Index oh = 0; oh < HO; ++oh) {
@@ -246,12 +262,12 @@ Index winograd_image_workspace(const WinogradGeometry& g) {
 }
 
 // One image: y[O, HO, WO] = conv3x3(x[C, H, W]) + bias (+ addend, [O, HO, WO], if given), then
-// ReLU when relu.
+// ReLU when relu; with pool2x2, y is its 2x2, stride-2 max pool [O, HO / 2, WO / 2].
 // u: [16, O, C] from one of the filter transforms; bias may be null;
 // workspace: winograd_image_workspace<T>(g) elements.
 template <class T>
 void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const WinogradGeometry& g, T* workspace,
-                         bool relu = false, const T* addend = nullptr) {
+                         bool relu = false, const T* addend = nullptr, bool pool2x2 = false) {
   const WinogradScratch s(g, simd::width<T>);
   const Index C = g.C, O = g.O, P = g.tiles();
   T* v = workspace;
@@ -264,7 +280,7 @@ void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const Wino
     ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
     MatrixMap<T>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
   }
-  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, 0, -1, addend);
+  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, 0, -1, addend, pool2x2);
 }
 
 // Scratch of winograd_conv_image_team for a team of `threads`, in elements of T.
@@ -281,7 +297,7 @@ Index winograd_team_workspace(const WinogradGeometry& g, Index threads) {
 // workspace: winograd_team_workspace<T>(g, team) elements.
 template <class T>
 void winograd_conv_image_team(T* y, const T* x, const T* u, const T* bias, const WinogradGeometry& g, T* workspace,
-                              bool relu = false, const T* addend = nullptr) {
+                              bool relu = false, const T* addend = nullptr, bool pool2x2 = false) {
   const WinogradScratch s(g, simd::width<T>);
   const Index C = g.C, O = g.O, P = g.tiles();
   const int t = bnrelu::detail::thread_index(), team = bnrelu::detail::team_size();
@@ -297,7 +313,8 @@ void winograd_conv_image_team(T* y, const T* x, const T* u, const T* bias, const
     ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
     MatrixMap<T>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
   }
-  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, O * t / team, O * (t + 1) / team, addend);
+  winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, O * t / team, O * (t + 1) / team, addend,
+                            pool2x2);
   // the next image's input transform writes V only, which the products above have read: the
   // barrier after it keeps its products from writing M before this output transform has read it
 }

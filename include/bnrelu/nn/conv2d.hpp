@@ -136,6 +136,18 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
     return infer_impl(x, s.data());
   }
 
+  // The max pool of infer(x), computed image by image while each convolution output is in
+  // cache, so that only the pooled output is written. pool: the pool's geometry for infer(x)'s
+  // dims (MaxPool2d::pool_geometry; shape_error if it is for other dims). The bits of infer(x)
+  // followed by the pool's infer.
+  Tensor<T, 4> infer_max_pooled(const Tensor<T, 4>& x, const kernels::Pool2dGeometry& pool) const {
+    const auto g = geometry(dims_of(x));
+    if (Dims<4>{pool.N, pool.C, pool.H, pool.W} != Dims<4>{g.N, g.O, g.HO, g.WO})
+      throw shape_error("Conv2d: a pool of " + shape_string(Dims<4>{pool.N, pool.C, pool.H, pool.W}) +
+                        " inputs for the output " + shape_string(Dims<4>{g.N, g.O, g.HO, g.WO}));
+    return infer_impl(x, nullptr, &pool);
+  }
+
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) {
     const auto g = backward_geometry(dy);
     Tensor<T, 4> dx = x_.take_grad_storage();
@@ -180,15 +192,16 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
                              x_.get().data(), this->weight_data(), g, algorithm_);
   }
 
-  // infer's output, relu(conv(x) + addend) when the addend is given.
-  Tensor<T, 4> infer_impl(const Tensor<T, 4>& x, const T* addend) const {
+  // infer's output, relu(conv(x) + addend) when the addend is given, or its max pool by pool.
+  Tensor<T, 4> infer_impl(const Tensor<T, 4>& x, const T* addend,
+                          const kernels::Pool2dGeometry* pool = nullptr) const {
     const auto g = geometry(dims_of(x));
-    Tensor<T, 4> y = detail::infer_output<T>(Dims<4>{g.N, g.O, g.HO, g.WO});
+    Tensor<T, 4> y = detail::infer_output<T>(pool ? Dims<4>{g.N, g.O, pool->HO, pool->WO} : Dims<4>{g.N, g.O, g.HO, g.WO});
     thread_local std::vector<T> workspace;
-    workspace.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
+    workspace.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_, pool)));
     kernels::conv2d_forward(y.data(), workspace.data(), x.data(), this->weight_data(), this->bias_data(), g,
                             this->relu_ || addend, algorithm_, filters_.empty() ? nullptr : filters_.data(),
-                            addend);
+                            addend, pool);
     return y;
   }
 

@@ -49,8 +49,15 @@ class MaxPool2d : public Module {
             (in[3] + 2 * pad_ - kernel_) / stride_ + 1};
   }
 
+  // The pooling of an input of dims in, as the kernels take it (shape_error as output_dims):
+  // what a convolution needs to pool its own output (Conv2d::infer_max_pooled).
+  kernels::Pool2dGeometry pool_geometry(const Dims<4>& in) const {
+    const auto out = output_dims(in);
+    return {in[0], in[1], in[2], in[3], kernel_, kernel_, stride_, pad_, out[2], out[3]};
+  }
+
   Tensor<T, 4> forward(const Tensor<T, 4>& x) {
-    const auto g = geometry(dims_of(x));
+    const auto g = pool_geometry(dims_of(x));
     Tensor<T, 4> y = y_.take({g.N, g.C, g.HO, g.WO});
     has_cache_ = is_training();
     argmax_.resize(has_cache_ ? static_cast<std::size_t>(y.size()) : 0);  // eval keeps no argmax
@@ -61,7 +68,7 @@ class MaxPool2d : public Module {
 
   // The eval-mode output, computed without touching the layer (any number of threads at once).
   Tensor<T, 4> infer(const Tensor<T, 4>& x) const {
-    const auto g = geometry(dims_of(x));
+    const auto g = pool_geometry(dims_of(x));
     Tensor<T, 4> y = detail::infer_output<T>(Dims<4>{g.N, g.C, g.HO, g.WO});
     kernels::maxpool2d_forward(y.data(), static_cast<std::int32_t*>(nullptr), x.data(), g);
     return y;
@@ -101,11 +108,6 @@ class MaxPool2d : public Module {
   std::vector<BufferRef<T>> named_buffers() { return {}; }
 
  private:
-  kernels::Pool2dGeometry geometry(const Dims<4>& in) const {
-    const auto out = output_dims(in);
-    return {in[0], in[1], in[2], in[3], kernel_, kernel_, stride_, pad_, out[2], out[3]};
-  }
-
   Index kernel_, stride_, pad_;
   std::vector<std::int32_t> argmax_;  // cache: index of each output's maximum in its H*W plane
   kernels::Pool2dGeometry geometry_{};

@@ -35,6 +35,11 @@ template <class L>
 concept Foldable = requires(const L& l, std::vector<double>& v) { l.eval_affine(v, v); };
 template <class L>
 concept AppliesReLU = requires { requires L::applies_relu; };
+// A layer whose infer can end in the max pool of layer P (Conv2d::infer_max_pooled).
+template <class L, class P>
+concept PoolsInto = requires(const L& l, const P& p, const typename L::input_type& x) {
+  l.infer_max_pooled(x, p.pool_geometry(l.output_dims(dims_of(x))));
+};
 
 // The input type of a chain: the first layer's, skipping rank-agnostic layers (ReLU).
 template <class T, class... L>
@@ -443,6 +448,12 @@ class Sequential : public Module {
   // that a batch norm was folded into).
   template <std::size_t I, std::size_t End = size, class X>
   auto infer_from(X&& x) const {
+    if constexpr (fold_site<I>()) {
+      if constexpr (pools_into<I, I + fold_span<I>(), End>())
+        if (folded_[I]) return infer_pooled<I, I + fold_span<I>(), End>(std::forward<X>(x));
+    } else if constexpr (!fused_pair<I>() && pools_into<I, I + 1, End>()) {
+      return infer_pooled<I, I + 1, End>(std::forward<X>(x));
+    }
     auto y = [&] {
       if constexpr (fused_pair<I>() && I + 1 < End)
         return std::get<I>(layers_).infer_impl(x, true);
@@ -468,6 +479,28 @@ class Sequential : public Module {
     } else {
       return infer_from<I + 1, End>(std::move(y));
     }
+  }
+
+  // infer_from's step for layer I followed by the max pool of layer J (which ends the layers
+  // that step covers: a folded batch norm and ReLU, or none) in one pass, then the rest.
+  template <std::size_t I, std::size_t J, std::size_t End, class X>
+  auto infer_pooled(X&& x) const {
+    const auto& layer = std::get<I>(layers_);
+    auto y = layer.infer_max_pooled(x, std::get<J>(layers_).pool_geometry(layer.output_dims(dims_of(x))));
+    if constexpr (!std::is_lvalue_reference_v<X>) detail::infer_recycle(std::move(x));
+    if constexpr (J + 1 < End)
+      return infer_from<J + 1, End>(std::move(y));
+    else
+      return y;
+  }
+
+  // Layer J (before End) is a max pool that layer I's infer can compute in its epilogue.
+  template <std::size_t I, std::size_t J, std::size_t End>
+  static constexpr bool pools_into() {
+    if constexpr (J < End)
+      return detail::PoolsInto<layer_t<I>, layer_t<J>>;
+    else
+      return false;
   }
 
   // Layer size-2 can join an addend to its output in its epilogue (Conv2d::infer_add_relu) and
