@@ -172,6 +172,14 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   std::vector<BufferRef<T>> named_buffers() { return {}; }
 
  private:
+  // A workspace of at least n elements. It only grows: resized down and up again, a vector
+  // zero-fills the elements it regains, and the forward's and the backward's sizes (or two
+  // layers' sharing a thread's infer workspace) alternate on every step.
+  static T* at_least(std::vector<T>& workspace, Index n) {
+    if (workspace.size() < static_cast<std::size_t>(n)) workspace.resize(static_cast<std::size_t>(n));
+    return workspace.data();
+  }
+
   kernels::Conv2dGeometry geometry(const Dims<4>& in) const {
     const auto out = output_dims(in);
     return {in[0],        in[1],        in[2],   in[3],           opt_.out_channels,
@@ -187,8 +195,8 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   }
 
   void backward_impl(T* dx, const Tensor<T, 4>& dy, const kernels::Conv2dGeometry& g) {
-    workspace_.resize(static_cast<std::size_t>(kernels::conv2d_backward_workspace<T>(g, algorithm_)));
-    kernels::conv2d_backward(dx, this->dweight_data(), this->dbias_data(), workspace_.data(), dy.data(),
+    kernels::conv2d_backward(dx, this->dweight_data(), this->dbias_data(),
+                             at_least(workspace_, kernels::conv2d_backward_workspace<T>(g, algorithm_)), dy.data(),
                              x_.get().data(), this->weight_data(), g, algorithm_);
   }
 
@@ -197,9 +205,9 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
                           const kernels::Pool2dGeometry* pool = nullptr) const {
     const auto g = geometry(dims_of(x));
     Tensor<T, 4> y = detail::infer_output<T>(pool ? Dims<4>{g.N, g.O, pool->HO, pool->WO} : Dims<4>{g.N, g.O, g.HO, g.WO});
-    thread_local std::vector<T> workspace;
-    workspace.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_, pool)));
-    kernels::conv2d_forward(y.data(), workspace.data(), x.data(), this->weight_data(), this->bias_data(), g,
+    thread_local std::vector<T> workspace;  // one for every Conv2d<T> the thread runs
+    kernels::conv2d_forward(y.data(), at_least(workspace, kernels::conv2d_forward_workspace<T>(g, algorithm_, pool)),
+                            x.data(), this->weight_data(), this->bias_data(), g,
                             this->relu_ || addend, algorithm_, filters_.empty() ? nullptr : filters_.data(),
                             addend, pool);
     return y;
@@ -209,9 +217,9 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
     const auto g = geometry(dims_of(x));  // throws before any change
     if (this->relu_ && is_training()) detail::inference_only("Conv2d");
     Tensor<T, 4> y = y_.take({g.N, g.O, g.HO, g.WO});
-    workspace_.resize(static_cast<std::size_t>(kernels::conv2d_forward_workspace<T>(g, algorithm_)));
     const bool kept = !filters_.empty() && !is_training();
-    kernels::conv2d_forward(y.data(), workspace_.data(), x.data(), this->weight_data(), this->bias_data(), g,
+    kernels::conv2d_forward(y.data(), at_least(workspace_, kernels::conv2d_forward_workspace<T>(g, algorithm_)), x.data(),
+                            this->weight_data(), this->bias_data(), g,
                             this->relu_, algorithm_, kept ? filters_.data() : nullptr);
     x_.keep(x, owned, is_training());
     return y;
