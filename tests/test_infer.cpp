@@ -157,8 +157,36 @@ void expect_pooled_infer_is_infer_then_pool(const nn::Conv2dOptions& conv_opt, c
   static_assert(nn::detail::PoolsInto<nn::Conv2d<T>, nn::MaxPool2d<T>>);
   const auto expected = pool.infer(conv.infer(x));
   EXPECT_TRUE(bits_equal(chain.infer(x), expected));
-  const auto wrong = pool.pool_geometry({d[0], conv_opt.out_channels + 1, 8, 8});
+  const auto out = conv.output_dims(bnrelu::dims_of(x));
+  EXPECT_THROW(conv.infer_max_pooled(x, pool.pool_geometry({out[0], out[1] + 1, out[2], out[3]})), bnrelu::shape_error);
+  auto wrong = pool.pool_geometry(out);  // a window, stride or padding that cannot give its output size
+  ++wrong.HO;
   EXPECT_THROW(conv.infer_max_pooled(x, wrong), bnrelu::shape_error);
+  wrong = pool.pool_geometry(out);
+  wrong.pad = wrong.KH;
+  EXPECT_THROW(conv.infer_max_pooled(x, wrong), bnrelu::shape_error);
+}
+
+// Through Sequential after fuse_for_inference: a batch norm folded into the convolution, with and
+// without a ReLU, then the pool: infer's bits are the eval forward's, which runs the layers apart.
+TEST(Infer, FoldedConvolutionBatchNormReLUAndPoolGiveTheEvalForwardsBits) {
+  bnrelu::manual_seed(12);
+  const nn::Conv2dOptions conv{.in_channels = 8, .out_channels = 16, .kernel_size = 3, .padding = 1};
+  nn::Sequential with_relu(nn::Conv2d<float>(conv), nn::BatchNorm2d<float>({.num_features = 16}), nn::ReLU<float>{},
+                           nn::MaxPool2d<float>({.kernel_size = 2}));
+  nn::Sequential without_relu(nn::Conv2d<float>(conv), nn::BatchNorm2d<float>({.num_features = 16}),
+                              nn::MaxPool2d<float>({.kernel_size = 3, .stride = 2, .padding = 1}));
+  const auto x = random_input<4>({3, 8, 11, 12});
+  for (int i = 0; i < 2; ++i) {  // running statistics other than 0 and 1
+    with_relu.forward(random_input<4>({4, 8, 11, 12}));
+    without_relu.forward(random_input<4>({4, 8, 11, 12}));
+  }
+  with_relu.fuse_for_inference();
+  without_relu.fuse_for_inference();
+  ASSERT_EQ(with_relu.layers_folded_into(0), 3u);
+  ASSERT_EQ(without_relu.layers_folded_into(0), 2u);
+  EXPECT_TRUE(same_bits(with_relu.infer(x), with_relu.forward(x)));
+  EXPECT_TRUE(same_bits(without_relu.infer(x), without_relu.forward(x)));
 }
 
 TEST(Infer, ConvolutionAndMaxPoolInOnePassGiveTheTwoLayersBits) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cassert>
 #include <cstring>
 #include <vector>
 
@@ -166,15 +167,17 @@ inline Index pooled_image_scratch(const Conv2dGeometry& g, const Pool2dGeometry*
 // the caller keeps one, else null.
 //
 // pool (without an addend): the max pool that follows, as one plane's geometry (H, W = HO, WO);
-// y is then [N, O, pool->HO, pool->WO], and the convolution's own output never leaves the
-// thread's cache: Winograd's tiles are its 2x2 windows, or each image's output goes to
-// scratch and maxpool_plane reads it from there. The same values as the convolution then
-// maxpool2d_forward.
+// y is then [N, O, pool->HO, pool->WO], and the convolution's own output is not written to y:
+// Winograd's 2x2 tiles are the windows of an unpadded 2x2, stride-2 pool, taken inside the
+// output transform; otherwise each image's output goes to one image of scratch (per thread, or
+// one for a team sharing an image) and maxpool_plane reads it from there. The same values as
+// the convolution then maxpool2d_forward.
 template <class T>
 void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bias,
                     const Conv2dGeometry& g, bool relu = false,
                     ConvAlgorithm algorithm = ConvAlgorithm::automatic, const T* filters = nullptr,
                     const T* addend = nullptr, const Pool2dGeometry* pool = nullptr) {
+  assert(!(pool && addend));
   const Index K = g.col_rows(), P = g.col_cols();
   auto add_of = [&](Index n) { return addend ? addend + n * g.O * P : nullptr; };
   const int threads = conv_image_threads(g.N);

@@ -198,7 +198,7 @@ void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGe
 // 4 * WinogradScratch::stage_stride elements. Output channels [o0, o1) only when given (a team's
 // share).
 //
-// pool2x2 (without an addend): y is instead the 2x2, stride-2 max pool of that output,
+// pool2x2 (an addend is then ignored): y is instead the 2x2, stride-2 max pool of that output,
 // [O, HO / 2, WO / 2]. Each pooling window is one tile, so the pool takes the maximum of the
 // tile's four outputs in row-major order (maxpool_plane's order) before anything is stored.
 template <class T>
