@@ -12,6 +12,9 @@
 
 namespace bnrelu::nn {
 
+template <class T>
+class MaxPool2d;  // maxpool2d.hpp: the pool infer_max_pooled computes
+
 using kernels::ConvAlgorithm;
 
 struct Conv2dOptions {
@@ -136,26 +139,13 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
     return infer_impl(x, s.data());
   }
 
-  // The max pool of infer(x), computed image by image right after each image's convolution, so
-  // that only the pooled output is written to the result. pool: the pool's geometry for
-  // infer(x)'s dims (MaxPool2d::pool_geometry); shape_error if it is for other dims or its
-  // window, stride, padding and output size do not agree as MaxPool2d's would. The bits of
-  // infer(x) followed by the pool's infer.
-  Tensor<T, 4> infer_max_pooled(const Tensor<T, 4>& x, const kernels::Pool2dGeometry& pool) const {
+  // The max pool of infer(x) by pool, computed image by image right after each image's
+  // convolution, so that only the pooled output is written to the result: the bits of
+  // pool.infer(infer(x)). shape_error as the pool's output_dims gives it for infer(x)'s dims.
+  Tensor<T, 4> infer_max_pooled(const Tensor<T, 4>& x, const MaxPool2d<T>& pool) const {
     const auto g = geometry(dims_of(x));
-    if (Dims<4>{pool.N, pool.C, pool.H, pool.W} != Dims<4>{g.N, g.O, g.HO, g.WO})
-      throw shape_error("Conv2d: a pool of " + shape_string(Dims<4>{pool.N, pool.C, pool.H, pool.W}) +
-                        " inputs for the output " + shape_string(Dims<4>{g.N, g.O, g.HO, g.WO}));
-    auto fits = [&](Index in, Index k, Index out) {  // MaxPool2d's rule (padding <= half the window)
-      return k >= 1 && pool.stride >= 1 && pool.pad >= 0 && 2 * pool.pad <= k && in + 2 * pool.pad >= k &&
-             out == (in + 2 * pool.pad - k) / pool.stride + 1;
-    };
-    if (!fits(pool.H, pool.KH, pool.HO) || !fits(pool.W, pool.KW, pool.WO))
-      throw shape_error("Conv2d: a pool of " + std::to_string(pool.KH) + "x" + std::to_string(pool.KW) +
-                        " windows, stride " + std::to_string(pool.stride) + ", padding " + std::to_string(pool.pad) +
-                        " cannot give " + std::to_string(pool.HO) + "x" + std::to_string(pool.WO) + " outputs from " +
-                        std::to_string(pool.H) + "x" + std::to_string(pool.W));
-    return infer_impl(x, nullptr, &pool);
+    const kernels::Pool2dGeometry window = pool.pool_geometry(Dims<4>{g.N, g.O, g.HO, g.WO});
+    return infer_impl(x, nullptr, &window);
   }
 
   Tensor<T, 4> backward(const Tensor<T, 4>& dy) {

@@ -49,8 +49,7 @@ class MaxPool2d : public Module {
             (in[3] + 2 * pad_ - kernel_) / stride_ + 1};
   }
 
-  // The pooling of an input of dims in, as the kernels take it (shape_error as output_dims):
-  // what a convolution needs to pool its own output (Conv2d::infer_max_pooled).
+  // The pooling of an input of dims in, as the kernels take it (shape_error as output_dims).
   kernels::Pool2dGeometry pool_geometry(const Dims<4>& in) const {
     const auto out = output_dims(in);
     return {in[0], in[1], in[2], in[3], kernel_, kernel_, stride_, pad_, out[2], out[3]};

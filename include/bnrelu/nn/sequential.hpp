@@ -37,9 +37,7 @@ template <class L>
 concept AppliesReLU = requires { requires L::applies_relu; };
 // A layer whose infer can end in the max pool of layer P (Conv2d::infer_max_pooled).
 template <class L, class P>
-concept PoolsInto = requires(const L& l, const P& p, const typename L::input_type& x) {
-  l.infer_max_pooled(x, p.pool_geometry(l.output_dims(dims_of(x))));
-};
+concept PoolsInto = requires(const L& l, const P& p, const typename L::input_type& x) { l.infer_max_pooled(x, p); };
 
 // The input type of a chain: the first layer's, skipping rank-agnostic layers (ReLU).
 template <class T, class... L>
@@ -485,8 +483,7 @@ class Sequential : public Module {
   // that step covers: a folded batch norm and ReLU, or none) in one pass, then the rest.
   template <std::size_t I, std::size_t J, std::size_t End, class X>
   auto infer_pooled(X&& x) const {
-    const auto& layer = std::get<I>(layers_);
-    auto y = layer.infer_max_pooled(x, std::get<J>(layers_).pool_geometry(layer.output_dims(dims_of(x))));
+    auto y = std::get<I>(layers_).infer_max_pooled(x, std::get<J>(layers_));
     if constexpr (!std::is_lvalue_reference_v<X>) detail::infer_recycle(std::move(x));
     if constexpr (J + 1 < End)
       return infer_from<J + 1, End>(std::move(y));
