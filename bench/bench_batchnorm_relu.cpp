@@ -224,29 +224,48 @@ void layer_memory(benchmark::State& state) {
   state.counters["input_bytes"] = static_cast<double>(x.size() * sizeof(float));
 }
 
-// The public API as README's training loop calls it: y = model.forward(x) on the caller's x,
-// then model.backward(dy), results dropped each step, after two untimed steps; a
-// Sequential(BatchNorm2d, ReLU) with fusion on (one kernel each way) or off (BatchNorm, then
-// ReLU with its mask). Both rows pay the same copy of the caller's x (forward on an lvalue
-// keeps its own), so their ratio is what fusion saves through the API.
-void layer_api(benchmark::State& state, const Shape& sh, bool fused) {
+// The public API as a training loop calls it, results dropped each step, after two untimed
+// steps; a Sequential(BatchNorm2d, ReLU) with fusion on (one kernel each way) or off
+// (BatchNorm, then ReLU with its mask).
+//   lvalue: y = model.forward(x) on the caller's x, which stays the caller's: forward keeps
+//           its own copy for backward (README's quick start, which reuses one batch);
+//   moved:  y = model.forward(std::move(x)) on a fresh x each step (written outside the timed
+//           region, as the layer before or the data loader writes it): forward keeps x itself
+//           (train_mnist's loop, and every layer after the first inside a Sequential).
+// Then dx = model.backward(dy). Fused and unfused rows pay the same copy or move, so their
+// ratio is what fusion saves through the API.
+void layer_api(benchmark::State& state, const Shape& sh, bool fused, bool moved) {
   const int threads = static_cast<int>(state.range(0));
   bnrelu::set_num_threads(threads);
   const Index H = sh.H();
   auto model = bnrelu::nn::Sequential(bnrelu::nn::BatchNorm2d<float>({.num_features = sh.C}),
                                       bnrelu::nn::ReLU<float>());
   model.set_fusion(fused);
-  const auto x = bnrelu::bench::random_tensor<4>({sh.N, sh.C, H, sh.S / H});
+  const auto x0 = bnrelu::bench::random_tensor<4>({sh.N, sh.C, H, sh.S / H});
   const auto dy = bnrelu::bench::random_tensor<4>({sh.N, sh.C, H, sh.S / H});
+  Tensor<float, 4> x;
   auto step = [&] {
-    auto y = model.forward(x);
+    auto y = moved ? model.forward(std::move(x)) : model.forward(x0);
     auto dx = model.backward(dy);
     benchmark::DoNotOptimize(y.data());
     benchmark::DoNotOptimize(dx.data());
     benchmark::ClobberMemory();
   };
-  for (int i = 0; i < 2; ++i) step();
-  for (auto _ : state) step();
+  auto refill = [&] {
+    if (moved) x = x0;
+  };
+  for (int i = 0; i < 2; ++i) {
+    refill();
+    step();
+  }
+  for (auto _ : state) {
+    if (moved) {
+      state.PauseTiming();
+      refill();
+      state.ResumeTiming();
+    }
+    step();
+  }
   state.SetBytesProcessed(state.iterations() * ideal_tensors(Pass::forward_backward) * sh.N * sh.C * sh.S *
                           static_cast<Index>(sizeof(float)));
   state.counters["threads"] = threads;
@@ -276,11 +295,14 @@ int register_all() {
     }
   for (const auto& sh : kShapes)
     if (sh.S > 1)
-      for (bool fused : {true, false}) {
-        const std::string name = std::string(fused ? "api_fused" : "api_unfused") + "/fwd+bwd/" + sh.name;
-        benchmark::RegisterBenchmark(name.c_str(), [sh, fused](benchmark::State& s) { layer_api(s, sh, fused); })
-            ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
-      }
+      for (bool moved : {false, true})
+        for (bool fused : {true, false}) {
+          const std::string name = std::string(fused ? "api_fused" : "api_unfused") + (moved ? "/moved" : "/lvalue") +
+                                   "/fwd+bwd/" + sh.name;
+          benchmark::RegisterBenchmark(name.c_str(),
+                                       [sh, fused, moved](benchmark::State& s) { layer_api(s, sh, fused, moved); })
+              ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+        }
   benchmark::RegisterBenchmark("layer_memory/BatchNormReLU2d/64x64x28x28", layer_memory)->Iterations(1);
   return 0;
 }

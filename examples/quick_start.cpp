@@ -22,7 +22,8 @@ int main() {
   const std::vector<std::int64_t> labels{0, 1, 2, 3, 4, 5, 6, 7};
   for (int step = 0; step < 20; ++step) {
     opt.zero_grad();
-    const float l = loss.forward(model.forward(x), labels);
+    const float l = loss.forward(model.forward(x), labels);  // keeps a copy of x (reused
+                                                              // below); forward(std::move(x)) keeps x itself
     model.backward(loss.backward());                      // adds into every parameter's grad
     opt.step();
     std::printf("step %d: loss %.4f\n", step, l);
