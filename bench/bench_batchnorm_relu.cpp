@@ -215,6 +215,21 @@ void run_onednn(benchmark::State& state, const Shape& sh, Pass pass) {
 }
 #endif
 
+// Reading one buffer of state.range(0) MiB again and again: the rate the caches deliver it at
+// while it fits in what they keep, memory's rate beyond (what kernels/tuning.hpp's streaming
+// threshold rests on).
+void cache_reread(benchmark::State& state) {
+  const Index n = (state.range(0) << 20) / static_cast<Index>(sizeof(float));
+  std::vector<float> a(static_cast<std::size_t>(n), 1.0f);
+  for (auto _ : state) {
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (Index i = 0; i < n; ++i) sum += a[static_cast<std::size_t>(i)];
+    benchmark::DoNotOptimize(sum);
+  }
+  state.SetBytesProcessed(state.iterations() * n * static_cast<Index>(sizeof(float)));
+}
+
 // The real layer, for the memory it keeps between forward and backward.
 void layer_memory(benchmark::State& state) {
   bnrelu::nn::BatchNormReLU2d<float> layer({.num_features = 64});
@@ -303,6 +318,8 @@ int register_all() {
                                        [sh, fused, moved](benchmark::State& s) { layer_api(s, sh, fused, moved); })
               ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
         }
+  benchmark::RegisterBenchmark("cache_reread", cache_reread)
+      ->Arg(1)->Arg(4)->Arg(8)->Arg(12)->Arg(16)->Arg(24)->Arg(32)->Arg(64)->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("layer_memory/BatchNormReLU2d/64x64x28x28", layer_memory)->Iterations(1);
   return 0;
 }

@@ -202,7 +202,7 @@ void expect_runs_agree(const std::vector<Tensor<T, 4>>& out, const std::vector<s
     EXPECT_EQ(grads[grads.size() / 2 + i], grads[i]) << "gradient " << i;
 }
 
-// Outputs bigger than the last-level cache are written with non-temporal stores, after a scalar
+// Big outputs are written with non-temporal stores (kernels/tuning.hpp), after a scalar
 // head up to the packet alignment; forced here onto small tensors (odd plane sizes put the
 // chunks at every alignment), they must give the same bits as ordinary stores.
 TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
@@ -292,7 +292,7 @@ TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
     std::vector<std::vector<double>> sums;
     for (Index spill : {std::numeric_limits<Index>::max(), Index{0}}) {
       const ForcedTuning forced(k::detail::backward_spill_bytes(), spill);
-      EXPECT_EQ(k::detail::backward_walk<T>(sh, 1, sizeof(T)).reverse, spill == 0);
+      EXPECT_EQ(k::detail::backward_walk<T>(sh, 1, 2, 3).reverse, spill == 0);
       nn::BatchNormReLU2d<T> l({.num_features = C});
       for (auto& p : l.named_parameters())
         for (auto& v : p.value) v = static_cast<T>(0.5 - 0.2 * static_cast<double>(&v - p.value.data()));

@@ -212,9 +212,11 @@ namespace detail {
 // measures the choice; docs/performance.md). The backward's first pass: see backward_walk.
 inline constexpr Index kAheadStatistics = 2;
 
+// Whether a pass that reads and writes `tensors` tensors of `elements` values each (its inputs
+// and outputs together) writes its outputs around the caches (stream_threshold()).
 template <class T>
-bool stream_output(Index elements) {
-  return elements * static_cast<Index>(sizeof(T)) > stream_threshold();
+bool stream_output(Index elements, Index tensors) {
+  return tensors * elements * static_cast<Index>(sizeof(T)) > stream_threshold();
 }
 
 // Channels per task in the S > 1 kernels. Adjacent channels of one image are contiguous, so
@@ -239,14 +241,15 @@ inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threa
   return std::clamp<Index>(std::min({run, fit, spread}), 1, kMaxBlock);
 }
 
-// How the backward walks a block of G channels. Its pass 1 reads the block's x and dy
-// (2 * G * N * S values) from memory and pass 2 reads them again. When they fit in L2, pass 1
+// How the backward walks a block of G channels. Its pass 1 reads the block's x and dy (and the
+// shortcut: `streams` tensors, streams * G * N * S values) from memory and pass 2 reads them
+// again. When they fit in L2, pass 1
 // asks two images ahead, and pass 2 walks forward. When they do not (more than
 // backward_spill_bytes(), a core's L2), pass 1 asks one image ahead and pass 2 walks the
 // images in reverse: the last ones pass 1 read are still in L2 and the rest come from L3,
 // where walking forward under LRU would find every line evicted just before it is wanted.
 // The order changes neither sums nor results. Pass 2 writes dx around the caches (stream) when
-// the whole dx is too big for them.
+// the backward's `tensors` tensors (its streams and outputs) are too big for them.
 struct BackwardWalk {
   Index ahead = 2;
   bool reverse = false;
@@ -254,10 +257,10 @@ struct BackwardWalk {
 };
 
 template <class T>
-BackwardWalk backward_walk(const BatchShape& sh, Index G, Index elem_size) {
+BackwardWalk backward_walk(const BatchShape& sh, Index G, Index streams, Index tensors) {
   BackwardWalk walk;
-  if (2 * G * sh.N * sh.S * elem_size > backward_spill_bytes()) walk = {1, true};
-  walk.stream = stream_output<T>(sh.size());
+  if (streams * G * sh.N * sh.S * static_cast<Index>(sizeof(T)) > backward_spill_bytes()) walk = {1, true};
+  walk.stream = stream_output<T>(sh.size(), tensors);
   return walk;
 }
 
@@ -551,7 +554,8 @@ void batchnorm_forward_train(T* y, T* x_copy, const BatchStats& stats, const T* 
   }
   const Index G = detail::channel_block(N, C, sh.S, sizeof(T), num_threads(), detail::long_run_bytes());
   const Index nblocks = (C + G - 1) / G;
-  const bool stream = detail::stream_output<T>(sh.size());
+  // x (and s) in, y (and x's copy) out
+  const bool stream = detail::stream_output<T>(sh.size(), (addend ? 3 : 2) + (x_copy ? 1 : 0));
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
@@ -606,7 +610,7 @@ void batchnorm_forward_eval(T* y, const T* x, const BatchShape& sh, const Channe
     }
     return;
   }
-  const bool stream = detail::stream_output<T>(sh.size());
+  const bool stream = detail::stream_output<T>(sh.size(), addend ? 3 : 2);  // x (and s) in, y out
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for collapse(2) schedule(static)
@@ -696,7 +700,8 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
   const Index G =
       detail::channel_block(N, C, sh.S, streams * sizeof(T), num_threads(), detail::backward_long_run_bytes());
   const Index nblocks = (C + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, streams * sizeof(T) / 2);
+  // reads x, dy (and s); writes dx (and ds)
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, streams, add.s ? 5 : 3);
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
@@ -745,7 +750,7 @@ void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, 
   const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads(),
                                         detail::backward_long_run_bytes());
   const Index nblocks = (r.last - r.first + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, sizeof(T));
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2, 3);
   const Epilogue<T> e{relu};
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index blk = 0; blk < nblocks; ++blk) {
@@ -767,7 +772,7 @@ void batchnorm_backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x,
   const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads(),
                                         detail::backward_long_run_bytes());
   const Index nblocks = (r.last - r.first + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, sizeof(T));
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2, 3);
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)

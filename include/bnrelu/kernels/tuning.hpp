@@ -21,12 +21,16 @@ inline Index l2_bytes() {
   return bytes;
 }
 
-// Outputs bigger than this many bytes are written with non-temporal stores: they cannot stay in
-// the last-level cache anyway, and writing around the cache saves reading every line before it
-// is written. Smaller outputs stay cached for the layer that reads them next. The last-level
-// cache's size by default.
+// A BatchNorm pass writes its output with non-temporal stores when the tensors it reads and
+// writes together exceed this many bytes: the output would not stay in the last-level cache
+// until the next layer reads it, and writing around the cache saves reading every line before
+// it is written. A smaller pass leaves its output cached for the layer that reads it next. Half
+// the last-level cache by default, since the cache also holds other layers', threads' and
+// programs' lines: on the AVX-512 machine of docs/performance.md (32 MiB of L3), a buffer read
+// again and again (bench_batchnorm_relu's cache_reread rows) came at 64-98 GB/s up to 12 MiB,
+// at 43 GB/s at 16 MiB and at memory's 23-28 GB/s from 24 MiB.
 inline Index& stream_threshold() {
-  static Index bytes = platform::last_level_cache_bytes();
+  static Index bytes = platform::last_level_cache_bytes() / 2;
   return bytes;
 }
 
