@@ -678,18 +678,30 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
         coef_a[j] = cd.a;
         coef_b[j] = cd.b;
       }
+      // one loop per epilogue: a conditional store of ds inside one loop kept it from vectorising
       for (Index n = 0; n < N; ++n) {
         const T* xr = x + n * C + c0;
         const T* dyr = dy + n * C + c0;
         T* dxr = dx + n * C + c0;
-        const T* sr = add.s ? add.s + n * C + c0 : nullptr;
-        T* dsr = add.s ? add.ds + n * C + c0 : nullptr;
+        if (add.s) {
+          const T* sr = add.s + n * C + c0;
+          T* dsr = add.ds + n * C + c0;
 #pragma omp simd
-        for (Index j = 0; j < w; ++j) {
-          const T pre = bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]);
-          const T g = sr ? relu_grad(pre + sr[j], dyr[j]) : relu ? relu_grad(pre, dyr[j]) : dyr[j];
-          if (dsr) dsr[j] = g;
-          dxr[j] = bn_affine(g, gs[j], bn_affine(xr[j] - mu_hi[j], coef_a[j], coef_b[j]));
+          for (Index j = 0; j < w; ++j) {
+            const T g = relu_grad(bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]) + sr[j], dyr[j]);
+            dsr[j] = g;
+            dxr[j] = bn_affine(g, gs[j], bn_affine(xr[j] - mu_hi[j], coef_a[j], coef_b[j]));
+          }
+        } else if (relu) {
+#pragma omp simd
+          for (Index j = 0; j < w; ++j) {
+            const T g = relu_grad(bn_affine(xr[j] - mu_hi[j], scale[j], shift[j]), dyr[j]);
+            dxr[j] = bn_affine(g, gs[j], bn_affine(xr[j] - mu_hi[j], coef_a[j], coef_b[j]));
+          }
+        } else {
+#pragma omp simd
+          for (Index j = 0; j < w; ++j)
+            dxr[j] = bn_affine(dyr[j], gs[j], bn_affine(xr[j] - mu_hi[j], coef_a[j], coef_b[j]));
         }
       }
     }
