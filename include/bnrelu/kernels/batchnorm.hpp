@@ -5,7 +5,8 @@
 //
 // The fused training kernels work one channel at a time: its N*S values (200 KiB for
 // 64x64x28x28) are read from memory once and stay in cache for the following passes, and
-// outputs too big for the last-level cache are written around it. The backward recomputes
+// a pass whose tensors together are too big to leave its output cached for the next layer
+// writes that output around the caches (tuning.hpp, stream_threshold). The backward recomputes
 // the ReLU mask from x with the forward's own arithmetic (one rounding, fused multiply-add,
 // in vector and scalar paths alike), so nothing but x is kept between the two.
 //
@@ -762,7 +763,7 @@ void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, 
   const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads(),
                                         detail::backward_long_run_bytes());
   const Index nblocks = (r.last - r.first + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2, 3);
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2, 3);  // its stream flag: unused here
   const Epilogue<T> e{relu};
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index blk = 0; blk < nblocks; ++blk) {

@@ -28,7 +28,7 @@ inline Index l2_bytes() {
 // the last-level cache by default, since the cache also holds other layers', threads' and
 // programs' lines: on the AVX-512 machine of docs/performance.md (32 MiB of L3), a buffer read
 // again and again (bench_batchnorm_relu's cache_reread rows) came at 64-98 GB/s up to 12 MiB,
-// at 43 GB/s at 16 MiB and at memory's 23-28 GB/s from 24 MiB.
+// at 43 GB/s at 16 MiB and at this loop's 23-28 GB/s from memory from 24 MiB.
 inline Index& stream_threshold() {
   static Index bytes = platform::last_level_cache_bytes() / 2;
   return bytes;
