@@ -266,17 +266,14 @@ void layer_api(benchmark::State& state, const Shape& sh, bool fused, bool moved)
     benchmark::DoNotOptimize(dx.data());
     benchmark::ClobberMemory();
   };
-  auto refill = [&] {
-    if (moved) x = x0;
-  };
   for (int i = 0; i < 2; ++i) {
-    refill();
+    if (moved) x = x0;
     step();
   }
   for (auto _ : state) {
     if (moved) {
       state.PauseTiming();
-      refill();
+      x = x0;
       state.ResumeTiming();
     }
     step();

@@ -250,7 +250,8 @@ inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threa
 // images in reverse: the last ones pass 1 read are still in L2 and the rest come from L3,
 // where walking forward under LRU would find every line evicted just before it is wanted.
 // The order changes neither sums nor results. Pass 2 writes dx around the caches (stream) when
-// the backward's `tensors` tensors (its streams and outputs) are too big for them.
+// the backward's tensors are too big for them: its streams, and one output fewer (dx, and ds
+// with a shortcut).
 struct BackwardWalk {
   Index ahead = 2;
   bool reverse = false;
@@ -258,10 +259,10 @@ struct BackwardWalk {
 };
 
 template <class T>
-BackwardWalk backward_walk(const BatchShape& sh, Index G, Index streams, Index tensors) {
+BackwardWalk backward_walk(const BatchShape& sh, Index G, Index streams) {
   BackwardWalk walk;
   if (streams * G * sh.N * sh.S * static_cast<Index>(sizeof(T)) > backward_spill_bytes()) walk = {1, true};
-  walk.stream = stream_output<T>(sh.size(), tensors);
+  walk.stream = stream_output<T>(sh.size(), 2 * streams - 1);
   return walk;
 }
 
@@ -713,8 +714,7 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
   const Index G =
       detail::channel_block(N, C, sh.S, streams * sizeof(T), num_threads(), detail::backward_long_run_bytes());
   const Index nblocks = (C + G - 1) / G;
-  // reads x, dy (and s); writes dx (and ds)
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, streams, add.s ? 5 : 3);
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, streams);
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
@@ -763,7 +763,7 @@ void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, 
   const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads(),
                                         detail::backward_long_run_bytes());
   const Index nblocks = (r.last - r.first + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2, 3);  // its stream flag: unused here
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2);
   const Epilogue<T> e{relu};
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index blk = 0; blk < nblocks; ++blk) {
@@ -785,7 +785,7 @@ void batchnorm_backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x,
   const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads(),
                                         detail::backward_long_run_bytes());
   const Index nblocks = (r.last - r.first + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2, 3);
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2);
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
