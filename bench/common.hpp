@@ -1,5 +1,6 @@
-// Shared pieces of the benchmark programs: the build's vector ISA in every report, a STREAM
-// triad for the machine's memory limit, and helpers for tensors and thread counts.
+// Shared pieces of the benchmark programs: the build's vector ISA and BatchNorm's streaming
+// threshold in every report, a STREAM triad for the machine's memory limit, and helpers for
+// tensors and thread counts.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -8,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include <bnrelu/kernels/tuning.hpp>
 #include <bnrelu/random.hpp>
 #include <bnrelu/tensor.hpp>
 #include <bnrelu/threads.hpp>
@@ -28,6 +30,13 @@ inline const char* build_isa() {
 #endif
 }
 inline const bool isa_in_context = (benchmark::AddCustomContext("bnrelu_isa", build_isa()), true);
+
+// The BatchNorm streaming-store threshold this run's kernels took from the machine's caches
+// (kernels/tuning.hpp), in KiB, beside the ISA.
+inline const bool stream_threshold_in_context =
+    (benchmark::AddCustomContext("bnrelu_stream_threshold_kib",
+                                 std::to_string(kernels::detail::stream_threshold() >> 10)),
+     true);
 
 // a = b + s * c over arrays far larger than the L3 cache; bytes moved = 3 arrays (STREAM's
 // convention, no write-allocate traffic counted).

@@ -1,7 +1,7 @@
 // The machine-dependent values the kernels tune themselves by, in one place: each derived from
 // the caches the program finds (platform/cache.hpp: sysfs, else CPUID) at first use, with a
-// fallback where neither reports them. Tests set them to cover every path with small tensors; they change
-// which path runs, never a result.
+// fallback where neither reports them. Tests set them to cover every path with small tensors;
+// they change which path runs, never a result.
 #pragma once
 
 #include <algorithm>
@@ -24,13 +24,20 @@ inline Index l2_bytes() {
 // A BatchNorm pass writes its output with non-temporal stores when the tensors it reads and
 // writes together exceed this many bytes: the output would not stay in the last-level cache
 // until the next layer reads it, and writing around the cache saves reading every line before
-// it is written. A smaller pass leaves its output cached for the layer that reads it next. Half
-// the last-level cache by default, since the cache also holds other layers', threads' and
-// programs' lines: on the AVX-512 machine of docs/performance.md (32 MiB of L3), a buffer read
-// again and again (bench_batchnorm_relu's cache_reread rows) came at 64-98 GB/s up to 12 MiB,
-// at 43 GB/s at 16 MiB and at this loop's 23-28 GB/s from memory from 24 MiB.
+// it is written. A smaller pass leaves its output cached for the layer that reads it next.
+// Half the last-level cache, since the cache also holds other layers', threads' and programs'
+// lines, and at most 64 MiB, since a virtual machine may report its host's whole cache, shared
+// with cores it cannot see. Measured (bench_batchnorm_relu's fused and public-API rows at
+// 64x64x28x28 and 256x64x28x28, whose passes count 26-39 MB and 103-154 MB):
+//  - AMD Zen 5, 32 MiB of L3: half of it (16 MiB) beat streaming only outputs larger than the
+//    whole L3, 2.1-2.2 against 2.8-3.0 ms at 64x64x28x28; a buffer read again and again (the
+//    cache_reread rows) came at 64-98 GB/s up to 12 MiB, at 43 GB/s at 16 MiB and at memory's
+//    23-28 GB/s from 24 MiB;
+//  - Intel Xeon (family 6 model 207), 300 MiB of L3 reported to a 2-core virtual machine: 40
+//    and 64 MiB beat 24 MiB (which streams 64x64x28x28's 39 MB backward: up to 1.6x slower)
+//    and 150 MiB (which caches 256x64x28x28's passes: up to 1.9x slower).
 inline Index& stream_threshold() {
-  static Index bytes = platform::last_level_cache_bytes() / 2;
+  static Index bytes = std::min(platform::last_level_cache_bytes() / 2, Index{64} << 20);
   return bytes;
 }
 
