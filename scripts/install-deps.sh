@@ -18,8 +18,6 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libonnx-dev libprotobuf-dev dataset-fashion-mnist $BENCH >/dev/null
 # ONNX Runtime for the ONNX export's tests, from the npm registry at the version the lock file
 # pins. Its install script only fetches optional GPU files, so it does not run.
-if command -v npm >/dev/null; then
-  (cd "$(dirname "$0")/../tests/onnxruntime" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
-else
-  echo "install-deps: npm not found; the ONNX Runtime tests will not be built" >&2
-fi
+# Node.js and npm come from Debian unless the machine has them already.
+command -v npm >/dev/null || $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+(cd "$(dirname "$0")/../tests/onnxruntime" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)

@@ -34,8 +34,8 @@ inline Index l2_bytes() {
 //    cache_reread rows) came at 64-98 GB/s up to 12 MiB, at 43 GB/s at 16 MiB and at memory's
 //    23-28 GB/s from 24 MiB;
 //  - Intel Xeon (family 6 model 207), 300 MiB of L3 reported to a 2-core virtual machine: 40
-//    and 64 MiB beat 24 MiB (which streams 64x64x28x28's 39 MB backward: up to 1.6x slower)
-//    and 150 MiB (which caches 256x64x28x28's passes: up to 1.9x slower).
+//    and 64 MiB beat 24 MiB (which streams all of 64x64x28x28's passes: up to 1.6x slower)
+//    and 150 MiB (which caches 256x64x28x28's passes: 1.3-2.3x slower).
 inline Index& stream_threshold() {
   static Index bytes = std::min(platform::last_level_cache_bytes() / 2, Index{64} << 20);
   return bytes;
