@@ -292,7 +292,7 @@ TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
     std::vector<std::vector<double>> sums;
     for (Index spill : {std::numeric_limits<Index>::max(), Index{0}}) {
       const ForcedTuning forced(k::detail::backward_spill_bytes(), spill);
-      EXPECT_EQ(k::detail::backward_walk<T>(sh, 1, 2).reverse, spill == 0);
+      EXPECT_EQ(k::detail::backward_walk<T>(sh, 1, 2, 3).reverse, spill == 0);
       nn::BatchNormReLU2d<T> l({.num_features = C});
       for (auto& p : l.named_parameters())
         for (auto& v : p.value) v = static_cast<T>(0.5 - 0.2 * static_cast<double>(&v - p.value.data()));

@@ -9,7 +9,10 @@
 #include <bnrelu/testing/gradcheck.hpp>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <filesystem>
 #include <set>
 #include <span>
@@ -164,6 +167,58 @@ TEST(Residual, FusedIsBitIdenticalToUnfused) {
       EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << (projection ? "projection" : "identity");
     }
   }
+}
+
+// The backward that reads the forward's one-bit mask gives the bits of the one that recomputes
+// the mask from x and s, at chunk lengths around a word and a packet, with pre-activations of
+// exactly 0 (no gradient), -0 and NaN (gradient passes, as PyTorch's threshold_backward).
+template <class T>
+void kept_mask_matches_recomputed() {
+  namespace k = bnrelu::kernels;
+  for (Index S : {3, 35, 64, 100, 130}) {
+    SCOPED_TRACE(S);
+    const k::BatchShape sh{3, 2, S};
+    const Index n = sh.size();
+    auto x = random_tensor<T, 1>({n}, -2, 2), s = random_tensor<T, 1>({n}, -1, 1), dy = random_tensor<T, 1>({n});
+    const T weight[2] = {T(0.75), T(1.5)}, bias[2] = {T(0.25), T(-0.5)};
+    const k::AffineParams<T> params{weight, bias};
+    double mean[2], var[2], invstd[2];
+    Tensor<T, 1> y(n);
+    std::vector<std::uint64_t> bits(static_cast<std::size_t>(sh.N * sh.C * k::mask_words(S)));
+    k::batchnorm_forward_train(y.data(), static_cast<T*>(nullptr), {mean, var, invstd}, x.data(), sh, params, 1e-5,
+                               k::Epilogue<T>{true, {s.data(), nullptr, bits.data()}});
+    // with the statistics known, make some pre-activations f(x) + s exactly 0, -0 and NaN
+    const k::Normalisation<T> norm{mean, invstd, params};
+    for (Index i = 0; i < n; i += 7) {
+      const k::ChannelAffine<T> f(norm, (i / S) % 2);
+      s(i) = i % 3 == 0 ? -f(x(i)) : i % 3 == 1 ? std::numeric_limits<T>::quiet_NaN() : s(i);
+    }
+    k::batchnorm_forward_train(y.data(), static_cast<T*>(nullptr), {mean, var, invstd}, x.data(), sh, params, 1e-5,
+                               k::Epilogue<T>{true, {s.data(), nullptr, bits.data()}});
+    Tensor<T, 1> dx_kept(n), ds_kept(n), dx_recomputed(n), ds_recomputed(n);
+    T dw_kept[2] = {}, db_kept[2] = {}, dw_re[2] = {}, db_re[2] = {};
+    k::batchnorm_backward(dx_kept.data(), {dw_kept, db_kept}, dy.data(), x.data(), sh, norm,
+                          k::Epilogue<T>{true, {s.data(), ds_kept.data(), bits.data()}});
+    k::batchnorm_backward(dx_recomputed.data(), {dw_re, db_re}, dy.data(), x.data(), sh, norm,
+                          k::Epilogue<T>{true, {s.data(), ds_recomputed.data()}});
+    Index passed = 0;
+    for (Index i = 0; i < n; ++i) {
+      const T pre = k::ChannelAffine<T>(norm, (i / S) % 2)(x(i)) + s(i);
+      EXPECT_EQ(ds_kept(i), pre > T(0) || std::isnan(pre) ? dy(i) : T(0)) << i;
+      passed += ds_kept(i) != T(0);
+    }
+    EXPECT_GT(passed, 0);
+    EXPECT_LT(passed, n);
+    EXPECT_EQ(std::memcmp(ds_kept.data(), ds_recomputed.data(), n * sizeof(T)), 0);
+    EXPECT_EQ(std::memcmp(dx_kept.data(), dx_recomputed.data(), n * sizeof(T)), 0);
+    EXPECT_EQ(std::memcmp(dw_kept, dw_re, sizeof dw_kept), 0);
+    EXPECT_EQ(std::memcmp(db_kept, db_re, sizeof db_kept), 0);
+  }
+}
+
+TEST(Residual, KeptMaskGivesTheRecomputedMasksBits) {
+  kept_mask_matches_recomputed<float>();
+  kept_mask_matches_recomputed<double>();
 }
 
 TEST(Residual, GradientsMatchFiniteDifferences) {

@@ -11,11 +11,12 @@
 // in vector and scalar paths alike), so nothing but x is kept between the two.
 //
 // The training kernels also serve a residual block's last batch norm, add and ReLU as one
-// pass (Addend): forward y = relu(f(x) + s) reads x and the shortcut s and writes y; backward's
-// first pass recomputes the mask from x and s and writes the masked gradient, which is the
-// shortcut's gradient ds, while summing it; its second pass reads ds (from cache) and x and
-// writes the batch norm's dx. Each value is rounded as the unfused chain rounds it (f(x) to T,
-// then the add), so both give the same bits.
+// pass (Addend): forward y = relu(f(x) + s) reads x and the shortcut s and writes y and the
+// ReLU's mask, one bit per value (1/32 of x in float); backward's first pass reads the mask
+// with x and dy and writes the masked gradient, which is the shortcut's gradient ds, while
+// summing it; its second pass reads ds (from cache) and x and writes the batch norm's dx. Each
+// value is rounded as the unfused chain rounds it (f(x) to T, then the add), so both give the
+// same bits.
 #pragma once
 
 #include <algorithm>
@@ -103,14 +104,22 @@ struct Normalisation {
   AffineParams<T> params{};
 };
 
-// A residual block's shortcut, added before the ReLU: s is read by forward and backward, ds
-// (backward) receives the ReLU-masked gradient, which is the shortcut's; ds may be s itself
-// (each element is read before it is written). Both [N, C, S] like x; null s means no add.
+// A residual block's shortcut, added before the ReLU: s is read by forward, ds (backward)
+// receives the ReLU-masked gradient, which is the shortcut's; ds may be s or dy itself (each
+// element is read before it is written). Both [N, C, S] like x; null s means no add. mask, if given
+// (S > 1; mask_words), receives the ReLU's mask from a training forward, one bit per value,
+// and the backward reads it instead of recomputing the mask from x and s (which it does
+// without one, and always for S = 1).
 template <class T>
 struct Addend {
   const T* s = nullptr;
   T* ds = nullptr;
+  std::uint64_t* mask = nullptr;
 };
+
+// 64-bit words of an Addend's mask per chunk of S values: chunk (n, c) takes words
+// [(n * C + c) * W, + W), W = mask_words(S), value i of the chunk bit i % 64 of word i / 64.
+inline Index mask_words(Index S) { return (S + 63) / 64; }
 
 // What follows the normalisation: a ReLU, and an addend before it (which needs the ReLU).
 template <class T>
@@ -250,8 +259,8 @@ inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threa
 // images in reverse: the last ones pass 1 read are still in L2 and the rest come from L3,
 // where walking forward under LRU would find every line evicted just before it is wanted.
 // The order changes neither sums nor results. Pass 2 writes dx around the caches (stream) when
-// the backward's tensors are too big for them: its streams, and one output fewer (dx, and ds
-// with a shortcut).
+// the `tensors` the backward reads and writes are too big for them: x, dy and dx, with a
+// shortcut also ds, and s unless a mask replaces it.
 struct BackwardWalk {
   Index ahead = 2;
   bool reverse = false;
@@ -259,10 +268,10 @@ struct BackwardWalk {
 };
 
 template <class T>
-BackwardWalk backward_walk(const BatchShape& sh, Index G, Index streams) {
+BackwardWalk backward_walk(const BatchShape& sh, Index G, Index streams, Index tensors) {
   BackwardWalk walk;
   if (streams * G * sh.N * sh.S * static_cast<Index>(sizeof(T)) > backward_spill_bytes()) walk = {1, true};
-  walk.stream = stream_output<T>(sh.size(), 2 * streams - 1);
+  walk.stream = stream_output<T>(sh.size(), tensors);
   return walk;
 }
 
@@ -372,6 +381,23 @@ void affine(T* y, const T* x, Index n, const ChannelAffine<T>& f, bool relu, boo
         y, n, stream, [&](Index i) { return f(simd::load(x + i)); }, [&](Index i) { return f(x[i]); }, ahead);
 }
 
+// The mask bits of one chunk of n values (mask_words(n) words at m): bit set where
+// !(f(x) + s <= 0), the pre-activation computed as affine() computes it, so that the mask is
+// the one y's ReLU applied. The chunk's x and s are in L1, just read by affine().
+template <class T>
+void relu_mask_bits(std::uint64_t* m, const T* x, const T* s, Index n, const ChannelAffine<T>& f) {
+  constexpr Index L = simd::width<T>;  // divides 64: a packet's bits never straddle two words
+  for (Index i0 = 0; i0 < n; i0 += 64) {
+    const Index end = std::min(n, i0 + 64);
+    std::uint64_t bits = 0;
+    Index i = i0;
+    for (; i + L <= end; i += L)
+      bits |= std::uint64_t{simd::positive_bits(simd::padd(f(simd::load(x + i)), simd::load(s + i)))} << (i - i0);
+    for (; i < end; ++i) bits |= std::uint64_t{!(f(x[i]) + s[i] <= T(0))} << (i - i0);
+    *m++ = bits;
+  }
+}
+
 // Pass 1 of the backward for channels r: sum[c - r.first] += sum(g), dot[c - r.first] +=
 // sum(g * (x - mean)), reading x and dy once. sum(g * (x - mean)) is computed as
 // sum(g * (x - hi)) - lo * sum(g): x - hi is exact near hi.
@@ -387,45 +413,50 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const Batc
       const Index at = sh.at(n, c);
       const T* xc = x + at;
       const T* dyc = dy + at;
-      const Ahead<T> ahead = n + walk.ahead < N ? Ahead<T>{xc + far, dyc + far, nullptr, s ? s + at + far : nullptr}
-                                                : Ahead<T>{};
+      const T* sa = s && !add.mask ? s + at + far : nullptr;
+      const Ahead<T> ahead = n + walk.ahead < N ? Ahead<T>{xc + far, dyc + far, nullptr, sa} : Ahead<T>{};
       const ChannelGrad<T> ch(norm, c, e.relu);
       const auto phi = simd::set1(ch.f.centre);
-      if (s) {  // g is stored as the shortcut's gradient, and pass 2 reads it from cache
-        const T* sc = s + at;
-        T* dsc = add.ds + at;
+      // the sums of g = pg(i, x) (packets) or sg(i) (the tail); with a shortcut (Store), g is
+      // also stored as its gradient, which pass 2 reads back from cache
+      auto accumulate = [&]<bool Store>(std::bool_constant<Store>, auto pg, auto sg) {
+        T* dsc = Store ? add.ds + at : nullptr;
         const auto part = reduce2<T>(
             S,
             [&](Index i, simd::Packet<T>& g, simd::Packet<T>& d) {
               const auto xv = simd::load(xc + i);
-              g = ch.grad(xv, simd::load(dyc + i), simd::load(sc + i));
-              simd::store(dsc + i, g);
+              g = pg(i, xv);
+              if constexpr (Store) simd::store(dsc + i, g);
               d = simd::psub(xv, phi);
             },
             [&](Index i, T& g, T& d) {
-              g = ch.grad(xc[i], dyc[i], sc[i]);
-              dsc[i] = g;
+              g = sg(i);
+              if constexpr (Store) dsc[i] = g;
               d = xc[i] - ch.f.centre;
             },
             ahead);
         sum[c - c0] += part.first;
         dot[c - c0] += part.second - static_cast<double>(ch.lo) * part.first;
-        continue;
+      };
+      if (add.mask) {  // the forward's mask
+        const std::uint64_t* mc = add.mask + (n * sh.C + c) * mask_words(S);
+        accumulate(
+            std::true_type{},
+            [&](Index i, const simd::Packet<T>&) {
+              return simd::select_bits(static_cast<std::uint32_t>(mc[i / 64] >> (i % 64)), simd::load(dyc + i));
+            },
+            [&](Index i) { return (mc[i / 64] >> (i % 64)) & 1 ? dyc[i] : T(0); });
+      } else if (s) {  // the mask recomputed from x and s
+        const T* sc = s + at;
+        accumulate(
+            std::true_type{},
+            [&](Index i, const simd::Packet<T>& xv) { return ch.grad(xv, simd::load(dyc + i), simd::load(sc + i)); },
+            [&](Index i) { return ch.grad(xc[i], dyc[i], sc[i]); });
+      } else {
+        accumulate(
+            std::false_type{}, [&](Index i, const simd::Packet<T>& xv) { return ch.grad(xv, simd::load(dyc + i)); },
+            [&](Index i) { return ch.grad(xc[i], dyc[i]); });
       }
-      const auto part = reduce2<T>(
-          S,
-          [&](Index i, simd::Packet<T>& g, simd::Packet<T>& d) {
-            const auto xv = simd::load(xc + i);
-            g = ch.grad(xv, simd::load(dyc + i));
-            d = simd::psub(xv, phi);
-          },
-          [&](Index i, T& g, T& d) {
-            g = ch.grad(xc[i], dyc[i]);
-            d = xc[i] - ch.f.centre;
-          },
-          ahead);
-      sum[c - c0] += part.first;
-      dot[c - c0] += part.second - static_cast<double>(ch.lo) * part.first;
     }
 }
 
@@ -488,13 +519,15 @@ void backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x, const Bat
 // computed per channel while the channel's slice is in cache (x read from memory once).
 // stats receives mean, var (biased) and invstd per channel. If x_copy is given, x is copied
 // there first and every pass reads the copy (the layer keeps it for backward). With an addend
-// (e.add.s, [N, C, S]; e.relu set), y = relu(gamma * (x - mean) * invstd + beta + s).
+// (e.add.s, [N, C, S]; e.relu set), y = relu(gamma * (x - mean) * invstd + beta + s), and the
+// ReLU's mask goes to e.add.mask if given (S > 1 only).
 template <class T>
 void batchnorm_forward_train(T* y, T* x_copy, const BatchStats& stats, const T* x, const BatchShape& sh,
                              AffineParams<T> p, double eps, const Epilogue<T>& e = {}) {
   const T* addend = e.add.s;
   const bool relu = e.relu;
   assert(!addend || relu);
+  assert(!e.add.mask || addend);
   assert(sh.N * sh.S > 0);
   const Index N = sh.N, C = sh.C;
   const double M = sh.count();
@@ -576,6 +609,8 @@ void batchnorm_forward_train(T* y, T* x_copy, const BatchStats& stats, const T* 
           detail::Ahead<T> ahead;
           if (n + 1 < N) ahead = {src + next, addend ? addend + next : nullptr, stream ? nullptr : y + next};
           detail::affine(y + at, src + at, sh.S, f[c - c0], relu, stream, ahead, addend ? addend + at : nullptr);
+          if (e.add.mask)
+            detail::relu_mask_bits(e.add.mask + (n * C + c) * mask_words(sh.S), src + at, addend + at, sh.S, f[c - c0]);
         }
     }
     if (stream) simd::stream_fence();
@@ -631,7 +666,8 @@ void batchnorm_forward_eval(T* y, const T* x, const BatchShape& sh, const Channe
 //   dweight += sum(g * xhat) = invstd * sum(g * (x - mean))
 //   dx = weight * invstd * (g - sum(g)/M - (x - mean) * invstd^2 * sum(g * (x - mean))/M)
 // x, dy, dx: [N, C, S]; norm: the forward's mean and invstd, and its parameters; grads: [C]
-// each or null. With an addend (e.add.s, the forward's), the mask is relu(f(x) + s)'s and g is
+// each or null. With an addend (e.add.s, the forward's), the mask is relu(f(x) + s)'s, read
+// from e.add.mask if given (the forward's) and recomputed from x and s if not, and g is
 // written to e.add.ds as well.
 template <class T>
 void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, const BatchShape& sh,
@@ -709,12 +745,14 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
     }
     return;
   }
-  // x and dy (and the shortcut) per value, read by both passes
+  // x and dy (and the shortcut's s, or its gradient written by pass 1) per value, read by both
+  // passes; with a mask, s is not read: x, dy, dx and ds
   const Index streams = add.s ? 3 : 2;
+  const Index tensors = add.s ? (add.mask ? 4 : 5) : 3;
   const Index G =
       detail::channel_block(N, C, sh.S, streams * sizeof(T), num_threads(), detail::backward_long_run_bytes());
   const Index nblocks = (C + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, streams);
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, streams, tensors);
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)
@@ -763,7 +801,7 @@ void batchnorm_backward_sums(double* sum, double* dot, const T* dy, const T* x, 
   const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads(),
                                         detail::backward_long_run_bytes());
   const Index nblocks = (r.last - r.first + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2);
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2, 3);
   const Epilogue<T> e{relu};
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
   for (Index blk = 0; blk < nblocks; ++blk) {
@@ -785,7 +823,7 @@ void batchnorm_backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x,
   const Index G = detail::channel_block(sh.N, r.last - r.first, sh.S, 2 * sizeof(T), num_threads(),
                                         detail::backward_long_run_bytes());
   const Index nblocks = (r.last - r.first + G - 1) / G;
-  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2);
+  const detail::BackwardWalk walk = detail::backward_walk<T>(sh, G, 2, 3);
 #pragma omp parallel num_threads(bnrelu::num_threads())
   {
 #pragma omp for schedule(static)

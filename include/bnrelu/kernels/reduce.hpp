@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 
 #include "../tensor.hpp"
@@ -114,7 +115,9 @@ std::pair<double, double> reduce2(Index n, PF pf, SF sf, const Ahead<T>& ahead =
     T ta, tb;
     sf(i, ta, tb);
     sa += static_cast<double>(ta);
-    sb += static_cast<double>(ta) * static_cast<double>(tb);
+    // one rounding, whether or not the compiler would contract a * b + c here (for float
+    // the product is exact in double and this is the plain sum)
+    sb = std::fma(static_cast<double>(ta), static_cast<double>(tb), sb);
   }
   return {sa, sb};
 }

@@ -45,6 +45,66 @@ inline P relu_grad(const P& pre, const P& dy) {
   return Eigen::internal::pandnot(dy, Eigen::internal::pcmp_le(pre, Eigen::internal::pzero(pre)));
 }
 
+// A ReLU's mask as bits: bit k set where !(v[k] <= 0) (NaN included), the lanes that pass
+// gradient; and its inverse, dy[k] where bit k of bits is set, else +0 (relu_grad's values).
+// One instruction or three per packet where the target has them, lane by lane elsewhere.
+inline std::uint32_t positive_bits(const Packet<float>& v) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLE_UQ);
+#elif defined(EIGEN_VECTORIZE_AVX)
+  return static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NLE_UQ)));
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  return static_cast<std::uint32_t>(_mm_movemask_ps(_mm_cmpnle_ps(v, _mm_setzero_ps())));
+#else
+  return !(v <= 0.0f) ? 1u : 0u;
+#endif
+}
+inline std::uint32_t positive_bits(const Packet<double>& v) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return _mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_NLE_UQ);
+#elif defined(EIGEN_VECTORIZE_AVX)
+  return static_cast<std::uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(v, _mm256_setzero_pd(), _CMP_NLE_UQ)));
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  return static_cast<std::uint32_t>(_mm_movemask_pd(_mm_cmpnle_pd(v, _mm_setzero_pd())));
+#else
+  return !(v <= 0.0) ? 1u : 0u;
+#endif
+}
+inline Packet<float> select_bits(std::uint32_t bits, const Packet<float>& dy) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(bits), dy);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane), lane);
+  return _mm256_and_ps(dy, _mm256_castsi256_ps(on));
+#elif defined(EIGEN_VECTORIZE_AVX) || !defined(EIGEN_VECTORIZE_SSE2)
+  alignas(64) float d[width<float>];
+  Eigen::internal::pstore(d, dy);
+  for (long k = 0; k < width<float>; ++k)
+    if (!((bits >> k) & 1u)) d[k] = 0.0f;
+  return Eigen::internal::pload<Packet<float>>(d);
+#else
+  const __m128i lane = _mm_setr_epi32(1, 2, 4, 8);
+  const __m128i on = _mm_cmpeq_epi32(_mm_and_si128(_mm_set1_epi32(static_cast<int>(bits)), lane), lane);
+  return _mm_and_ps(dy, _mm_castsi128_ps(on));
+#endif
+}
+inline Packet<double> select_bits(std::uint32_t bits, const Packet<double>& dy) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return _mm512_maskz_mov_pd(static_cast<__mmask8>(bits), dy);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  const __m256i lane = _mm256_setr_epi64x(1, 2, 4, 8);
+  const __m256i on = _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(bits), lane), lane);
+  return _mm256_and_pd(dy, _mm256_castsi256_pd(on));
+#else
+  alignas(64) double d[width<double>];
+  Eigen::internal::pstore(d, dy);
+  for (long k = 0; k < width<double>; ++k)
+    if (!((bits >> k) & 1u)) d[k] = 0.0;
+  return Eigen::internal::pload<Packet<double>>(d);
+#endif
+}
+
 // Max pooling's step over a window: v where v > best or v is NaN, else best (a later value wins
 // if greater or NaN, as kernels/pool.hpp and PyTorch order a window).
 template <class P>

@@ -178,7 +178,8 @@ class BatchNormBase : public Module {
 
   // Bytes this layer holds for backward after a training-mode forward.
   std::size_t cache_bytes() const {
-    return sizeof(T) * static_cast<std::size_t>(x_.size()) + sizeof(double) * (mean_.size() + invstd_.size());
+    return sizeof(T) * static_cast<std::size_t>(x_.size()) + sizeof(double) * (mean_.size() + invstd_.size()) +
+           sizeof(std::uint64_t) * mask_.size();
   }
 
  protected:
@@ -192,7 +193,7 @@ class BatchNormBase : public Module {
                         shape_string(*addend) + ", the batch norm's output " + shape_string(d));
     if (addend && reducer_ && is_training())
       throw std::logic_error(std::string(name_) + ": a SyncBatchNorm does not fuse a shortcut's add");
-    const kernels::Epilogue<T> epilogue{relu, {addend ? addend->data() : nullptr}};
+    kernels::Epilogue<T> epilogue{relu, {addend ? addend->data() : nullptr}};
     const kernels::BatchShape shape{d[0], d[1], spatial(d)};
     const Index C = shape.C;
     const bool batch_stats = is_training() || !opt_.track_running_stats;
@@ -213,6 +214,10 @@ class BatchNormBase : public Module {
     var_.resize(static_cast<std::size_t>(C));
     invstd_.resize(static_cast<std::size_t>(C));
     const bool keep = is_training();
+    // the ReLU's mask for a shortcut's add, one bit per value (the S = 1 kernels recompute it)
+    const Index mask_words = keep && addend && shape.S > 1 ? shape.N * C * kernels::mask_words(shape.S) : 0;
+    mask_.resize(static_cast<std::size_t>(mask_words));
+    epilogue.add.mask = mask_.empty() ? nullptr : mask_.data();
     if (keep) {
       if (owned) {  // compute from the buffer backward will read; the old one stores the next dx
         dx_.give(std::move(x_));
@@ -254,16 +259,7 @@ class BatchNormBase : public Module {
   // same tensor as in forward).
   Tensor<T, Rank> backward_impl(const Tensor<T, Rank>& dy, bool relu, const Tensor<T, Rank>* s = nullptr,
                                 Tensor<T, Rank>* ds = nullptr) {
-    if (!has_cache_) no_forward(name_);
-    if (relu != cached_relu_ || (s != nullptr) != cached_add_)
-      throw std::logic_error(std::string(name_) + ": backward " + (relu ? "with" : "without") + " ReLU" +
-                             (s ? " and add" : "") + " after a forward " + (cached_relu_ ? "with" : "without") +
-                             " it" + (cached_add_ ? " and add" : ""));
-    check_grad_dims(name_, dims_of(x_), dims_of(dy));
-    if (s) check_grad_dims(name_, dims_of(x_), dims_of(*s));
-    const kernels::BatchShape shape{x_.dimension(0), x_.dimension(1), spatial(dims_of(x_))};
-    if (cached_synced_ && !reducer_)
-      throw std::logic_error(std::string(name_) + ": the reducer was removed between forward and backward");
+    const kernels::BatchShape shape = check_backward(dy, relu, s);
     Tensor<T, Rank> dx = dx_.take(dims_of(x_));
     if (cached_synced_) {  // as the forward ran, whatever the reducer is now
       backward_synced(dx, dy, shape, relu);
@@ -272,7 +268,7 @@ class BatchNormBase : public Module {
     kernels::Epilogue<T> epilogue{relu};
     if (s) {
       ds->resize(dims_of(x_));
-      epilogue.add = {s->data(), ds->data()};
+      epilogue.add = {s->data(), ds->data(), mask_.empty() ? nullptr : mask_.data()};
     }
     kernels::AffineGrads<T> grads;
     if (opt_.affine) grads = {dweight_.data(), dbias_.data()};
@@ -280,15 +276,43 @@ class BatchNormBase : public Module {
     return dx;
   }
 
-  // Gives dy's storage to the next forward's output.
+  // Gives dy's storage to the next forward's output. After a forward that kept the mask of a
+  // shortcut's add, the shortcut's gradient is written over dy instead (each value read before
+  // it is written; its cache lines are already there, where a separate ds would first be read
+  // in), *ds takes dy's storage and ds's storage goes to the next output.
   Tensor<T, Rank> backward_impl(Tensor<T, Rank>&& dy, bool relu, const Tensor<T, Rank>* s = nullptr,
                                 Tensor<T, Rank>* ds = nullptr) {
-    auto dx = backward_impl(std::as_const(dy), relu, s, ds);
-    y_.give(std::move(dy));
+    if (!s || mask_.empty()) {
+      auto dx = backward_impl(std::as_const(dy), relu, s, ds);
+      y_.give(std::move(dy));
+      return dx;
+    }
+    const kernels::BatchShape shape = check_backward(dy, relu, s);
+    Tensor<T, Rank> dx = dx_.take(dims_of(x_));
+    kernels::AffineGrads<T> grads;
+    if (opt_.affine) grads = {dweight_.data(), dbias_.data()};
+    kernels::batchnorm_backward(dx.data(), grads, dy.data(), x_.data(), shape, normalisation(),
+                                kernels::Epilogue<T>{true, {s->data(), dy.data(), mask_.data()}});
+    y_.give(std::exchange(*ds, std::move(dy)));
     return dx;
   }
 
  private:
+  // The cached forward's shape, after checking that a backward with dy (and the shortcut s) may
+  // follow it.
+  kernels::BatchShape check_backward(const Tensor<T, Rank>& dy, bool relu, const Tensor<T, Rank>* s) const {
+    if (!has_cache_) no_forward(name_);
+    if (relu != cached_relu_ || (s != nullptr) != cached_add_)
+      throw std::logic_error(std::string(name_) + ": backward " + (relu ? "with" : "without") + " ReLU" +
+                             (s ? " and add" : "") + " after a forward " + (cached_relu_ ? "with" : "without") +
+                             " it" + (cached_add_ ? " and add" : ""));
+    check_grad_dims(name_, dims_of(x_), dims_of(dy));
+    if (s) check_grad_dims(name_, dims_of(x_), dims_of(*s));
+    if (cached_synced_ && !reducer_)
+      throw std::logic_error(std::string(name_) + ": the reducer was removed between forward and backward");
+    return {x_.dimension(0), x_.dimension(1), spatial(dims_of(x_))};
+  }
+
   // Values per channel and image: H * W, or 1 for N x C (from the shape: N may be 0).
   static Index spatial(const Dims<Rank>& d) {
     Index S = 1;
@@ -379,6 +403,7 @@ class BatchNormBase : public Module {
   void drop_cache() {
     has_cache_ = false;
     x_ = Tensor<T, Rank>();
+    mask_ = {};
     dx_.clear();
   }
 
@@ -389,6 +414,7 @@ class BatchNormBase : public Module {
   std::int64_t num_batches_tracked_ = 0;
   Tensor<T, Rank> x_;  // cache for backward: the input, from which the ReLU mask is recomputed
   std::vector<double> mean_, var_, invstd_;  // batch statistics of the cached forward
+  std::vector<std::uint64_t> mask_;          // its ReLU's mask after a shortcut's add (kernels::Addend)
   kernels::ChannelAffines<T> affine_;        // eval's (and the synced forward's) per-channel maps
   std::vector<double> sums_;                 // SyncBatchNorm backward: a group's sum(g), then sum(g * (x - mean))
   double count_ = 0;                         // values per channel in the cached forward (all replicas)
@@ -422,7 +448,8 @@ class BatchNorm2d : public detail::BatchNormBase<T, 4> {
   Tensor<T, 4> backward_fused_relu(Tensor<T, 4>&& dy) { return this->backward_impl(std::move(dy), true); }
   // relu(BatchNorm(x) + s) in one pass (a residual block's end; Residual uses these). Not for a
   // SyncBatchNorm in training (std::logic_error). Backward returns dx and writes the shortcut's
-  // gradient, dy masked by the ReLU, into ds; s must be the forward's.
+  // gradient, dy masked by the ReLU, into ds (which may take dy's storage, the old ds's going to
+  // the next output); s must be the forward's.
   static constexpr bool fusable_with_add_relu = true;
   Tensor<T, 4> forward_add_relu(Tensor<T, 4>&& x, const Tensor<T, 4>& s) { return this->forward_impl(x, &x, true, &s); }
   Tensor<T, 4> backward_add_relu(Tensor<T, 4>&& dy, const Tensor<T, 4>& s, Tensor<T, 4>& ds) {

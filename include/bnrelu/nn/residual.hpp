@@ -39,13 +39,15 @@ concept EndsInAddReLUFusable = requires(M& m) {
 //
 // When main is a Sequential ending in BatchNorm2d and fusion is on (the default), that batch
 // norm, the add and the ReLU run as one kernel each way: forward reads the batch norm's input
-// and the shortcut and writes y; backward recomputes the ReLU mask from the two, and writes the
-// shortcut's gradient and the batch norm's input gradient (kernels/batchnorm.hpp, Addend).
-// Results and gradients are the bits of the unfused chain (set_fusion(false)), which runs
-// batch norm, add and ReLU apart.
-// Training keeps the shortcut's output for the backward; the fused backward writes the
-// shortcut's gradient over it, the unfused one hands the shortcut the ReLU's masked gradient,
-// which the main branch only reads. A SyncBatchNorm (set_batchnorm_reducer) runs unfused.
+// and the shortcut and writes y and the ReLU's mask (one bit per value); backward reads the
+// mask, and writes the shortcut's gradient and the batch norm's input gradient
+// (kernels/batchnorm.hpp, Addend). Results and gradients are the bits of the unfused chain
+// (set_fusion(false)), which runs batch norm, add and ReLU apart.
+// Training keeps the shortcut's output until the backward (for 1 x 1 maps the fused backward
+// recomputes the mask from it); the fused backward writes the shortcut's gradient over dy (over
+// the shortcut's output for 1 x 1 maps), the unfused one hands the shortcut the ReLU's masked
+// gradient, which the main branch only reads. A SyncBatchNorm (set_batchnorm_reducer) runs
+// unfused.
 template <Layer Main, Layer Shortcut = Identity<typename Main::value_type>>
 class Residual : public Module {
  public:
@@ -141,7 +143,7 @@ class Residual : public Module {
     Tensor<T, 4> dx;
     if constexpr (fusable) {
       if (last_fused_) {
-        // the shortcut's gradient overwrites s_ (each element is read before it is written)
+        // s_ becomes the shortcut's gradient (written over dy, or over s_ itself for 1 x 1 maps)
         Tensor<T, 4> dh = main_.back().backward_add_relu(std::move(dy), s_, s_);
         dx = main_.backward_head(std::move(dh));
       }
@@ -244,7 +246,7 @@ class Residual : public Module {
     last_fused_ = fused;
     ran_training_ = is_training();
     if (ran_training_)
-      s_ = std::move(s);  // the fused backward's mask needs it, and backward writes ds into it
+      s_ = std::move(s);  // backward's storage for the shortcut's gradient, or that gradient's source
     else
       spare_x_.give(std::move(s));  // the size of x for an identity shortcut
     return y;
