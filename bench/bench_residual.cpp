@@ -6,8 +6,8 @@
 //
 // bytes_per_second counts 8 tensors for both rows alike: forward reads x and s and writes y (3
 // tensors); backward reads x, s and dy and writes dx and the shortcut's gradient ds (5). The
-// fused pass moves one fewer: its forward keeps the ReLU's mask (1/32 of x), and its backward
-// reads that instead of s and writes ds over dy.
+// fused pass moves 15/16 of a tensor fewer: its forward writes the ReLU's mask (1/32 of x),
+// and its backward reads that instead of s and writes ds over dy.
 #include <bnrelu/kernels/batchnorm.hpp>
 #include <bnrelu/kernels/relu.hpp>
 #include <bnrelu/models/resnet.hpp>

@@ -214,7 +214,8 @@ TEST_P(SteadyState, InferReusesAllMemory) {
 }
 
 // ResNet-20: residual blocks hand storage between their branches and across block boundaries
-// (the identity shortcut's copy of x, the shortcut's gradient written over its output).
+// (the identity shortcut's copy of x, the shortcut's gradient written over dy, which takes
+// dy's storage).
 TEST_P(SteadyState, ResNet20TrainingStepReusesAllMemory) {
   bnrelu::set_num_threads(GetParam());
   bnrelu::manual_seed(0);

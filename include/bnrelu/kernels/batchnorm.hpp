@@ -8,7 +8,8 @@
 // a pass whose tensors together are too big to leave its output cached for the next layer
 // writes that output around the caches (tuning.hpp, stream_threshold). The backward recomputes
 // the ReLU mask from x with the forward's own arithmetic (one rounding, fused multiply-add,
-// in vector and scalar paths alike), so nothing but x is kept between the two.
+// in vector and scalar paths alike), so nothing but x is kept between the two (and, after a
+// shortcut's add, the mask; see below).
 //
 // The training kernels also serve a residual block's last batch norm, add and ReLU as one
 // pass (Addend): forward y = relu(f(x) + s) reads x and the shortcut s and writes y and the
@@ -251,9 +252,9 @@ inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threa
   return std::clamp<Index>(std::min({run, fit, spread}), 1, kMaxBlock);
 }
 
-// How the backward walks a block of G channels. Its pass 1 reads the block's x and dy (and the
-// shortcut: `streams` tensors, streams * G * N * S values) from memory and pass 2 reads them
-// again. When they fit in L2, pass 1
+// How the backward walks a block of G channels. Its pass 1 reads the block's x and dy (and, with
+// a shortcut, s or writes ds apart from dy: `streams` tensors, streams * G * N * S values) from
+// memory and pass 2 reads them again. When they fit in L2, pass 1
 // asks two images ahead, and pass 2 walks forward. When they do not (more than
 // backward_spill_bytes(), a core's L2), pass 1 asks one image ahead and pass 2 walks the
 // images in reverse: the last ones pass 1 read are still in L2 and the rest come from L3,
@@ -445,7 +446,7 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const Batc
             [&](Index i, const simd::Packet<T>&) {
               return simd::select_bits(static_cast<std::uint32_t>(mc[i / 64] >> (i % 64)), simd::load(dyc + i));
             },
-            [&](Index i) { return (mc[i / 64] >> (i % 64)) & 1 ? dyc[i] : T(0); });
+            [&](Index i) { return relu_grad(static_cast<T>((mc[i / 64] >> (i % 64)) & 1), dyc[i]); });
       } else if (s) {  // the mask recomputed from x and s
         const T* sc = s + at;
         accumulate(
@@ -745,9 +746,10 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
     }
     return;
   }
-  // x and dy (and the shortcut's s, or its gradient written by pass 1) per value, read by both
-  // passes; with a mask, s is not read: x, dy, dx and ds
-  const Index streams = add.s ? 3 : 2;
+  // what a block keeps in cache between the passes: x and dy, and with a shortcut s or the ds
+  // pass 1 writes, unless ds goes over dy; touched in all, for the streaming decision: x, dy and
+  // dx, and s (unless a mask replaces it) and ds with a shortcut
+  const Index streams = add.s && !(add.mask && add.ds == dy) ? 3 : 2;
   const Index tensors = add.s ? (add.mask ? 4 : 5) : 3;
   const Index G =
       detail::channel_block(N, C, sh.S, streams * sizeof(T), num_threads(), detail::backward_long_run_bytes());

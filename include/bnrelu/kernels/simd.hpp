@@ -56,7 +56,11 @@ inline std::uint32_t positive_bits(const Packet<float>& v) {
 #elif defined(EIGEN_VECTORIZE_SSE2)
   return static_cast<std::uint32_t>(_mm_movemask_ps(_mm_cmpnle_ps(v, _mm_setzero_ps())));
 #else
-  return !(v <= 0.0f) ? 1u : 0u;
+  alignas(64) float d[width<float>];
+  Eigen::internal::pstore(d, v);
+  std::uint32_t bits = 0;
+  for (long k = 0; k < width<float>; ++k) bits |= static_cast<std::uint32_t>(!(d[k] <= 0.0f)) << k;
+  return bits;
 #endif
 }
 inline std::uint32_t positive_bits(const Packet<double>& v) {
@@ -67,7 +71,11 @@ inline std::uint32_t positive_bits(const Packet<double>& v) {
 #elif defined(EIGEN_VECTORIZE_SSE2)
   return static_cast<std::uint32_t>(_mm_movemask_pd(_mm_cmpnle_pd(v, _mm_setzero_pd())));
 #else
-  return !(v <= 0.0) ? 1u : 0u;
+  alignas(64) double d[width<double>];
+  Eigen::internal::pstore(d, v);
+  std::uint32_t bits = 0;
+  for (long k = 0; k < width<double>; ++k) bits |= static_cast<std::uint32_t>(!(d[k] <= 0.0)) << k;
+  return bits;
 #endif
 }
 inline Packet<float> select_bits(std::uint32_t bits, const Packet<float>& dy) {

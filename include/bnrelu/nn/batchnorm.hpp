@@ -412,7 +412,7 @@ class BatchNormBase : public Module {
   Tensor<T, 1> weight_, bias_, dweight_, dbias_;  // parameters, empty when !affine
   Tensor<T, 1> running_mean_, running_var_;       // buffers, empty when !track_running_stats
   std::int64_t num_batches_tracked_ = 0;
-  Tensor<T, Rank> x_;  // cache for backward: the input, from which the ReLU mask is recomputed
+  Tensor<T, Rank> x_;  // cache for backward: the input (the ReLU mask is recomputed from it)
   std::vector<double> mean_, var_, invstd_;  // batch statistics of the cached forward
   std::vector<std::uint64_t> mask_;          // its ReLU's mask after a shortcut's add (kernels::Addend)
   kernels::ChannelAffines<T> affine_;        // eval's (and the synced forward's) per-channel maps
