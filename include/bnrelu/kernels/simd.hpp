@@ -48,6 +48,22 @@ inline P relu_grad(const P& pre, const P& dy) {
 // A ReLU's mask as bits: bit k set where !(v[k] <= 0) (NaN included), the lanes that pass
 // gradient; and its inverse, dy[k] where bit k of bits is set, else +0 (relu_grad's values).
 // One instruction or three per packet where the target has them, lane by lane elsewhere.
+template <class T>
+inline std::uint32_t positive_bits_by_lane(const Packet<T>& v) {
+  alignas(64) T d[width<T>];
+  Eigen::internal::pstore(d, v);
+  std::uint32_t bits = 0;
+  for (long k = 0; k < width<T>; ++k) bits |= static_cast<std::uint32_t>(!(d[k] <= T(0))) << k;
+  return bits;
+}
+template <class T>
+inline Packet<T> select_bits_by_lane(std::uint32_t bits, const Packet<T>& dy) {
+  alignas(64) T d[width<T>];
+  Eigen::internal::pstore(d, dy);
+  for (long k = 0; k < width<T>; ++k)
+    if (!((bits >> k) & 1u)) d[k] = T(0);
+  return Eigen::internal::pload<Packet<T>>(d);
+}
 inline std::uint32_t positive_bits(const Packet<float>& v) {
 #if defined(EIGEN_VECTORIZE_AVX512)
   return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLE_UQ);
@@ -56,11 +72,7 @@ inline std::uint32_t positive_bits(const Packet<float>& v) {
 #elif defined(EIGEN_VECTORIZE_SSE2)
   return static_cast<std::uint32_t>(_mm_movemask_ps(_mm_cmpnle_ps(v, _mm_setzero_ps())));
 #else
-  alignas(64) float d[width<float>];
-  Eigen::internal::pstore(d, v);
-  std::uint32_t bits = 0;
-  for (long k = 0; k < width<float>; ++k) bits |= static_cast<std::uint32_t>(!(d[k] <= 0.0f)) << k;
-  return bits;
+  return positive_bits_by_lane<float>(v);
 #endif
 }
 inline std::uint32_t positive_bits(const Packet<double>& v) {
@@ -71,11 +83,7 @@ inline std::uint32_t positive_bits(const Packet<double>& v) {
 #elif defined(EIGEN_VECTORIZE_SSE2)
   return static_cast<std::uint32_t>(_mm_movemask_pd(_mm_cmpnle_pd(v, _mm_setzero_pd())));
 #else
-  alignas(64) double d[width<double>];
-  Eigen::internal::pstore(d, v);
-  std::uint32_t bits = 0;
-  for (long k = 0; k < width<double>; ++k) bits |= static_cast<std::uint32_t>(!(d[k] <= 0.0)) << k;
-  return bits;
+  return positive_bits_by_lane<double>(v);
 #endif
 }
 inline Packet<float> select_bits(std::uint32_t bits, const Packet<float>& dy) {
@@ -86,11 +94,7 @@ inline Packet<float> select_bits(std::uint32_t bits, const Packet<float>& dy) {
   const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane), lane);
   return _mm256_and_ps(dy, _mm256_castsi256_ps(on));
 #elif defined(EIGEN_VECTORIZE_AVX) || !defined(EIGEN_VECTORIZE_SSE2)
-  alignas(64) float d[width<float>];
-  Eigen::internal::pstore(d, dy);
-  for (long k = 0; k < width<float>; ++k)
-    if (!((bits >> k) & 1u)) d[k] = 0.0f;
-  return Eigen::internal::pload<Packet<float>>(d);
+  return select_bits_by_lane<float>(bits, dy);
 #else
   const __m128i lane = _mm_setr_epi32(1, 2, 4, 8);
   const __m128i on = _mm_cmpeq_epi32(_mm_and_si128(_mm_set1_epi32(static_cast<int>(bits)), lane), lane);
@@ -105,11 +109,7 @@ inline Packet<double> select_bits(std::uint32_t bits, const Packet<double>& dy) 
   const __m256i on = _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(bits), lane), lane);
   return _mm256_and_pd(dy, _mm256_castsi256_pd(on));
 #else
-  alignas(64) double d[width<double>];
-  Eigen::internal::pstore(d, dy);
-  for (long k = 0; k < width<double>; ++k)
-    if (!((bits >> k) & 1u)) d[k] = 0.0;
-  return Eigen::internal::pload<Packet<double>>(d);
+  return select_bits_by_lane<double>(bits, dy);
 #endif
 }
 

@@ -217,7 +217,7 @@ class BatchNormBase : public Module {
     // the ReLU's mask for a shortcut's add, one bit per value (the S = 1 kernels recompute it)
     const Index mask_words = keep && addend && shape.S > 1 ? shape.N * C * kernels::mask_words(shape.S) : 0;
     mask_.resize(static_cast<std::size_t>(mask_words));
-    epilogue.add.mask = mask_.empty() ? nullptr : mask_.data();
+    epilogue.add.mask = kept_mask();
     if (keep) {
       if (owned) {  // compute from the buffer backward will read; the old one stores the next dx
         dx_.give(std::move(x_));
@@ -260,20 +260,8 @@ class BatchNormBase : public Module {
   Tensor<T, Rank> backward_impl(const Tensor<T, Rank>& dy, bool relu, const Tensor<T, Rank>* s = nullptr,
                                 Tensor<T, Rank>* ds = nullptr) {
     const kernels::BatchShape shape = check_backward(dy, relu, s);
-    Tensor<T, Rank> dx = dx_.take(dims_of(x_));
-    if (cached_synced_) {  // as the forward ran, whatever the reducer is now
-      backward_synced(dx, dy, shape, relu);
-      return dx;
-    }
-    kernels::Epilogue<T> epilogue{relu};
-    if (s) {
-      ds->resize(dims_of(x_));
-      epilogue.add = {s->data(), ds->data(), mask_.empty() ? nullptr : mask_.data()};
-    }
-    kernels::AffineGrads<T> grads;
-    if (opt_.affine) grads = {dweight_.data(), dbias_.data()};
-    kernels::batchnorm_backward(dx.data(), grads, dy.data(), x_.data(), shape, normalisation(), epilogue);
-    return dx;
+    if (s) ds->resize(dims_of(x_));
+    return backward_checked(dy, shape, relu, s, s ? ds->data() : nullptr);
   }
 
   // Gives dy's storage to the next forward's output. After a forward that kept the mask of a
@@ -282,22 +270,36 @@ class BatchNormBase : public Module {
   // in), *ds takes dy's storage and ds's storage goes to the next output.
   Tensor<T, Rank> backward_impl(Tensor<T, Rank>&& dy, bool relu, const Tensor<T, Rank>* s = nullptr,
                                 Tensor<T, Rank>* ds = nullptr) {
-    if (!s || mask_.empty()) {
+    if (!s || !kept_mask()) {
       auto dx = backward_impl(std::as_const(dy), relu, s, ds);
       y_.give(std::move(dy));
       return dx;
     }
-    const kernels::BatchShape shape = check_backward(dy, relu, s);
-    Tensor<T, Rank> dx = dx_.take(dims_of(x_));
-    kernels::AffineGrads<T> grads;
-    if (opt_.affine) grads = {dweight_.data(), dbias_.data()};
-    kernels::batchnorm_backward(dx.data(), grads, dy.data(), x_.data(), shape, normalisation(),
-                                kernels::Epilogue<T>{true, {s->data(), dy.data(), mask_.data()}});
+    auto dx = backward_checked(dy, check_backward(dy, relu, s), relu, s, dy.data());
     y_.give(std::exchange(*ds, std::move(dy)));
     return dx;
   }
 
  private:
+  // dx for dy after check_backward gave shape; with the shortcut s, its gradient into ds_out.
+  Tensor<T, Rank> backward_checked(const Tensor<T, Rank>& dy, const kernels::BatchShape& shape, bool relu,
+                                   const Tensor<T, Rank>* s, T* ds_out) {
+    Tensor<T, Rank> dx = dx_.take(dims_of(x_));
+    if (cached_synced_) {  // as the forward ran, whatever the reducer is now
+      backward_synced(dx, dy, shape, relu);
+      return dx;
+    }
+    kernels::Epilogue<T> epilogue{relu};
+    if (s) epilogue.add = {s->data(), ds_out, kept_mask()};
+    kernels::AffineGrads<T> grads;
+    if (opt_.affine) grads = {dweight_.data(), dbias_.data()};
+    kernels::batchnorm_backward(dx.data(), grads, dy.data(), x_.data(), shape, normalisation(), epilogue);
+    return dx;
+  }
+
+  // The cached forward's ReLU mask after a shortcut's add, or null (none kept).
+  std::uint64_t* kept_mask() { return mask_.empty() ? nullptr : mask_.data(); }
+
   // The cached forward's shape, after checking that a backward with dy (and the shortcut s) may
   // follow it.
   kernels::BatchShape check_backward(const Tensor<T, Rank>& dy, bool relu, const Tensor<T, Rank>* s) const {
