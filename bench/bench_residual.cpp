@@ -3,11 +3,15 @@
 // its one-byte mask; backward: the mask applied to dy in place, then BatchNorm's backward),
 // each as Residual runs it with fusion on and off, next to the machine's STREAM triad; and
 // the whole ResNet-20 training step and eval forward (see bench_training for the seed CNN).
+// Fused, two rows: `fused` as a block with an identity shortcut runs it (the shortcut's
+// gradient is not written: the block's final add reads dy and the mask), `fused_ds` as a
+// block with a projection shortcut does (the shortcut's gradient written over dy, for the
+// projection's backward to read). Unfused, the ReLU's backward writes that gradient either way.
 //
-// bytes_per_second counts 8 tensors for both rows alike: forward reads x and s and writes y (3
+// bytes_per_second counts 8 tensors for every row alike: forward reads x and s and writes y (3
 // tensors); backward reads x, s and dy and writes dx and the shortcut's gradient ds (5). The
-// fused pass moves 15/16 of a tensor fewer: its forward writes the ReLU's mask (1/32 of x),
-// and its backward reads that instead of s and writes ds over dy.
+// fused passes move less: the forward writes the ReLU's mask (1/32 of x), and the backward
+// reads that instead of s and writes ds over dy (fused_ds) or not at all (fused).
 #include <bnrelu/kernels/batchnorm.hpp>
 #include <bnrelu/kernels/relu.hpp>
 #include <bnrelu/models/resnet.hpp>
@@ -32,6 +36,8 @@ struct Shape {
   Index S() const { return H * W; }
   Index n() const { return N * C * H * W; }
 };
+
+enum class Chain { fused, fused_ds, unfused };
 
 struct Buffers {
   Shape sh;
@@ -67,13 +73,14 @@ struct Buffers {
     k::relu_forward(y.data(), mask.data(), y.data(), sh.n());
   }
   // As Residual runs them: fused, the mask from the forward's bits, the shortcut's gradient
-  // written over dy in place; unfused, ReLU's
-  // backward masks dy in place, and that one tensor is the shortcut's gradient and the batch
-  // norm's dy. (Both overwrite dy, an input of the next step, with values of the same kind.)
-  void backward(bool fused) {
-    if (fused) {
+  // not written (fused) or written over dy in place (fused_ds); unfused, ReLU's backward masks
+  // dy in place, and that one tensor is the shortcut's gradient and the batch norm's dy. (Those
+  // that overwrite dy, an input of the next step, write values of the same kind.)
+  void backward(Chain chain) {
+    if (chain != Chain::unfused) {
+      float* ds = chain == Chain::fused_ds ? dy.data() : nullptr;
       k::batchnorm_backward(dx.data(), grads(), dy.data(), x.data(), shape(), norm(),
-                            k::Epilogue<float>{true, {s.data(), dy.data(), bits.data()}});
+                            k::Epilogue<float>{true, {s.data(), ds, bits.data()}});
       return;
     }
     k::relu_backward(dy.data(), dy.data(), mask.data(), sh.n());
@@ -86,14 +93,15 @@ struct Buffers {
   k::Normalisation<float> norm() const { return {mean.data(), invstd.data(), params()}; }
 };
 
-void bn_add_relu(benchmark::State& state, const Shape& sh, bool fused) {
+void bn_add_relu(benchmark::State& state, const Shape& sh, Chain chain) {
+  const bool fused = chain != Chain::unfused;
   const int threads = static_cast<int>(state.range(0));
   bnrelu::set_num_threads(threads);
   Buffers b(sh);
   b.forward(fused);
   for (auto _ : state) {
     b.forward(fused);
-    b.backward(fused);
+    b.backward(chain);
     benchmark::DoNotOptimize(b.dx.data());
     benchmark::ClobberMemory();
   }
@@ -147,9 +155,10 @@ int register_all() {
                                   {128, 64, 8, 8, "128x64x8x8"},
                                   {256, 64, 56, 56, "256x64x56x56"}};
   for (const auto& sh : shapes)
-    for (bool fused : {true, false}) {
-      const std::string name = std::string(fused ? "fused" : "unfused") + "/bn_add_relu_fwd+bwd/" + sh.name;
-      benchmark::RegisterBenchmark(name.c_str(), [sh, fused](benchmark::State& s) { bn_add_relu(s, sh, fused); })
+    for (auto [chain, label] : {std::pair{Chain::fused, "fused"}, std::pair{Chain::fused_ds, "fused_ds"},
+                                std::pair{Chain::unfused, "unfused"}}) {
+      const std::string name = std::string(label) + "/bn_add_relu_fwd+bwd/" + sh.name;
+      benchmark::RegisterBenchmark(name.c_str(), [sh, chain](benchmark::State& s) { bn_add_relu(s, sh, chain); })
           ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
     }
   for (auto [run, name] : {std::pair{Run::train_step, "resnet20/train_step"}, std::pair{Run::eval, "resnet20/eval"},

@@ -1,4 +1,5 @@
-// Helpers shared by the tests: PyTorch fixtures and tolerance checks.
+// Helpers shared by the tests: PyTorch fixtures, tolerance checks, and tuning values forced for
+// a scope.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -152,5 +153,19 @@ void formula_fill_by_name(Model& model) {
     ++salt;
   }
 }
+
+// Sets one of the kernels' tuning values (kernels/tuning.hpp) for a scope, and puts the old
+// value back when the scope ends, however it ends.
+class ForcedTuning {
+ public:
+  ForcedTuning(Index& value, Index forced) : value_(value), saved_(value) { value_ = forced; }
+  ~ForcedTuning() { value_ = saved_; }
+  ForcedTuning(const ForcedTuning&) = delete;
+  ForcedTuning& operator=(const ForcedTuning&) = delete;
+
+ private:
+  Index& value_;
+  Index saved_;
+};
 
 }  // namespace bnrelu::test

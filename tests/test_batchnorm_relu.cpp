@@ -178,20 +178,6 @@ TEST(BatchNormReLU, ErrorsLeaveStateUnchanged) {
   EXPECT_NO_THROW(l.backward(random_tensor<float, 4>({2, 2, 3, 3})));
 }
 
-// Sets one of the kernels' tuning values (kernels/tuning.hpp) for a scope, and puts the old
-// value back when the scope ends, however it ends.
-class ForcedTuning {
- public:
-  ForcedTuning(Index& value, Index forced) : value_(value), saved_(value) { value_ = forced; }
-  ~ForcedTuning() { value_ = saved_; }
-  ForcedTuning(const ForcedTuning&) = delete;
-  ForcedTuning& operator=(const ForcedTuning&) = delete;
-
- private:
-  Index& value_;
-  Index saved_;
-};
-
 // out and grads hold two runs' results, the second run's after the first's: each must equal
 // its counterpart bit for bit.
 template <class T>

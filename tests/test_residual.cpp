@@ -171,7 +171,9 @@ TEST(Residual, FusedIsBitIdenticalToUnfused) {
 
 // The backward that reads the forward's one-bit mask gives the bits of the one that recomputes
 // the mask from x and s, at chunk lengths around a word and a packet, with pre-activations of
-// exactly 0 (no gradient), -0 and NaN (gradient passes, as PyTorch's threshold_backward).
+// exactly 0 (no gradient), -0 and NaN (gradient passes, as PyTorch's threshold_backward). So
+// does the one that leaves the shortcut's gradient to add_shortcut_grad, also with streaming
+// stores, whose scalar head starts the packets at any offset (some straddle two mask words).
 template <class T>
 void kept_mask_matches_recomputed() {
   namespace k = bnrelu::kernels;
@@ -213,12 +215,54 @@ void kept_mask_matches_recomputed() {
     EXPECT_EQ(std::memcmp(dx_kept.data(), dx_recomputed.data(), n * sizeof(T)), 0);
     EXPECT_EQ(std::memcmp(dw_kept, dw_re, sizeof dw_kept), 0);
     EXPECT_EQ(std::memcmp(db_kept, db_re, sizeof db_kept), 0);
+    for (Index threshold : {k::detail::stream_threshold(), Index{0}}) {
+      SCOPED_TRACE(threshold == 0 ? "streamed" : "cached");
+      const ForcedTuning forced(k::detail::stream_threshold(), threshold);
+      Tensor<T, 1> dx_deferred(n), t(n);
+      t.setZero();
+      T dw[2] = {}, db[2] = {};
+      k::batchnorm_backward(dx_deferred.data(), {dw, db}, dy.data(), x.data(), sh, norm,
+                            k::Epilogue<T>{true, {s.data(), nullptr, bits.data()}});
+      k::add_shortcut_grad(t.data(), dy.data(), bits.data(), sh);
+      EXPECT_EQ(std::memcmp(t.data(), ds_kept.data(), n * sizeof(T)), 0);
+      EXPECT_EQ(std::memcmp(dx_deferred.data(), dx_kept.data(), n * sizeof(T)), 0);
+      EXPECT_EQ(std::memcmp(dw, dw_kept, sizeof dw), 0);
+      EXPECT_EQ(std::memcmp(db, db_kept, sizeof db), 0);
+    }
   }
 }
 
 TEST(Residual, KeptMaskGivesTheRecomputedMasksBits) {
   kept_mask_matches_recomputed<float>();
   kept_mask_matches_recomputed<double>();
+}
+
+// The deferred backward needs the kept mask: refused for 1 x 1 maps and after an eval forward,
+// and add_shortcut_grad refuses a tensor of another shape, each before changing anything.
+TEST(Residual, DeferredShortcutGradientNeedsTheKeptMask) {
+  for (auto dims : {bnrelu::Dims<4>{4, 3, 1, 1}, bnrelu::Dims<4>{4, 3, 2, 2}}) {
+    SCOPED_TRACE(shape_string(dims));
+    nn::BatchNorm2d<float> bn({.num_features = 3});
+    const auto x = random_tensor<float, 4>(dims), s = random_tensor<float, 4>(dims), dy = random_tensor<float, 4>(dims);
+    bn.forward_add_relu(Tensor<float, 4>(x), s);
+    const bool kept = dims[2] > 1;
+    EXPECT_EQ(bn.keeps_add_mask(), kept);
+    if (!kept) {
+      EXPECT_THROW(bn.backward_add_relu_deferred(dy, s), std::logic_error);
+      Tensor<float, 4> t = dy;
+      EXPECT_THROW(bn.add_shortcut_grad(t, dy), std::logic_error);
+      continue;
+    }
+    Tensor<float, 4> t(dims[0], dims[1], dims[2], dims[3] + 1);
+    t.setZero();
+    EXPECT_THROW(bn.add_shortcut_grad(t, dy), bnrelu::shape_error);
+    EXPECT_TRUE(std::all_of(t.data(), t.data() + t.size(), [](float v) { return v == 0.0f; }));
+    EXPECT_NO_THROW(bn.backward_add_relu_deferred(dy, s));
+    bn.eval();
+    bn.forward_add_relu(Tensor<float, 4>(x), s);
+    EXPECT_FALSE(bn.keeps_add_mask());
+    EXPECT_THROW(bn.backward_add_relu_deferred(dy, s), std::logic_error);
+  }
 }
 
 TEST(Residual, GradientsMatchFiniteDifferences) {

@@ -110,7 +110,8 @@ struct Normalisation {
 // element is read before it is written). Both [N, C, S] like x; null s means no add. mask, if given
 // (S > 1; mask_words), receives the ReLU's mask from a training forward, one bit per value,
 // and the backward reads it instead of recomputing the mask from x and s (which it does
-// without one, and always for S = 1).
+// without one, and always for S = 1). With a mask, ds may be null: the backward then writes no
+// shortcut gradient, and the caller adds it where it is needed (add_shortcut_grad).
 template <class T>
 struct Addend {
   const T* s = nullptr;
@@ -121,6 +122,27 @@ struct Addend {
 // 64-bit words of an Addend's mask per chunk of S values: chunk (n, c) takes words
 // [(n * C + c) * W, + W), W = mask_words(S), value i of the chunk bit i % 64 of word i / 64.
 inline Index mask_words(Index S) { return (S + 63) / 64; }
+
+namespace detail {
+
+// The bits of values i .. i + width<T> - 1 of a chunk whose mask words are at mc (bit 0 of
+// the result for value i), for i + width<T> <= the chunk's length: a packet starting at any i,
+// including one that straddles two words.
+template <class T>
+inline std::uint32_t chunk_bits(const std::uint64_t* mc, Index i) {
+  const Index w = i / 64, b = i % 64;
+  std::uint64_t v = mc[w] >> b;
+  if (b + simd::width<T> > 64) v |= mc[w + 1] << (64 - b);  // b > 0 here, and word w + 1 exists
+  return static_cast<std::uint32_t>(v);
+}
+
+// The masked gradient of value i of such a chunk: dy where its bit is set, else +0.
+template <class T>
+inline T chunk_grad(const std::uint64_t* mc, Index i, T dy) {
+  return relu_grad(static_cast<T>((mc[i / 64] >> (i % 64)) & 1), dy);
+}
+
+}  // namespace detail
 
 // What follows the normalisation: a ReLU, and an addend before it (which needs the ReLU).
 template <class T>
@@ -439,14 +461,16 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const Batc
         sum[c - c0] += part.first;
         dot[c - c0] += part.second - static_cast<double>(ch.lo) * part.first;
       };
-      if (add.mask) {  // the forward's mask
+      if (add.mask) {  // the forward's mask; ds may be left unwritten
         const std::uint64_t* mc = add.mask + (n * sh.C + c) * mask_words(S);
-        accumulate(
-            std::true_type{},
-            [&](Index i, const simd::Packet<T>&) {
-              return simd::select_bits(static_cast<std::uint32_t>(mc[i / 64] >> (i % 64)), simd::load(dyc + i));
-            },
-            [&](Index i) { return relu_grad(static_cast<T>((mc[i / 64] >> (i % 64)) & 1), dyc[i]); });
+        auto pg = [&](Index i, const simd::Packet<T>&) {
+          return simd::select_bits(chunk_bits<T>(mc, i), simd::load(dyc + i));
+        };
+        auto sg = [&](Index i) { return chunk_grad(mc, i, dyc[i]); };
+        if (add.ds)
+          accumulate(std::true_type{}, pg, sg);
+        else
+          accumulate(std::false_type{}, pg, sg);
       } else if (s) {  // the mask recomputed from x and s
         const T* sc = s + at;
         accumulate(
@@ -479,25 +503,30 @@ struct ChannelDx {
     a = static_cast<T>(-k * gs_d);
     b = static_cast<T>((static_cast<double>(ch.lo) * k - sum / M) * gs_d);
   }
-  void apply(T* dxc, const T* xc, const T* dyc, Index S, bool stream, const Ahead<T>& ahead) const {
+  // dx of one chunk of S values, g = grad(i, x) (a packet from value i) or grad(i) (value i).
+  template <class PG, class SG>
+  void apply(T* dxc, const T* xc, Index S, bool stream, const Ahead<T>& ahead, PG grad, SG scalar_grad) const {
     const auto pg = simd::set1(gs), pa = simd::set1(a), pb = simd::set1(b), phi = simd::set1(ch.f.centre);
     write_each(
         dxc, S, stream,
         [&](Index i) {
           const auto xv = simd::load(xc + i);
-          return simd::pmadd(ch.grad(xv, simd::load(dyc + i)), pg, simd::pmadd(simd::psub(xv, phi), pa, pb));
+          return simd::pmadd(grad(i, xv), pg, simd::pmadd(simd::psub(xv, phi), pa, pb));
         },
         // the packet path's two multiply-adds, rounded alike (the head before an aligned
         // streaming store takes this path for elements the ordinary loop does in packets)
-        [&](Index i) { return bn_affine(ch.grad(xc[i], dyc[i]), gs, bn_affine(xc[i] - ch.f.centre, a, b)); }, ahead);
+        [&](Index i) { return bn_affine(scalar_grad(i), gs, bn_affine(xc[i] - ch.f.centre, a, b)); }, ahead);
   }
 };
 
 // Pass 2 for channels r, from their sums (channel c's at index c - r.first), walking the images
-// as walk says. Each chunk asks for the same channel's chunk of the image worked on next.
+// as walk says. Each chunk asks for the same channel's chunk of the image worked on next. g is
+// dy through mask (an Addend's) if given, else dy through the ReLU's mask recomputed from x if
+// relu, else dy.
 template <class T>
 void backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x, const BatchShape& sh,
-                 const Normalisation<T>& norm, ChannelRange r, bool relu, BackwardWalk walk) {
+                 const Normalisation<T>& norm, ChannelRange r, bool relu, BackwardWalk walk,
+                 const std::uint64_t* mask = nullptr) {
   const Index N = sh.N, S = sh.S, c0 = r.first, c1 = r.last;
   ChannelDx<T> cd[kMaxBlock];
   for (Index c = c0; c < c1; ++c)
@@ -509,7 +538,20 @@ void backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x, const Bat
       const Index at = sh.at(n, c), next = at + step;
       Ahead<T> ahead;
       if (j + 1 < N) ahead = {x + next, dy + next, walk.stream ? nullptr : dx + next};
-      cd[c - c0].apply(dx + at, x + at, dy + at, S, walk.stream, ahead);
+      const ChannelDx<T>& d = cd[c - c0];
+      const T* dyc = dy + at;
+      if (mask) {
+        const std::uint64_t* mc = mask + (n * sh.C + c) * mask_words(S);
+        d.apply(
+            dx + at, x + at, S, walk.stream, ahead,
+            [&](Index i, const simd::Packet<T>&) { return simd::select_bits(chunk_bits<T>(mc, i), simd::load(dyc + i)); },
+            [&](Index i) { return chunk_grad(mc, i, dyc[i]); });
+      } else {
+        d.apply(
+            dx + at, x + at, S, walk.stream, ahead,
+            [&](Index i, const simd::Packet<T>& xv) { return d.ch.grad(xv, simd::load(dyc + i)); },
+            [&](Index i) { return d.ch.grad(x[at + i], dyc[i]); });
+      }
     }
   }
 }
@@ -669,17 +711,18 @@ void batchnorm_forward_eval(T* y, const T* x, const BatchShape& sh, const Channe
 // x, dy, dx: [N, C, S]; norm: the forward's mean and invstd, and its parameters; grads: [C]
 // each or null. With an addend (e.add.s, the forward's), the mask is relu(f(x) + s)'s, read
 // from e.add.mask if given (the forward's) and recomputed from x and s if not, and g is
-// written to e.add.ds as well.
+// written to e.add.ds as well if given (which it must be without a mask, and for S = 1).
 template <class T>
 void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, const BatchShape& sh,
                         const Normalisation<T>& norm, const Epilogue<T>& e) {
   const Addend<T> add = e.add;
   const bool relu = e.relu;
-  assert(!add.s || (relu && add.ds));
+  assert(!add.s || (relu && (add.ds || add.mask)));
   const Index N = sh.N, C = sh.C;
   const double M = sh.count();
   const double* invstd = norm.invstd;
   if (sh.S == 1) {
+    assert(!add.s || add.ds);  // no mask is kept for S = 1
     constexpr Index kBlock = 64;
     const Index nblocks = (C + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) num_threads(bnrelu::num_threads())
@@ -747,10 +790,11 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
     return;
   }
   // what a block keeps in cache between the passes: x and dy, and with a shortcut s or the ds
-  // pass 1 writes, unless ds goes over dy; touched in all, for the streaming decision: x, dy and
-  // dx, and s (unless a mask replaces it) and ds with a shortcut
-  const Index streams = add.s && !(add.mask && add.ds == dy) ? 3 : 2;
-  const Index tensors = add.s ? (add.mask ? 4 : 5) : 3;
+  // pass 1 writes, unless ds goes over dy or is not written; touched in all, for the streaming
+  // decision: x, dy and dx, and s (unless a mask replaces it) and ds (if written) with a shortcut
+  const bool ds_written = add.s && add.ds;
+  const Index streams = ds_written && !(add.mask && add.ds == dy) ? 3 : 2;
+  const Index tensors = 3 + (add.s && !add.mask) + ds_written;
   const Index G =
       detail::channel_block(N, C, sh.S, streams * sizeof(T), num_threads(), detail::backward_long_run_bytes());
   const Index nblocks = (C + G - 1) / G;
@@ -763,19 +807,40 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
       double sum[detail::kMaxBlock] = {}, dot[detail::kMaxBlock] = {};
       // pass 1 (x and dy from memory), pass 2 (x and dy from cache)
       // with an addend, pass 1 also writes the masked gradient g to add.ds, and pass 2 reads g
-      // from there (plain, mask applied) instead of recomputing it from dy and s
+      // from there (plain, mask applied) instead of recomputing it from dy and s; without ds,
+      // pass 2 applies the mask to dy again
       detail::backward_sums(sum, dot, dy, x, sh, norm, {c0, c1}, e, walk);
       for (Index c = c0; c < c1; ++c) {
         if (grads.bias) grads.bias[c] += static_cast<T>(sum[c - c0]);
         if (grads.weight) grads.weight[c] += static_cast<T>(dot[c - c0] * invstd[c]);
       }
       const GradSums sums{sum, dot, M};
-      if (add.s)
+      if (ds_written)
         detail::backward_dx(dx, sums, add.ds, x, sh, norm, {c0, c1}, false, walk);
       else
-        detail::backward_dx(dx, sums, dy, x, sh, norm, {c0, c1}, relu, walk);
+        detail::backward_dx(dx, sums, dy, x, sh, norm, {c0, c1}, relu, walk, add.s ? add.mask : nullptr);
     }
     if (walk.stream) simd::stream_fence();
+  }
+}
+
+// t += g, g = dy masked by a fused forward's ReLU (its Addend's mask, S > 1): the shortcut's
+// gradient that a batchnorm_backward without ds left unwritten, added where it is needed (a
+// block's input gradient, for an identity shortcut). t, dy: [N, C, S].
+template <class T>
+void add_shortcut_grad(T* t, const T* dy, const std::uint64_t* mask, const BatchShape& sh) {
+  constexpr Index L = simd::width<T>;
+  const Index chunks = sh.N * sh.C, S = sh.S, W = mask_words(S);
+#pragma omp parallel for schedule(static) if (sh.size() > (1 << 16)) num_threads(bnrelu::num_threads())
+  for (Index k = 0; k < chunks; ++k) {
+    T* tc = t + k * S;
+    const T* dyc = dy + k * S;
+    const std::uint64_t* mc = mask + k * W;
+    Index i = 0;
+    for (; i + L <= S; i += L)
+      simd::store(tc + i, simd::padd(simd::load(tc + i),
+                                     simd::select_bits(detail::chunk_bits<T>(mc, i), simd::load(dyc + i))));
+    for (; i < S; ++i) tc[i] += detail::chunk_grad(mc, i, dyc[i]);
   }
 }
 

@@ -176,6 +176,10 @@ class BatchNormBase : public Module {
   void set_reducer(std::shared_ptr<BatchNormReducer> r) { reducer_ = std::move(r); }
   const std::shared_ptr<BatchNormReducer>& reducer() const { return reducer_; }
 
+  // Whether the last forward was a training forward_add_relu that kept its ReLU's mask (maps
+  // larger than 1 x 1): backward_add_relu_deferred and add_shortcut_grad may follow it.
+  bool keeps_add_mask() const { return has_cache_ && !mask_.empty(); }
+
   // Bytes this layer holds for backward after a training-mode forward.
   std::size_t cache_bytes() const {
     return sizeof(T) * static_cast<std::size_t>(x_.size()) + sizeof(double) * (mean_.size() + invstd_.size()) +
@@ -280,6 +284,22 @@ class BatchNormBase : public Module {
     return dx;
   }
 
+  // dx for dy after a forward that added s and kept the mask, with the shortcut's gradient left
+  // unwritten, for add_shortcut_grad.
+  Tensor<T, Rank> backward_deferred_impl(const Tensor<T, Rank>& dy, const Tensor<T, Rank>& s) {
+    const kernels::BatchShape shape = check_backward(dy, true, &s);
+    require_mask("backward_add_relu_deferred");
+    return backward_checked(dy, shape, true, &s, nullptr);
+  }
+
+  // t += the shortcut's gradient: dy masked by the kept ReLU mask.
+  void add_shortcut_grad_impl(Tensor<T, Rank>& t, const Tensor<T, Rank>& dy) const {
+    require_mask("add_shortcut_grad");
+    check_grad_dims(name_, dims_of(x_), dims_of(dy));
+    check_grad_dims(name_, dims_of(x_), dims_of(t));
+    kernels::add_shortcut_grad(t.data(), dy.data(), mask_.data(), {x_.dimension(0), x_.dimension(1), spatial(dims_of(x_))});
+  }
+
  private:
   // dx for dy after check_backward gave shape; with the shortcut s, its gradient into ds_out.
   Tensor<T, Rank> backward_checked(const Tensor<T, Rank>& dy, const kernels::BatchShape& shape, bool relu,
@@ -299,6 +319,14 @@ class BatchNormBase : public Module {
 
   // The cached forward's ReLU mask after a shortcut's add, or null (none kept).
   std::uint64_t* kept_mask() { return mask_.empty() ? nullptr : mask_.data(); }
+
+  // std::logic_error unless the cached forward kept a mask (what, the caller, named).
+  void require_mask(const char* what) const {
+    if (!has_cache_) no_forward(name_);
+    if (mask_.empty())
+      throw std::logic_error(std::string(name_) + ": " + what +
+                             " needs the mask of a training forward_add_relu over maps larger than 1 x 1");
+  }
 
   // The cached forward's shape, after checking that a backward with dy (and the shortcut s) may
   // follow it.
@@ -457,6 +485,14 @@ class BatchNorm2d : public detail::BatchNormBase<T, 4> {
   Tensor<T, 4> backward_add_relu(Tensor<T, 4>&& dy, const Tensor<T, 4>& s, Tensor<T, 4>& ds) {
     return this->backward_impl(std::move(dy), true, &s, &ds);
   }
+  // The same backward without writing the shortcut's gradient, for a shortcut whose gradient is
+  // only added to another tensor (an identity shortcut's, to the block's input gradient):
+  // add_shortcut_grad(t, dy) adds it to t later, from the same dy, before the next forward.
+  // Only where keeps_add_mask() (std::logic_error otherwise).
+  Tensor<T, 4> backward_add_relu_deferred(const Tensor<T, 4>& dy, const Tensor<T, 4>& s) {
+    return this->backward_deferred_impl(dy, s);
+  }
+  void add_shortcut_grad(Tensor<T, 4>& t, const Tensor<T, 4>& dy) const { this->add_shortcut_grad_impl(t, dy); }
 };
 
 // Batch norm over N x C, per feature.

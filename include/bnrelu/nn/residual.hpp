@@ -40,14 +40,16 @@ concept EndsInAddReLUFusable = requires(M& m) {
 // When main is a Sequential ending in BatchNorm2d and fusion is on (the default), that batch
 // norm, the add and the ReLU run as one kernel each way: forward reads the batch norm's input
 // and the shortcut and writes y and the ReLU's mask (one bit per value); backward reads the
-// mask, and writes the shortcut's gradient and the batch norm's input gradient
-// (kernels/batchnorm.hpp, Addend). Results and gradients are the bits of the unfused chain
-// (set_fusion(false)), which runs batch norm, add and ReLU apart.
+// mask, and writes the batch norm's input gradient and, for a projection shortcut, the
+// shortcut's gradient (kernels/batchnorm.hpp, Addend); an identity shortcut's gradient, dy
+// through the mask, is added to the block's input gradient straight from dy. Results and
+// gradients are the bits of the unfused chain (set_fusion(false)), which runs batch norm, add
+// and ReLU apart.
 // Training keeps the shortcut's output until the backward (for 1 x 1 maps the fused backward
-// recomputes the mask from it); the fused backward writes the shortcut's gradient over dy (over
-// the shortcut's output for 1 x 1 maps), the unfused one hands the shortcut the ReLU's masked
-// gradient, which the main branch only reads. A SyncBatchNorm (set_batchnorm_reducer) runs
-// unfused.
+// recomputes the mask from it); the fused backward writes a projection's gradient over dy (over
+// the shortcut's output for 1 x 1 maps, whatever the shortcut), the unfused one hands the
+// shortcut the ReLU's masked gradient, which the main branch only reads. A SyncBatchNorm
+// (set_batchnorm_reducer) runs unfused.
 template <Layer Main, Layer Shortcut = Identity<typename Main::value_type>>
 class Residual : public Module {
  public:
@@ -143,8 +145,20 @@ class Residual : public Module {
     Tensor<T, 4> dx;
     if constexpr (fusable) {
       if (last_fused_) {
+        auto& bn = main_.back();
+        if (std::is_same_v<Shortcut, Identity<T>> && bn.keeps_add_mask()) {
+          // the identity's gradient, dy through the mask, goes into dx straight from dy: never
+          // written as a tensor of its own
+          Tensor<T, 4> dh = bn.backward_add_relu_deferred(dy, s_);
+          dx = main_.backward_head(std::move(dh));
+          bn.add_shortcut_grad(dx, dy);
+          spare_x_.give(std::move(s_));  // storage for the next step's copy of x
+          recycle_output(std::move(dy));
+          ran_training_ = false;
+          return dx;
+        }
         // s_ becomes the shortcut's gradient (written over dy, or over s_ itself for 1 x 1 maps)
-        Tensor<T, 4> dh = main_.back().backward_add_relu(std::move(dy), s_, s_);
+        Tensor<T, 4> dh = bn.backward_add_relu(std::move(dy), s_, s_);
         dx = main_.backward_head(std::move(dh));
       }
     }
