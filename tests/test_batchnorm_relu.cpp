@@ -226,6 +226,20 @@ TYPED_TEST(FusedVsUnfused, NonTemporalStoresGiveTheSameBits) {
   }
 }
 
+// A fresh BatchNorm2d's forward_add_relu(x, s), then its backward with the shortcut's gradient
+// deferred: appends dx, s plus that gradient (add_shortcut_grad) and the parameter gradients.
+template <class T>
+void run_deferred_add_relu(const Tensor<T, 4>& x, const Tensor<T, 4>& s, const Tensor<T, 4>& dy,
+                           std::vector<Tensor<T, 4>>& out, std::vector<std::vector<T>>& grads) {
+  nn::BatchNorm2d<T> bn({.num_features = x.dimension(1)});
+  bn.forward_add_relu(Tensor<T, 4>(x), s);
+  out.push_back(bn.backward_add_relu_deferred(dy, s));
+  Tensor<T, 4> t = s;
+  bn.add_shortcut_grad(t, dy);
+  out.push_back(t);
+  for (auto& p : bn.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
+}
+
 // Channels too big to stay in L2 between the passes go in blocks of as many channels as the
 // threads allow (long runs from memory); forced here onto small tensors, those blocks must give
 // the same bits as the default ones, forward and backward, with ReLU and with a shortcut's add.
@@ -256,6 +270,7 @@ TYPED_TEST(FusedVsUnfused, LongRunBlocksGiveTheSameBits) {
       out.push_back(ds);
       for (auto& p : l.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
       for (auto& p : bn.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
+      run_deferred_add_relu(x, s, dy, out, grads);
     }
     expect_runs_agree(out, grads);
   }
@@ -263,7 +278,8 @@ TYPED_TEST(FusedVsUnfused, LongRunBlocksGiveTheSameBits) {
 
 // Blocks whose x and dy do not fit in L2 take the backward's second pass in reverse image order
 // (and ask fewer images ahead in the first); forced here onto small tensors, that walk must give
-// the same bits, for the layer and for SyncBatchNorm's separate passes.
+// the same bits, for the layer, for a shortcut's add with its gradient deferred, and for
+// SyncBatchNorm's separate passes.
 TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
   using T = TypeParam;
   namespace k = bnrelu::kernels;
@@ -271,6 +287,7 @@ TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
     SCOPED_TRACE(bnrelu::shape_string(d));
     const auto x = random_tensor<T, 4>(d, -2, 3);
     const auto dy = random_tensor<T, 4>(d);
+    const auto s = random_tensor<T, 4>(d);
     const k::BatchShape sh{d[0], d[1], d[2] * d[3]};
     const Index C = sh.C;
     std::vector<Tensor<T, 4>> out;
@@ -285,6 +302,7 @@ TYPED_TEST(FusedVsUnfused, ReverseBackwardWalkGivesTheSameBits) {
       l.forward(x);
       out.push_back(l.backward(dy));
       for (auto& p : l.named_parameters()) grads.emplace_back(p.grad.begin(), p.grad.end());
+      run_deferred_add_relu(x, s, dy, out, grads);  // pass 2 reads the mask in the walk's order
       std::vector<double> mean(C), var(C), invstd(C), sum(C), dot(C);
       k::batchnorm_statistics(mean.data(), var.data(), x.data(), sh);
       for (Index c = 0; c < C; ++c) invstd[c] = 1 / std::sqrt(var[c] + 1e-5);

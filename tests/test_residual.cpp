@@ -218,13 +218,14 @@ void kept_mask_matches_recomputed() {
     for (Index threshold : {k::detail::stream_threshold(), Index{0}}) {
       SCOPED_TRACE(threshold == 0 ? "streamed" : "cached");
       const ForcedTuning forced(k::detail::stream_threshold(), threshold);
-      Tensor<T, 1> dx_deferred(n), t(n);
-      t.setZero();
+      Tensor<T, 1> dx_deferred(n);
+      Tensor<T, 1> t = random_tensor<T, 1>({n}), t_plus_ds = t;
       T dw[2] = {}, db[2] = {};
       k::batchnorm_backward(dx_deferred.data(), {dw, db}, dy.data(), x.data(), sh, norm,
                             k::Epilogue<T>{true, {s.data(), nullptr, bits.data()}});
       k::add_shortcut_grad(t.data(), dy.data(), bits.data(), sh);
-      EXPECT_EQ(std::memcmp(t.data(), ds_kept.data(), n * sizeof(T)), 0);
+      k::add_into(t_plus_ds.data(), ds_kept.data(), n);
+      EXPECT_EQ(std::memcmp(t.data(), t_plus_ds.data(), n * sizeof(T)), 0);
       EXPECT_EQ(std::memcmp(dx_deferred.data(), dx_kept.data(), n * sizeof(T)), 0);
       EXPECT_EQ(std::memcmp(dw, dw_kept, sizeof dw), 0);
       EXPECT_EQ(std::memcmp(db, db_kept, sizeof db), 0);
@@ -237,27 +238,39 @@ TEST(Residual, KeptMaskGivesTheRecomputedMasksBits) {
   kept_mask_matches_recomputed<double>();
 }
 
-// The deferred backward needs the kept mask: refused for 1 x 1 maps and after an eval forward,
-// and add_shortcut_grad refuses a tensor of another shape, each before changing anything.
+// The deferred backward needs the kept mask: refused for 1 x 1 maps (no mask kept) and after
+// an eval forward (nothing kept); both refuse tensors of another shape; each before changing
+// anything.
 TEST(Residual, DeferredShortcutGradientNeedsTheKeptMask) {
   for (auto dims : {bnrelu::Dims<4>{4, 3, 1, 1}, bnrelu::Dims<4>{4, 3, 2, 2}}) {
     SCOPED_TRACE(shape_string(dims));
     nn::BatchNorm2d<float> bn({.num_features = 3});
+    auto grads = [&] {
+      std::vector<float> g;
+      for (auto& p : bn.named_parameters()) g.insert(g.end(), p.grad.begin(), p.grad.end());
+      return g;
+    };
     const auto x = random_tensor<float, 4>(dims), s = random_tensor<float, 4>(dims), dy = random_tensor<float, 4>(dims);
     bn.forward_add_relu(Tensor<float, 4>(x), s);
+    const auto zero = grads();
     const bool kept = dims[2] > 1;
     EXPECT_EQ(bn.keeps_add_mask(), kept);
     if (!kept) {
       EXPECT_THROW(bn.backward_add_relu_deferred(dy, s), std::logic_error);
       Tensor<float, 4> t = dy;
       EXPECT_THROW(bn.add_shortcut_grad(t, dy), std::logic_error);
+      EXPECT_EQ(grads(), zero);
       continue;
     }
-    Tensor<float, 4> t(dims[0], dims[1], dims[2], dims[3] + 1);
+    const bnrelu::Dims<4> other{dims[0], dims[1], dims[2], dims[3] + 1};
+    Tensor<float, 4> t(other);
     t.setZero();
     EXPECT_THROW(bn.add_shortcut_grad(t, dy), bnrelu::shape_error);
     EXPECT_TRUE(std::all_of(t.data(), t.data() + t.size(), [](float v) { return v == 0.0f; }));
+    EXPECT_THROW(bn.backward_add_relu_deferred(random_tensor<float, 4>(other), s), bnrelu::shape_error);
+    EXPECT_EQ(grads(), zero);
     EXPECT_NO_THROW(bn.backward_add_relu_deferred(dy, s));
+    EXPECT_NE(grads(), zero);
     bn.eval();
     bn.forward_add_relu(Tensor<float, 4>(x), s);
     EXPECT_FALSE(bn.keeps_add_mask());

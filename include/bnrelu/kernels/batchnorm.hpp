@@ -15,7 +15,9 @@
 // pass (Addend): forward y = relu(f(x) + s) reads x and the shortcut s and writes y and the
 // ReLU's mask, one bit per value (1/32 of x in float); backward's first pass reads the mask
 // with x and dy and writes the masked gradient, which is the shortcut's gradient ds, while
-// summing it; its second pass reads ds (from cache) and x and writes the batch norm's dx. Each
+// summing it; its second pass reads ds (from cache) and x and writes the batch norm's dx. Where
+// ds is not wanted as a tensor (an identity shortcut's, only added to the block's input
+// gradient), neither pass writes it: both read dy through the mask. Each
 // value is rounded as the unfused chain rounds it (f(x) to T, then the add), so both give the
 // same bits.
 #pragma once
@@ -283,7 +285,7 @@ inline Index channel_block(Index N, Index C, Index S, Index elem_size, int threa
 // where walking forward under LRU would find every line evicted just before it is wanted.
 // The order changes neither sums nor results. Pass 2 writes dx around the caches (stream) when
 // the `tensors` the backward reads and writes are too big for them: x, dy and dx, with a
-// shortcut also ds, and s unless a mask replaces it.
+// shortcut also ds if written, and s unless a mask replaces it.
 struct BackwardWalk {
   Index ahead = 2;
   bool reverse = false;
@@ -718,6 +720,7 @@ void batchnorm_backward(T* dx, AffineGrads<T> grads, const T* dy, const T* x, co
   const Addend<T> add = e.add;
   const bool relu = e.relu;
   assert(!add.s || (relu && (add.ds || add.mask)));
+  assert(!add.mask || add.s);
   const Index N = sh.N, C = sh.C;
   const double M = sh.count();
   const double* invstd = norm.invstd;

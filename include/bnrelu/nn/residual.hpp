@@ -227,7 +227,8 @@ class Residual : public Module {
 
  private:
   // shortcut(x), given a copy of x it may keep. The copy goes into storage kept from the last
-  // step (the input gradient the shortcut returned), and the shortcut hands back its previous
+  // step (the input gradient the shortcut returned, or, when an identity's gradient was
+  // deferred, the shortcut's output), and the shortcut hands back its previous
   // copy as storage for its next input gradient: a steady-state step allocates nothing here.
   Tensor<T, 4> shortcut_output(const Tensor<T, 4>& x) {
     Tensor<T, 4> copy = spare_x_.take(dims_of(x));
@@ -270,7 +271,8 @@ class Residual : public Module {
   Shortcut shortcut_;
   ReLU<T> relu_;          // the unfused chain's ReLU
   Tensor<T, 4> s_;        // cache: the shortcut's output of the last training forward; backward
-                          // replaces it with the shortcut's gradient
+                          // replaces it with the shortcut's gradient, or recycles it when an
+                          // identity's gradient is deferred
   detail::Recycler<T, 4> spare_x_;  // storage for the next copy of x given to the shortcut
   bool fusion_ = true;
   bool last_fused_ = false;
