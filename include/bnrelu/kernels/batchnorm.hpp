@@ -144,6 +144,12 @@ inline T chunk_grad(const std::uint64_t* mc, Index i, T dy) {
   return relu_grad(static_cast<T>((mc[i / 64] >> (i % 64)) & 1), dy);
 }
 
+// The same for the packet of values i .. i + width<T> - 1, dy's at dyc + i.
+template <class T>
+inline simd::Packet<T> chunk_grad_packet(const std::uint64_t* mc, Index i, const T* dyc) {
+  return simd::select_bits(chunk_bits<T>(mc, i), simd::load(dyc + i));
+}
+
 }  // namespace detail
 
 // What follows the normalisation: a ReLU, and an addend before it (which needs the ReLU).
@@ -465,9 +471,7 @@ void backward_sums(double* sum, double* dot, const T* dy, const T* x, const Batc
       };
       if (add.mask) {  // the forward's mask; ds may be left unwritten
         const std::uint64_t* mc = add.mask + (n * sh.C + c) * mask_words(S);
-        auto pg = [&](Index i, const simd::Packet<T>&) {
-          return simd::select_bits(chunk_bits<T>(mc, i), simd::load(dyc + i));
-        };
+        auto pg = [&](Index i, const simd::Packet<T>&) { return chunk_grad_packet(mc, i, dyc); };
         auto sg = [&](Index i) { return chunk_grad(mc, i, dyc[i]); };
         if (add.ds)
           accumulate(std::true_type{}, pg, sg);
@@ -546,7 +550,7 @@ void backward_dx(T* dx, const GradSums& sums, const T* dy, const T* x, const Bat
         const std::uint64_t* mc = mask + (n * sh.C + c) * mask_words(S);
         d.apply(
             dx + at, x + at, S, walk.stream, ahead,
-            [&](Index i, const simd::Packet<T>&) { return simd::select_bits(chunk_bits<T>(mc, i), simd::load(dyc + i)); },
+            [&](Index i, const simd::Packet<T>&) { return chunk_grad_packet(mc, i, dyc); },
             [&](Index i) { return chunk_grad(mc, i, dyc[i]); });
       } else {
         d.apply(
@@ -841,8 +845,7 @@ void add_shortcut_grad(T* t, const T* dy, const std::uint64_t* mask, const Batch
     const std::uint64_t* mc = mask + k * W;
     Index i = 0;
     for (; i + L <= S; i += L)
-      simd::store(tc + i, simd::padd(simd::load(tc + i),
-                                     simd::select_bits(detail::chunk_bits<T>(mc, i), simd::load(dyc + i))));
+      simd::store(tc + i, simd::padd(simd::load(tc + i), detail::chunk_grad_packet(mc, i, dyc)));
     for (; i < S; ++i) tc[i] += detail::chunk_grad(mc, i, dyc[i]);
   }
 }
