@@ -172,8 +172,9 @@ TEST(Residual, FusedIsBitIdenticalToUnfused) {
 // The backward that reads the forward's one-bit mask gives the bits of the one that recomputes
 // the mask from x and s, at chunk lengths around a word and a packet, with pre-activations of
 // exactly 0 (no gradient), -0 and NaN (gradient passes, as PyTorch's threshold_backward). So
-// does the one that leaves the shortcut's gradient to add_shortcut_grad, also with streaming
-// stores, whose scalar head starts the packets at any offset (some straddle two mask words).
+// does the one that leaves the shortcut's gradient to add_shortcut_grad. Both directions also
+// run with streaming stores, whose scalar head starts the packets at any offset, so that some
+// packets' bits straddle two mask words: the forward writes the same y and mask.
 template <class T>
 void kept_mask_matches_recomputed() {
   namespace k = bnrelu::kernels;
@@ -197,6 +198,16 @@ void kept_mask_matches_recomputed() {
     }
     k::batchnorm_forward_train(y.data(), static_cast<T*>(nullptr), {mean, var, invstd}, x.data(), sh, params, 1e-5,
                                k::Epilogue<T>{true, {s.data(), nullptr, bits.data()}});
+    {  // streamed, the forward writes the same y and mask
+      const ForcedTuning forced(k::detail::stream_threshold(), 0);
+      Tensor<T, 1> y_streamed(n);
+      std::vector<std::uint64_t> bits_streamed(bits.size(), ~std::uint64_t{0});
+      double m2[2], v2[2], i2[2];
+      k::batchnorm_forward_train(y_streamed.data(), static_cast<T*>(nullptr), {m2, v2, i2}, x.data(), sh, params, 1e-5,
+                                 k::Epilogue<T>{true, {s.data(), nullptr, bits_streamed.data()}});
+      EXPECT_EQ(std::memcmp(y_streamed.data(), y.data(), n * sizeof(T)), 0);
+      EXPECT_EQ(bits_streamed, bits);
+    }
     Tensor<T, 1> dx_kept(n), ds_kept(n), dx_recomputed(n), ds_recomputed(n);
     T dw_kept[2] = {}, db_kept[2] = {}, dw_re[2] = {}, db_re[2] = {};
     k::batchnorm_backward(dx_kept.data(), {dw_kept, db_kept}, dy.data(), x.data(), sh, norm,

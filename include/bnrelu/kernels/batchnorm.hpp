@@ -412,21 +412,43 @@ void affine(T* y, const T* x, Index n, const ChannelAffine<T>& f, bool relu, boo
         y, n, stream, [&](Index i) { return f(simd::load(x + i)); }, [&](Index i) { return f(x[i]); }, ahead);
 }
 
-// The mask bits of one chunk of n values (mask_words(n) words at m): bit set where
-// !(f(x) + s <= 0), the pre-activation computed as affine() computes it, so that the mask is
-// the one y's ReLU applied. The chunk's x and s are in L1, just read by affine().
+// y = relu(f(x) + s) over a chunk of n values, as affine() writes it, and the chunk's ReLU mask
+// (mask_words(n) words at m): bit i % 64 of word i / 64 set where !(f(x[i]) + s[i] <= 0), taken
+// from the sums the ReLU was applied to, in the same loop. After a streaming store's scalar head
+// the packets start at any offset, so a packet's bits may straddle two words.
 template <class T>
-void relu_mask_bits(std::uint64_t* m, const T* x, const T* s, Index n, const ChannelAffine<T>& f) {
-  constexpr Index L = simd::width<T>;  // divides 64: a packet's bits never straddle two words
-  for (Index i0 = 0; i0 < n; i0 += 64) {
-    const Index end = std::min(n, i0 + 64);
-    std::uint64_t bits = 0;
-    Index i = i0;
-    for (; i + L <= end; i += L)
-      bits |= std::uint64_t{simd::positive_bits(simd::padd(f(simd::load(x + i)), simd::load(s + i)))} << (i - i0);
-    for (; i < end; ++i) bits |= std::uint64_t{!(f(x[i]) + s[i] <= T(0))} << (i - i0);
-    *m++ = bits;
+void affine_add_mask(T* y, std::uint64_t* m, const T* x, const T* s, Index n, const ChannelAffine<T>& f,
+                     bool stream, const Ahead<T>& ahead) {
+  constexpr Index L = simd::width<T>, K = Ahead<T>::kLine;
+  std::uint64_t word = 0;  // word w's bits gathered so far
+  Index w = 0;
+  // the bits of values i .. i + count - 1, given in order of i
+  auto gather = [&](std::uint64_t bits, Index i, Index count) {
+    const Index at = i % 64;
+    word |= bits << at;
+    if (at + count < 64) return;
+    m[w++] = word;
+    word = at + count > 64 ? bits >> (64 - at) : 0;  // at > 0 here
+  };
+  auto scalar = [&](Index i) {
+    const T v = f(x[i]) + s[i];
+    gather(std::uint64_t{!(v <= T(0))}, i, 1);
+    y[i] = relu_value(v);
+  };
+  Index i = 0;
+  if (stream)
+    for (const Index head = std::min(n, simd::to_alignment(y)); i < head; ++i) scalar(i);
+  for (; i + L <= n; i += L) {
+    if (i % K < L) ahead.line(i);
+    const auto v = simd::padd(f(simd::load(x + i)), simd::load(s + i));
+    gather(simd::positive_bits(v), i, L);
+    if (stream)
+      simd::stream(y + i, simd::relu(v));
+    else
+      simd::store(y + i, simd::relu(v));
   }
+  for (; i < n; ++i) scalar(i);
+  if (w < mask_words(n)) m[w] = word;
 }
 
 // Pass 1 of the backward for channels r: sum[c - r.first] += sum(g), dot[c - r.first] +=
@@ -657,9 +679,11 @@ void batchnorm_forward_train(T* y, T* x_copy, const BatchStats& stats, const T* 
           const Index at = sh.at(n, c), next = at + sh.image();
           detail::Ahead<T> ahead;
           if (n + 1 < N) ahead = {src + next, addend ? addend + next : nullptr, stream ? nullptr : y + next};
-          detail::affine(y + at, src + at, sh.S, f[c - c0], relu, stream, ahead, addend ? addend + at : nullptr);
           if (e.add.mask)
-            detail::relu_mask_bits(e.add.mask + (n * C + c) * mask_words(sh.S), src + at, addend + at, sh.S, f[c - c0]);
+            detail::affine_add_mask(y + at, e.add.mask + (n * C + c) * mask_words(sh.S), src + at, addend + at, sh.S,
+                                    f[c - c0], stream, ahead);
+          else
+            detail::affine(y + at, src + at, sh.S, f[c - c0], relu, stream, ahead, addend ? addend + at : nullptr);
         }
     }
     if (stream) simd::stream_fence();
