@@ -1,6 +1,7 @@
 // libFuzzer target: the layer API fed arbitrary options, shapes and values. Every call either
 // works or throws shape_error / logic_error; a throw changes no state; finite inputs give
-// finite outputs and gradients.
+// finite outputs and gradients. Fused BatchNorm+ReLU and BatchNorm+Add+ReLU give the bits of
+// the unfused chains, on whichever of the kernels' paths the fuzzed tuning values select.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -84,6 +85,59 @@ void exercise(L& layer, Bytes& in, const bnrelu::Dims<RI>& dims) {
   }
 }
 
+// Sets one of the kernels' tuning values (kernels/tuning.hpp) for one input: 0 (every tensor
+// "large": streaming stores, long runs, the reverse backward walk) or its default.
+class Tuning {
+ public:
+  Tuning(Index& value, bool zero) : value_(value), saved_(value) {
+    if (zero) value_ = 0;
+  }
+  ~Tuning() { value_ = saved_; }
+  Tuning(const Tuning&) = delete;
+  Tuning& operator=(const Tuning&) = delete;
+
+ private:
+  Index& value_;
+  Index saved_;
+};
+
+// The same model built twice (the same seed), run fused and unfused on the same x and dy:
+// outputs, input gradients, parameter gradients and running statistics agree bit for bit.
+template <class Make>
+void fused_matches_unfused(Bytes& in, Make make, const bnrelu::Dims<4>& dims) {
+  namespace kd = bnrelu::kernels::detail;
+  const Tuning stream(kd::stream_threshold(), in.next(0, 1) == 1), runs(kd::long_run_bytes(), in.next(0, 1) == 1),
+      back_runs(kd::backward_long_run_bytes(), in.next(0, 1) == 1), spill(kd::backward_spill_bytes(), in.next(0, 1) == 1);
+  const auto x = tensor<4>(in, dims);
+  auto run = [&](bool fused, Tensor<float, 4>& y, Tensor<float, 4>& dx, std::vector<float>& state) {
+    bnrelu::manual_seed(7);
+    auto model = make();
+    model.set_fusion(fused);
+    y = model.forward(x);
+    Bytes same_dy = in;  // both runs read the same dy
+    dx = model.backward(tensor<4>(same_dy, bnrelu::dims_of(y)));
+    state = state_of(model);
+  };
+  Tensor<float, 4> ya, yb, dxa, dxb;
+  std::vector<float> sa, sb;
+  try {
+    run(true, ya, dxa, sa);
+  } catch (const bnrelu::shape_error&) {
+    // the unfused chain must refuse the same input
+    try {
+      run(false, yb, dxb, sb);
+    } catch (const bnrelu::shape_error&) {
+      return;
+    }
+    __builtin_trap();
+  }
+  run(false, yb, dxb, sb);
+  auto bits_equal = [](const Tensor<float, 4>& a, const Tensor<float, 4>& b) {
+    return a.dimensions() == b.dimensions() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  if (!bits_equal(ya, yb) || !bits_equal(dxa, dxb) || !same(sa, sb)) __builtin_trap();
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -92,7 +146,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bnrelu::Dims<4> d4{in.next(0, 3), in.next(0, 4), in.next(0, 7), in.next(0, 7)};
   const bnrelu::Dims<2> d2{in.next(0, 5), in.next(0, 9)};
   try {
-    switch (in.next(0, 11)) {
+    switch (in.next(0, 13)) {
       case 0: {
         nn::Conv2d<float> l({.in_channels = in.next(-1, 4), .out_channels = in.next(-1, 4), .kernel_size = in.next(-1, 4),
                              .stride = in.next(-1, 3), .padding = in.next(-1, 3), .dilation = in.next(-1, 3),
@@ -153,6 +207,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         auto l = bnrelu::models::detail::down_block<float>(in.next(1, 4), in.next(1, 4));
         l.set_fusion(in.next(0, 1) == 1);
         exercise<decltype(l), 4, 4>(l, in, d4);
+        break;
+      }
+      case 12: {  // up to 3 x 4 x 12 x 12: chunks of more than a 64-bit mask word
+        const Index c = in.next(1, 4), out = in.next(1, 4);
+        const bnrelu::Dims<4> dims{in.next(0, 3), c, in.next(1, 12), in.next(1, 12)};
+        if (in.next(0, 1) == 0)
+          fused_matches_unfused(in, [c] { return bnrelu::models::detail::basic_block<float>(c); }, dims);
+        else
+          fused_matches_unfused(in, [c, out] { return bnrelu::models::detail::down_block<float>(c, out); }, dims);
+        break;
+      }
+      case 13: {
+        const Index c = in.next(1, 4);
+        const bnrelu::Dims<4> dims{in.next(0, 3), c, in.next(1, 12), in.next(1, 12)};
+        fused_matches_unfused(
+            in, [c] { return nn::Sequential(nn::BatchNorm2d<float>({.num_features = c}), nn::ReLU<float>{}); }, dims);
         break;
       }
       default: {
