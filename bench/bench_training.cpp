@@ -1,10 +1,12 @@
 // The seed CNN's whole training step (forward, loss, backward, SGD with momentum) and its eval
 // forward (as is, and after fuse_for_inference), at batch 1 to 256 on 1 and 2 threads, reported as images/s; a per-layer time
 // breakdown of the training step; Conv2d's GFLOP/s next to a plain GEMM's measured in the
-// same binary; and Winograd against im2col by shape (what Conv2d's automatic choice rests on).
+// same binary; Winograd against im2col by shape (what Conv2d's automatic choice rests on); and
+// Winograd's input transform alone.
 //
 // bench/torch_training.py runs the same model and steps in PyTorch; bench/training_table.py
 // prints both side by side.
+#include <bnrelu/kernels/winograd.hpp>
 #include <bnrelu/models/seed_cnn.hpp>
 #include <bnrelu/nn/loss.hpp>
 #include <bnrelu/optim/sgd.hpp>
@@ -183,6 +185,24 @@ void conv_algorithm(benchmark::State& state) {
   state.counters["GFLOP/s"] = benchmark::Counter(flop * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// Winograd's input transform alone (kernels/winograd.hpp), 3x3, pad 1, over a batch of 128
+// images of C x HW x HW, one thread: the transform of the forward (of x) and of the input
+// gradient (of dy). Arguments: C, HW. Bytes: the images read.
+void winograd_input_transform(benchmark::State& state) {
+  const Index C = state.range(0), HW = state.range(1), N = 128;
+  const bnrelu::kernels::WinogradGeometry g(N, C, HW, HW, C, 1);
+  const bnrelu::kernels::WinogradScratch s(g, bnrelu::kernels::simd::width<float>);
+  const auto x = bnrelu::bench::random_tensor<4>({N, C, HW, HW});
+  std::vector<float> v(static_cast<std::size_t>(16 * s.v_stride)), scratch(static_cast<std::size_t>(s.planes(g)));
+  for (auto _ : state) {
+    for (Index n = 0; n < N; ++n)
+      bnrelu::kernels::winograd_input_transform(v.data(), s.v_stride, x.data() + n * C * HW * HW, g, scratch.data());
+    benchmark::DoNotOptimize(v.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * x.size() * static_cast<Index>(sizeof(float)));
+}
+
 // The machine's GEMM rate for this library: [O x K] * [K x N*P] row-major, Eigen.
 void gemm(benchmark::State& state) {
   bnrelu::set_num_threads(static_cast<int>(state.range(0)));
@@ -231,6 +251,10 @@ int main(int argc, char** argv) {
   for (auto [name, fn] : {std::pair<const char*, Fn>{"gemm_128x576x12544", gemm}, {"conv2_forward_64x64x14x14", conv2_forward},
                           {"conv2_backward_64x64x14x14", conv2_backward}})
     RegisterBenchmark(name, fn)->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+  auto* transform = RegisterBenchmark("winograd_input_transform", winograd_input_transform)
+                        ->ArgNames({"C", "HW"})
+                        ->Unit(benchmark::kMillisecond);
+  for (auto [C, HW] : {std::array<Index, 2>{16, 32}, {32, 16}, {64, 8}, {64, 14}}) transform->Args({C, HW});
   auto* algorithms = RegisterBenchmark("conv_algorithm", conv_algorithm)
                          ->ArgNames({"C", "O", "HW", "winograd", "backward"})
                          ->UseRealTime()

@@ -154,6 +154,59 @@ inline void stream_fence() {
 #endif
 }
 
+// The 2 * width<T> values at p split by index parity: even gets p[0], p[2], ..., odd gets p[1],
+// p[3], ... A permute or two per packet where the target has them, lane by lane elsewhere.
+template <class T>
+inline void deinterleave_by_lane(const T* p, Packet<T>& even, Packet<T>& odd) {
+  alignas(64) T e[width<T>], o[width<T>];
+  for (long k = 0; k < width<T>; ++k) {
+    e[k] = p[2 * k];
+    o[k] = p[2 * k + 1];
+  }
+  even = Eigen::internal::pload<Packet<T>>(e);
+  odd = Eigen::internal::pload<Packet<T>>(o);
+}
+inline void deinterleave(const float* p, Packet<float>& even, Packet<float>& odd) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  even = _mm512_permutex2var_ps(a, ie, b);
+  odd = _mm512_permutex2var_ps(a, io, b);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+  // per 128-bit lane: a0 a2 b0 b2 | a4 a6 b4 b6, then the 64-bit pairs put in order
+  even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))),
+                                                _MM_SHUFFLE(3, 1, 2, 0)));
+  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))),
+                                               _MM_SHUFFLE(3, 1, 2, 0)));
+#elif defined(EIGEN_VECTORIZE_AVX) || !defined(EIGEN_VECTORIZE_SSE2)
+  deinterleave_by_lane<float>(p, even, odd);
+#else
+  const __m128 a = _mm_loadu_ps(p), b = _mm_loadu_ps(p + 4);
+  even = _mm_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+  odd = _mm_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+#endif
+}
+inline void deinterleave(const double* p, Packet<double>& even, Packet<double>& odd) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  const __m512d a = _mm512_loadu_pd(p), b = _mm512_loadu_pd(p + 8);
+  even = _mm512_permutex2var_pd(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b);
+  odd = _mm512_permutex2var_pd(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  const __m256d a = _mm256_loadu_pd(p), b = _mm256_loadu_pd(p + 4);
+  // a0 b0 | a2 b2 and a1 b1 | a3 b3, then the middle pair swapped
+  even = _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+  odd = _mm256_permute4x64_pd(_mm256_unpackhi_pd(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+#elif defined(EIGEN_VECTORIZE_AVX) || !defined(EIGEN_VECTORIZE_SSE2)
+  deinterleave_by_lane<double>(p, even, odd);
+#else
+  const __m128d a = _mm_loadu_pd(p), b = _mm_loadu_pd(p + 2);
+  even = _mm_unpacklo_pd(a, b);
+  odd = _mm_unpackhi_pd(a, b);
+#endif
+}
+
 // Elements from p to the next packet-aligned address (p aligned to its element).
 template <class T>
 inline long to_alignment(const T* p) {

@@ -71,18 +71,30 @@ inline void winograd_filter_tile(T* u, const T* g) {
 }
 
 // Rows [first, last) of the padded plane (plane row r - pad, shifted right by pad columns)
-// split into even[r] and odd[r] columns, KS of each, through line (zero outside the plane).
+// split into even[r] and odd[r] columns, KS of each: plane column j is padded column j + pad.
+// Only the plane's own columns are written; the padding columns keep the zeros the caller
+// filled them with. Vectors of 2 * width plane columns are split in registers (a copy into a
+// padded row first made every vector load of the split wait for the copy's unaligned stores).
 template <class T>
-void split_columns(T* even, T* odd, Index KS, T* line, const T* plane, Index W, Index pad, Index first,
-                   Index last) {
+void split_columns(T* even, T* odd, Index KS, const T* plane, Index W, Index pad, Index first, Index last) {
+  constexpr Index L = simd::width<T>;
+  // plane column j goes to even[(j + pad) / 2] when j + pad is even, else to odd[(j + pad) / 2]
+  T* const first_half = pad % 2 == 0 ? even : odd;  // where plane columns 0, 2, 4, ... go
+  T* const second_half = pad % 2 == 0 ? odd : even;  // and 1, 3, 5, ...
+  const Index at0 = pad / 2, at1 = (pad + 1) / 2;  // their first positions
   for (Index r = first; r < last; ++r) {
-    std::copy(plane + (r - pad) * W, plane + (r - pad + 1) * W, line + pad);
-    T* e = even + r * KS;
-    T* o = odd + r * KS;
-    for (Index k = 0; k < KS; ++k) {
-      e[k] = line[2 * k];
-      o[k] = line[2 * k + 1];
+    const T* row = plane + (r - pad) * W;
+    T* a = first_half + r * KS + at0;
+    T* b = second_half + r * KS + at1;
+    Index j = 0;
+    for (; j + 2 * L <= W; j += 2 * L) {
+      simd::Packet<T> pa, pb;
+      simd::deinterleave(row + j, pa, pb);
+      simd::store(a + j / 2, pa);
+      simd::store(b + j / 2, pb);
     }
+    for (Index i = j; i < W; i += 2) a[i / 2] = row[i];
+    for (Index i = j + 1; i < W; i += 2) b[i / 2] = row[i];
   }
 }
 
@@ -112,14 +124,13 @@ struct WinogradScratch {
   Index v_stride;      // V: [16][C, P], v_stride apart
   Index m_stride;      // M: [16][O, P], m_stride apart
   Index half_stride;   // one row of even (or odd) padded columns
-  Index line;          // one padded row
   Index stage_stride;  // one of the 4 staged output values of every tile
   WinogradScratch(const WinogradGeometry& g, Index packet)
       : L(packet), v_stride(g.C * g.tiles() + packet), m_stride(g.O * g.tiles() + packet),
-        half_stride((g.half_cols() + packet - 1) / packet * packet + packet), line(2 * half_stride),
+        half_stride((g.half_cols() + packet - 1) / packet * packet + packet),
         stage_stride(g.tiles() + packet) {}
-  // even and odd planes plus one padded row: the transforms' own scratch
-  Index planes(const WinogradGeometry& g) const { return 2 * g.rows() * half_stride + line; }
+  // even and odd planes: the transforms' own scratch
+  Index planes(const WinogradGeometry& g) const { return 2 * g.rows() * half_stride; }
   // one image's V and M, and the transforms' scratch (the part each thread of a team has)
   Index transformed(const WinogradGeometry&) const { return 16 * (v_stride + m_stride); }
   Index transform_scratch(const WinogradGeometry& g) const { return planes(g) + 4 * stage_stride; }
@@ -147,10 +158,9 @@ void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGe
   if (c1 < 0) c1 = g.C;
   T* even = scratch;       // [R, KS]
   T* odd = even + R * KS;  // [R, KS]
-  T* line = odd + R * KS;  // one padded input row
   std::fill(scratch, scratch + s.planes(g), T(0));  // padding rows and columns stay zero
   for (Index c = c0; c < c1; ++c) {
-    detail::split_columns(even, odd, KS, line, x + c * H * W, W, g.pad, std::max<Index>(0, g.pad),
+    detail::split_columns(even, odd, KS, x + c * H * W, W, g.pad, std::max<Index>(0, g.pad),
                           std::min(R, H + g.pad));
     T* vc = v + c * P;
     for (Index th = 0; th < TH; ++th) {
@@ -336,11 +346,10 @@ void winograd_gradient_transform(T* d, Index d_stride, const T* dy, const Winogr
   const Index KS = s.half_stride;
   T* even = scratch;       // [R, KS]: dy's columns 0, 2, 4, ...
   T* odd = even + R * KS;  // [R, KS]: columns 1, 3, 5, ...
-  T* line = odd + R * KS;  // one row of dy, zero past WO
   std::fill(scratch, scratch + s.planes(g), T(0));  // rows past HO, columns past WO stay zero
   const P8 zero = simd::set1<T>(T(0));
   for (Index o = 0; o < O; ++o) {
-    detail::split_columns(even, odd, KS, line, dy + o * HO * WO, WO, 0, 0, HO);
+    detail::split_columns(even, odd, KS, dy + o * HO * WO, WO, 0, 0, HO);
     T* dout = d + o * P;
     for (Index th = 0; th < TH; ++th) {
       const T* e0 = even + 2 * th * KS;
