@@ -85,29 +85,18 @@ void exercise(L& layer, Bytes& in, const bnrelu::Dims<RI>& dims) {
   }
 }
 
-// Sets one of the kernels' tuning values (kernels/tuning.hpp) for one input: 0 (every tensor
-// "large": streaming stores, long runs, the reverse backward walk) or its default.
-class Tuning {
- public:
-  Tuning(Index& value, bool zero) : value_(value), saved_(value) {
-    if (zero) value_ = 0;
-  }
-  ~Tuning() { value_ = saved_; }
-  Tuning(const Tuning&) = delete;
-  Tuning& operator=(const Tuning&) = delete;
-
- private:
-  Index& value_;
-  Index saved_;
-};
-
 // The same model built twice (the same seed), run fused and unfused on the same x and dy:
 // outputs, input gradients, parameter gradients and running statistics agree bit for bit.
 template <class Make>
 void fused_matches_unfused(Bytes& in, Make make, const bnrelu::Dims<4>& dims) {
   namespace kd = bnrelu::kernels::detail;
-  const Tuning stream(kd::stream_threshold(), in.next(0, 1) == 1), runs(kd::long_run_bytes(), in.next(0, 1) == 1),
-      back_runs(kd::backward_long_run_bytes(), in.next(0, 1) == 1), spill(kd::backward_spill_bytes(), in.next(0, 1) == 1);
+  // each tuning value left as it is or set to 0 (every tensor "large": streaming stores, long
+  // runs, the reverse backward walk), for this input only
+  auto zero_or_kept = [&](Index& value) { return in.next(0, 1) == 1 ? Index{0} : value; };
+  const kd::ScopedTuning stream(kd::stream_threshold(), zero_or_kept(kd::stream_threshold()));
+  const kd::ScopedTuning runs(kd::long_run_bytes(), zero_or_kept(kd::long_run_bytes()));
+  const kd::ScopedTuning back_runs(kd::backward_long_run_bytes(), zero_or_kept(kd::backward_long_run_bytes()));
+  const kd::ScopedTuning spill(kd::backward_spill_bytes(), zero_or_kept(kd::backward_spill_bytes()));
   const auto x = tensor<4>(in, dims);
   auto run = [&](bool fused, Tensor<float, 4>& y, Tensor<float, 4>& dx, std::vector<float>& state) {
     bnrelu::manual_seed(7);

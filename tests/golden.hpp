@@ -10,6 +10,7 @@
 #include <string>
 
 #include <bnrelu/io/safetensors.hpp>
+#include <bnrelu/kernels/tuning.hpp>
 #include <bnrelu/random.hpp>
 #include <bnrelu/tensor.hpp>
 
@@ -154,18 +155,7 @@ void formula_fill_by_name(Model& model) {
   }
 }
 
-// Sets one of the kernels' tuning values (kernels/tuning.hpp) for a scope, and puts the old
-// value back when the scope ends, however it ends.
-class ForcedTuning {
- public:
-  ForcedTuning(Index& value, Index forced) : value_(value), saved_(value) { value_ = forced; }
-  ~ForcedTuning() { value_ = saved_; }
-  ForcedTuning(const ForcedTuning&) = delete;
-  ForcedTuning& operator=(const ForcedTuning&) = delete;
-
- private:
-  Index& value_;
-  Index saved_;
-};
+// Sets one of the kernels' tuning values (kernels/tuning.hpp) for a scope.
+using ForcedTuning = kernels::detail::ScopedTuning;
 
 }  // namespace bnrelu::test

@@ -414,15 +414,15 @@ void affine(T* y, const T* x, Index n, const ChannelAffine<T>& f, bool relu, boo
 
 // y = relu(f(x) + s) over a chunk of n values, as affine() writes it, and the chunk's ReLU mask
 // (mask_words(n) words at m): bit i % 64 of word i / 64 set where !(f(x[i]) + s[i] <= 0), taken
-// from the sums the ReLU was applied to, in the same loop. After a streaming store's scalar head
-// the packets start at any offset, so a packet's bits may straddle two words.
+// from the sums the ReLU was applied to, in the same loop (affine()'s write_each). After a
+// streaming store's scalar head the packets start at any offset, so a packet's bits may
+// straddle two words.
 template <class T>
 void affine_add_mask(T* y, std::uint64_t* m, const T* x, const T* s, Index n, const ChannelAffine<T>& f,
                      bool stream, const Ahead<T>& ahead) {
-  constexpr Index L = simd::width<T>, K = Ahead<T>::kLine;
   std::uint64_t word = 0;  // word w's bits gathered so far
   Index w = 0;
-  // the bits of values i .. i + count - 1, given in order of i
+  // the bits of values i .. i + count - 1; write_each gives the values in order of i
   auto gather = [&](std::uint64_t bits, Index i, Index count) {
     const Index at = i % 64;
     word |= bits << at;
@@ -430,24 +430,19 @@ void affine_add_mask(T* y, std::uint64_t* m, const T* x, const T* s, Index n, co
     m[w++] = word;
     word = at + count > 64 ? bits >> (64 - at) : 0;  // at > 0 here
   };
-  auto scalar = [&](Index i) {
-    const T v = f(x[i]) + s[i];
-    gather(std::uint64_t{!(v <= T(0))}, i, 1);
-    y[i] = relu_value(v);
-  };
-  Index i = 0;
-  if (stream)
-    for (const Index head = std::min(n, simd::to_alignment(y)); i < head; ++i) scalar(i);
-  for (; i + L <= n; i += L) {
-    if (i % K < L) ahead.line(i);
-    const auto v = simd::padd(f(simd::load(x + i)), simd::load(s + i));
-    gather(simd::positive_bits(v), i, L);
-    if (stream)
-      simd::stream(y + i, simd::relu(v));
-    else
-      simd::store(y + i, simd::relu(v));
-  }
-  for (; i < n; ++i) scalar(i);
+  write_each(
+      y, n, stream,
+      [&](Index i) {
+        const auto v = simd::padd(f(simd::load(x + i)), simd::load(s + i));
+        gather(simd::positive_bits(v), i, simd::width<T>);
+        return simd::relu(v);
+      },
+      [&](Index i) {
+        const T v = f(x[i]) + s[i];
+        gather(std::uint64_t{!(v <= T(0))}, i, 1);
+        return relu_value(v);
+      },
+      ahead);
   if (w < mask_words(n)) m[w] = word;
 }
 

@@ -123,7 +123,8 @@ std::pair<double, double> reduce2(Index n, PF pf, SF sf, const Ahead<T>& ahead =
 }
 
 // out[i] = pf(i) (a packet of elements i .. i + width - 1) or sf(i) (element i) for i in
-// [0, n): non-temporal stores when stream, after a scalar head up to packet alignment.
+// [0, n), called in order of i: non-temporal stores when stream, after a scalar head up to
+// packet alignment.
 template <class T, class PF, class SF>
 void write_each(T* out, Index n, bool stream, PF pf, SF sf, const Ahead<T>& ahead = {}) {
   constexpr Index L = simd::width<T>, K = Ahead<T>::kLine;

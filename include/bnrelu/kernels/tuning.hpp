@@ -66,4 +66,18 @@ inline Index& backward_spill_bytes() {
   return bytes;
 }
 
+// Sets one of the values above for a scope and puts the old value back when the scope ends,
+// however it ends: for the tests and the fuzz target, which force each path with small tensors.
+class ScopedTuning {
+ public:
+  ScopedTuning(Index& value, Index forced) : value_(value), saved_(value) { value_ = forced; }
+  ~ScopedTuning() { value_ = saved_; }
+  ScopedTuning(const ScopedTuning&) = delete;
+  ScopedTuning& operator=(const ScopedTuning&) = delete;
+
+ private:
+  Index& value_;
+  Index saved_;
+};
+
 }  // namespace bnrelu::kernels::detail
