@@ -154,11 +154,83 @@ inline void stream_fence() {
 #endif
 }
 
-// The 2 * width<T> values at p split by index parity: even gets p[0], p[2], ..., odd gets p[1],
-// p[3], ... A permute or two per packet where the target has them, lane by lane elsewhere.
+// Lanes [lo, hi) of v stored at p + lo, ..., p + hi - 1 (0 <= lo <= hi <= width<T>); nothing
+// else at p is touched, so p may point before or into the end of an array whose lanes outside
+// [lo, hi) lie beyond it (all lanes: a plain store). And the first n values at p loaded into a
+// packet whose other lanes are 0, reading nothing at or past p + n. Masked moves where the
+// target has them, lane by lane elsewhere.
 template <class T>
-inline void deinterleave_by_lane(const T* p, Packet<T>& even, Packet<T>& odd) {
-  alignas(64) T e[width<T>], o[width<T>];
+inline void store_lanes_by_lane(T* p, const Packet<T>& v, long lo, long hi) {
+  alignas(64) T d[width<T>];
+  Eigen::internal::pstore(d, v);
+  for (long k = lo; k < hi; ++k) p[k] = d[k];
+}
+template <class T>
+inline Packet<T> load_first_by_lane(const T* p, long n) {
+  alignas(64) T d[width<T>] = {};
+  for (long k = 0; k < n; ++k) d[k] = p[k];
+  return Eigen::internal::pload<Packet<T>>(d);
+}
+#if defined(EIGEN_VECTORIZE_AVX512)
+inline __mmask16 lanes_mask(long lo, long hi) { return static_cast<__mmask16>((1u << hi) - (1u << lo)); }
+#elif defined(EIGEN_VECTORIZE_AVX2)
+inline __m256i lanes_mask32(long lo, long hi) {  // 32-bit lanes k with lo <= k < hi all ones
+  const __m256i k = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lo)), k),
+                             _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), k));
+}
+inline __m256i lanes_mask64(long lo, long hi) {
+  const __m256i k = _mm256_setr_epi64x(0, 1, 2, 3);
+  return _mm256_andnot_si256(_mm256_cmpgt_epi64(_mm256_set1_epi64x(lo), k), _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), k));
+}
+#endif
+inline void store_lanes(float* p, const Packet<float>& v, long lo, long hi) {
+  if (lo == 0 && hi == width<float>) return store(p, v);  // masked stores are slower on some CPUs
+#if defined(EIGEN_VECTORIZE_AVX512)
+  _mm512_mask_storeu_ps(p, lanes_mask(lo, hi), v);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  _mm256_maskstore_ps(p, lanes_mask32(lo, hi), v);
+#else
+  store_lanes_by_lane<float>(p, v, lo, hi);
+#endif
+}
+inline void store_lanes(double* p, const Packet<double>& v, long lo, long hi) {
+  if (lo == 0 && hi == width<double>) return store(p, v);
+#if defined(EIGEN_VECTORIZE_AVX512)
+  _mm512_mask_storeu_pd(p, static_cast<__mmask8>(lanes_mask(lo, hi)), v);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  _mm256_maskstore_pd(p, lanes_mask64(lo, hi), v);
+#else
+  store_lanes_by_lane<double>(p, v, lo, hi);
+#endif
+}
+inline Packet<float> load_first(const float* p, long n) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return _mm512_maskz_loadu_ps(lanes_mask(0, n), p);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  return _mm256_maskload_ps(p, lanes_mask32(0, n));
+#else
+  return load_first_by_lane<float>(p, n);
+#endif
+}
+inline Packet<double> load_first(const double* p, long n) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return _mm512_maskz_loadu_pd(static_cast<__mmask8>(lanes_mask(0, n)), p);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  return _mm256_maskload_pd(p, lanes_mask64(0, n));
+#else
+  return load_first_by_lane<double>(p, n);
+#endif
+}
+
+// The 2 * width<T> values a, b (a first) split by index parity: even gets a[0], a[2], ...,
+// b[0], b[2], ...; odd gets a[1], a[3], ..., b[1], ... A permute or two per packet where the
+// target has them, lane by lane elsewhere.
+template <class T>
+inline void deinterleave_by_lane(const Packet<T>& a, const Packet<T>& b, Packet<T>& even, Packet<T>& odd) {
+  alignas(64) T p[2 * width<T>], e[width<T>], o[width<T>];
+  Eigen::internal::pstore(p, a);
+  Eigen::internal::pstore(p + width<T>, b);
   for (long k = 0; k < width<T>; ++k) {
     e[k] = p[2 * k];
     o[k] = p[2 * k + 1];
@@ -166,42 +238,36 @@ inline void deinterleave_by_lane(const T* p, Packet<T>& even, Packet<T>& odd) {
   even = Eigen::internal::pload<Packet<T>>(e);
   odd = Eigen::internal::pload<Packet<T>>(o);
 }
-inline void deinterleave(const float* p, Packet<float>& even, Packet<float>& odd) {
+inline void deinterleave(const Packet<float>& a, const Packet<float>& b, Packet<float>& even, Packet<float>& odd) {
 #if defined(EIGEN_VECTORIZE_AVX512)
-  const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
   const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   even = _mm512_permutex2var_ps(a, ie, b);
   odd = _mm512_permutex2var_ps(a, io, b);
 #elif defined(EIGEN_VECTORIZE_AVX2)
-  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
   // per 128-bit lane: a0 a2 b0 b2 | a4 a6 b4 b6, then the 64-bit pairs put in order
   even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))),
                                                 _MM_SHUFFLE(3, 1, 2, 0)));
   odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))),
                                                _MM_SHUFFLE(3, 1, 2, 0)));
 #elif defined(EIGEN_VECTORIZE_AVX) || !defined(EIGEN_VECTORIZE_SSE2)
-  deinterleave_by_lane<float>(p, even, odd);
+  deinterleave_by_lane<float>(a, b, even, odd);
 #else
-  const __m128 a = _mm_loadu_ps(p), b = _mm_loadu_ps(p + 4);
   even = _mm_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
   odd = _mm_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
 #endif
 }
-inline void deinterleave(const double* p, Packet<double>& even, Packet<double>& odd) {
+inline void deinterleave(const Packet<double>& a, const Packet<double>& b, Packet<double>& even, Packet<double>& odd) {
 #if defined(EIGEN_VECTORIZE_AVX512)
-  const __m512d a = _mm512_loadu_pd(p), b = _mm512_loadu_pd(p + 8);
   even = _mm512_permutex2var_pd(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b);
   odd = _mm512_permutex2var_pd(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b);
 #elif defined(EIGEN_VECTORIZE_AVX2)
-  const __m256d a = _mm256_loadu_pd(p), b = _mm256_loadu_pd(p + 4);
   // a0 b0 | a2 b2 and a1 b1 | a3 b3, then the middle pair swapped
   even = _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), _MM_SHUFFLE(3, 1, 2, 0));
   odd = _mm256_permute4x64_pd(_mm256_unpackhi_pd(a, b), _MM_SHUFFLE(3, 1, 2, 0));
 #elif defined(EIGEN_VECTORIZE_AVX) || !defined(EIGEN_VECTORIZE_SSE2)
-  deinterleave_by_lane<double>(p, even, odd);
+  deinterleave_by_lane<double>(a, b, even, odd);
 #else
-  const __m128d a = _mm_loadu_pd(p), b = _mm_loadu_pd(p + 2);
   even = _mm_unpacklo_pd(a, b);
   odd = _mm_unpackhi_pd(a, b);
 #endif

@@ -13,7 +13,7 @@
 // transform coordinate xi: M[xi] (O x tiles) = U[xi] (O x C) * V[xi] (C x tiles). That is
 // 16 * O * C multiply-adds per tile of 4 outputs against 9 * 4 * O * C for direct convolution:
 // 2.25x fewer. The transforms themselves cost O(C + O) per tile and run as vector adds over a
-// row of tiles. The weight gradient uses the transposed algorithm, F(3x3, 2x2), below.
+// channel's tiles. The weight gradient uses the transposed algorithm, F(3x3, 2x2), below.
 //
 // The input gradient of a 3x3, stride-1 convolution with padding p is itself such a convolution
 // of dy with padding 2 - p and the filters flipped and transposed (g'[c][o] = rot180(g[o][c])),
@@ -43,9 +43,6 @@ struct WinogradGeometry {
       : N(n), C(c), H(h), W(w), O(o), pad(p), HO(h + 2 * p - 2), WO(w + 2 * p - 2), TH((HO + 1) / 2),
         TW((WO + 1) / 2) {}
   Index tiles() const { return TH * TW; }
-  // padded input rows and deinterleaved columns that the tiles read
-  Index rows() const { return 2 * TH + 2; }
-  Index half_cols() const { return TW + 1; }
 };
 
 namespace detail {
@@ -70,31 +67,63 @@ inline void winograd_filter_tile(T* u, const T* g) {
   }
 }
 
-// Rows [first, last) of the padded plane (plane row r - pad, shifted right by pad columns)
-// split into even[r] and odd[r] columns, KS of each: plane column j is padded column j + pad.
-// Only the plane's own columns are written; the padding columns keep the zeros the caller
-// filled them with. Vectors of 2 * width plane columns are split in registers (a copy into a
-// padded row first made every vector load of the split wait for the copy's unaligned stores).
+// The padded plane D of a transform (D[r][c] = plane[r - pad][c - pad], 0 outside the plane)
+// as 8 arrays F[p][q][s] of (TH + 1) x TW values, F[p][q][s][h TW + k] = D[2 h + p][2 (k + s) + q].
+// Tile t = th TW + tw reads D[2 th + i][2 tw + j] = F[i % 2][j % 2][j / 2][t + (i / 2) TW]: the
+// same index in each array for consecutive tiles, rows of tiles one after another, so each step
+// of a transform is a vector operation over a channel's tiles whatever the plane's width (a
+// packet per row of tiles left most lanes idle on planes narrower than two packets).
+// scratch: WinogradScratch::planes elements, the arrays plane_stride apart after a packet of
+// slack (each array is followed by one, so that a packet loaded at the last tile stays in it).
 template <class T>
-void split_columns(T* even, T* odd, Index KS, const T* plane, Index W, Index pad, Index first, Index last) {
+struct TilePlanes {
+  T* f[2][2][2];
+  TilePlanes(T* scratch, Index stride) {
+    for (int k = 0; k < 8; ++k) f[k / 4][k / 2 % 2][k % 2] = scratch + simd::width<T> + k * stride;
+  }
+};
+
+// Rows [first, last) of D, plane rows first - pad, ... of W values each, written to the arrays
+// F[r % 2][.][0] and, when shifted, F[r % 2][.][1] (the gradient transform reads s = 0 only).
+// Only positions of plane values are written: the padding keeps the zeros the caller filled the
+// arrays with. Vectors of 2 * width plane columns are split into even and odd columns in
+// registers, a block of columns at a time down all the rows (what is stored where depends on
+// the block only).
+template <class T>
+void split_rows(const TilePlanes<T>& planes, Index TW, const T* plane, Index W, Index pad, Index first, Index last,
+                bool shifted) {
   constexpr Index L = simd::width<T>;
-  // plane column j goes to even[(j + pad) / 2] when j + pad is even, else to odd[(j + pad) / 2]
-  T* const first_half = pad % 2 == 0 ? even : odd;  // where plane columns 0, 2, 4, ... go
-  T* const second_half = pad % 2 == 0 ? odd : even;  // and 1, 3, 5, ...
-  const Index at0 = pad / 2, at1 = (pad + 1) / 2;  // their first positions
-  for (Index r = first; r < last; ++r) {
-    const T* row = plane + (r - pad) * W;
-    T* a = first_half + r * KS + at0;
-    T* b = second_half + r * KS + at1;
-    Index j = 0;
-    for (; j + 2 * L <= W; j += 2 * L) {
-      simd::Packet<T> pa, pb;
-      simd::deinterleave(row + j, pa, pb);
-      simd::store(a + j / 2, pa);
-      simd::store(b + j / 2, pb);
+  for (Index j = 0; j < W; j += 2 * L) {
+    const Index n = std::min(2 * L, W - j), na = std::min(L, n), nb = std::max<Index>(0, n - L);
+    // lane l of the even (odd) packet holds plane column j + 2 l (+ 1): D's column c = that + pad,
+    // stored at k = c / 2 in the arrays of parity c % 2, k - 1 in the shifted ones
+    struct Target {
+      Index q, k0, hi0, lo1, hi1;  // parity, first k, lanes to store unshifted [0, hi0), shifted [lo1, hi1)
+    };
+    auto target = [&](Index j0, Index lanes) {
+      const Index q = (j0 + pad) % 2, k0 = (j0 + pad) / 2;  // k0 <= TW: D has 2 TW + 2 columns
+      return Target{q, k0, std::max<Index>(0, std::min(lanes, TW - k0)), std::max<Index>(0, 1 - k0),
+                    shifted ? std::min(lanes, TW + 1 - k0) : 0};
+    };
+    const Target te = target(j, (n + 1) / 2), to = target(j + 1, n / 2);
+    auto put = [&](const Target& t, const simd::Packet<T>& v, Index p, Index at) {
+      if (t.hi0 > 0) simd::store_lanes(planes.f[p][t.q][0] + at + t.k0, v, 0, t.hi0);
+      if (t.hi1 > t.lo1) simd::store_lanes(planes.f[p][t.q][1] + at + t.k0 - 1, v, t.lo1, t.hi1);
+    };
+    for (Index r = first; r < last; ++r) {
+      const T* row = plane + (r - pad) * W + j;
+      simd::Packet<T> a, b, even, odd;
+      if (n == 2 * L) {
+        a = simd::load(row);
+        b = simd::load(row + L);
+      } else {
+        a = simd::load_first(row, na);
+        b = simd::load_first(row + L, nb);
+      }
+      simd::deinterleave(a, b, even, odd);
+      put(te, even, r % 2, r / 2 * TW);
+      put(to, odd, r % 2, r / 2 * TW);
     }
-    for (Index i = j; i < W; i += 2) a[i / 2] = row[i];
-    for (Index i = j + 1; i < W; i += 2) b[i / 2] = row[i];
   }
 }
 
@@ -116,21 +145,19 @@ void winograd_filter_transform(T* u, const T* weight, Index O, Index C, bool fli
     }
 }
 
-// Scratch sizes. Every array has one packet of slack after it, so that the last packet of a
-// row of tiles may run past the row: such lanes are written before the next row (or channel)
-// overwrites them, and are never read as results.
+// Scratch sizes. V and M have one packet of slack after them, so that a packet loaded at a
+// channel's last tiles stays in the scratch; lanes past a channel's tiles are never stored.
 struct WinogradScratch {
   Index L;             // packet width
   Index v_stride;      // V: [16][C, P], v_stride apart
   Index m_stride;      // M: [16][O, P], m_stride apart
-  Index half_stride;   // one row of even (or odd) padded columns
   Index stage_stride;  // one of the 4 staged output values of every tile
+  Index plane_stride;  // one of the 8 arrays of TilePlanes
   WinogradScratch(const WinogradGeometry& g, Index packet)
       : L(packet), v_stride(g.C * g.tiles() + packet), m_stride(g.O * g.tiles() + packet),
-        half_stride((g.half_cols() + packet - 1) / packet * packet + packet),
-        stage_stride(g.tiles() + packet) {}
-  // even and odd planes: the transforms' own scratch
-  Index planes(const WinogradGeometry& g) const { return 2 * g.rows() * half_stride; }
+        stage_stride(g.tiles() + packet), plane_stride((g.TH + 1) * g.TW + packet) {}
+  // a padded plane as TilePlanes: the transforms' own scratch
+  Index planes(const WinogradGeometry&) const { return 8 * plane_stride + L; }
   // one image's V and M, and the transforms' scratch (the part each thread of a team has)
   Index transformed(const WinogradGeometry&) const { return 16 * (v_stride + m_stride); }
   Index transform_scratch(const WinogradGeometry& g) const { return planes(g) + 4 * stage_stride; }
@@ -142,60 +169,47 @@ struct WinogradScratch {
 };
 
 // Input transform V = B^T d B of every tile of one image x: [C, H, W], into V[xi] rows
-// (C x P, v_stride apart). scratch: WinogradScratch::planes elements.
-//
-// Each channel's padded plane is split into even and odd columns, so that the padded column
-// 2 tw + j of tile tw is even[tw + j / 2] (j even) or odd[tw + j / 2] (j odd): every step is a
-// vector operation over a row of tiles.
-// Channels [c0, c1) only when given (a team's share).
+// (C x P, v_stride apart), each channel's padded plane laid out as TilePlanes first.
+// scratch: WinogradScratch::planes elements. Channels [c0, c1) only when given (a team's share).
 template <class T>
 void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGeometry& g, T* scratch,
                               Index c0 = 0, Index c1 = -1) {
   using P8 = simd::Packet<T>;
   const WinogradScratch s(g, simd::width<T>);
-  const Index H = g.H, W = g.W, TH = g.TH, TW = g.TW, P = g.tiles(), R = g.rows();
-  const Index L = s.L, KS = s.half_stride;
+  const Index H = g.H, W = g.W, TW = g.TW, P = g.tiles(), L = s.L;
   if (c1 < 0) c1 = g.C;
-  T* even = scratch;       // [R, KS]
-  T* odd = even + R * KS;  // [R, KS]
+  const detail::TilePlanes<T> planes(scratch, s.plane_stride);
+  const auto& f = planes.f;
   std::fill(scratch, scratch + s.planes(g), T(0));  // padding rows and columns stay zero
   for (Index c = c0; c < c1; ++c) {
-    detail::split_columns(even, odd, KS, x + c * H * W, W, g.pad, std::max<Index>(0, g.pad),
-                          std::min(R, H + g.pad));
+    detail::split_rows(planes, TW, x + c * H * W, W, g.pad, g.pad, H + g.pad, true);
     T* vc = v + c * P;
-    for (Index th = 0; th < TH; ++th) {
-      const T* e0 = even + 2 * th * KS;
-      const T* o0 = odd + 2 * th * KS;
-      for (Index tw = 0; tw < TW; tw += L) {
-        P8 ea[4], eb[4], oa[4], ob[4];  // B^T d on columns 2 tw, 2 tw + 2, 2 tw + 1, 2 tw + 3
-        auto vertical = [&](P8* out, const T* col) {
-          const P8 d0 = simd::load(col), d1 = simd::load(col + KS), d2 = simd::load(col + 2 * KS),
-                   d3 = simd::load(col + 3 * KS);
-          out[0] = simd::psub(d0, d2);
-          out[1] = simd::padd(d1, d2);
-          out[2] = simd::psub(d2, d1);
-          out[3] = simd::psub(d1, d3);
-        };
-        vertical(ea, e0 + tw);
-        vertical(eb, e0 + tw + 1);
-        vertical(oa, o0 + tw);
-        vertical(ob, o0 + tw + 1);
-        T* out = vc + th * TW + tw;
-        // a packet that would run past the channel's last tile stores its lanes up to it only:
-        // past it lies the next channel, which another thread of a team may have written already
-        const Index keep = std::min(L, P - th * TW - tw);
-        auto put = [&](T* at, P8 value) {
-          if (keep == L) return simd::store(at, value);
-          alignas(64) T lanes[simd::width<T>];
-          simd::store(lanes, value);
-          std::copy(lanes, lanes + keep, at);
-        };
-        for (int i = 0; i < 4; ++i) {  // then (B^T d) B along the row
-          put(out + (i * 4 + 0) * v_stride, simd::psub(ea[i], eb[i]));
-          put(out + (i * 4 + 1) * v_stride, simd::padd(oa[i], eb[i]));
-          put(out + (i * 4 + 2) * v_stride, simd::psub(eb[i], oa[i]));
-          put(out + (i * 4 + 3) * v_stride, simd::psub(oa[i], ob[i]));
-        }
+    for (Index t = 0; t < P; t += L) {
+      // B^T d on the tiles' columns j = 0 (ea), 2 (eb), 1 (oa), 3 (ob): rows 0 and 2 of D
+      // from F[0][q][s], rows 1 and 3 from F[1][q][s], TW further for rows 2 and 3
+      P8 ea[4], eb[4], oa[4], ob[4];
+      auto vertical = [&](P8* out, const T* even_rows, const T* odd_rows) {
+        const P8 d0 = simd::load(even_rows + t), d1 = simd::load(odd_rows + t), d2 = simd::load(even_rows + t + TW),
+                 d3 = simd::load(odd_rows + t + TW);
+        out[0] = simd::psub(d0, d2);
+        out[1] = simd::padd(d1, d2);
+        out[2] = simd::psub(d2, d1);
+        out[3] = simd::psub(d1, d3);
+      };
+      vertical(ea, f[0][0][0], f[1][0][0]);
+      vertical(eb, f[0][0][1], f[1][0][1]);
+      vertical(oa, f[0][1][0], f[1][1][0]);
+      vertical(ob, f[0][1][1], f[1][1][1]);
+      // a packet past the channel's last tile stores its lanes up to it only: past it lies the
+      // next channel, which another thread of a team may have written already
+      const Index keep = std::min(L, P - t);
+      auto put = [&](T* at, P8 value) { simd::store_lanes(at, value, 0, keep); };
+      T* out = vc + t;
+      for (int i = 0; i < 4; ++i) {  // then (B^T d) B along the row
+        put(out + (i * 4 + 0) * v_stride, simd::psub(ea[i], eb[i]));
+        put(out + (i * 4 + 1) * v_stride, simd::padd(oa[i], eb[i]));
+        put(out + (i * 4 + 2) * v_stride, simd::psub(eb[i], oa[i]));
+        put(out + (i * 4 + 3) * v_stride, simd::psub(oa[i], ob[i]));
       }
     }
   }
@@ -342,31 +356,27 @@ template <class T>
 void winograd_gradient_transform(T* d, Index d_stride, const T* dy, const WinogradGeometry& g, T* scratch) {
   using P8 = simd::Packet<T>;
   const WinogradScratch s(g, simd::width<T>);
-  const Index O = g.O, HO = g.HO, WO = g.WO, TH = g.TH, TW = g.TW, P = g.tiles(), R = g.rows();
-  const Index KS = s.half_stride;
-  T* even = scratch;       // [R, KS]: dy's columns 0, 2, 4, ...
-  T* odd = even + R * KS;  // [R, KS]: columns 1, 3, 5, ...
+  const Index O = g.O, HO = g.HO, WO = g.WO, TW = g.TW, P = g.tiles(), L = s.L;
+  const detail::TilePlanes<T> planes(scratch, s.plane_stride);  // D = dy, padding 0
+  const auto& f = planes.f;
   std::fill(scratch, scratch + s.planes(g), T(0));  // rows past HO, columns past WO stay zero
   const P8 zero = simd::set1<T>(T(0));
   for (Index o = 0; o < O; ++o) {
-    detail::split_columns(even, odd, KS, dy + o * HO * WO, WO, 0, 0, HO);
-    T* dout = d + o * P;
-    for (Index th = 0; th < TH; ++th) {
-      const T* e0 = even + 2 * th * KS;
-      const T* o0 = odd + 2 * th * KS;
-      for (Index tw = 0; tw < TW; tw += s.L) {
-        // A h over the tile's two rows, for its even (left) and odd (right) columns
-        const P8 el0 = simd::load(e0 + tw), el1 = simd::load(e0 + KS + tw);
-        const P8 or0 = simd::load(o0 + tw), or1 = simd::load(o0 + KS + tw);
-        const P8 left[4] = {el0, simd::padd(el0, el1), simd::psub(el0, el1), simd::psub(zero, el1)};
-        const P8 right[4] = {or0, simd::padd(or0, or1), simd::psub(or0, or1), simd::psub(zero, or1)};
-        T* out = dout + th * TW + tw;
-        for (int i = 0; i < 4; ++i) {  // then (A h) A^T along the row
-          simd::store(out + (i * 4 + 0) * d_stride, left[i]);
-          simd::store(out + (i * 4 + 1) * d_stride, simd::padd(left[i], right[i]));
-          simd::store(out + (i * 4 + 2) * d_stride, simd::psub(left[i], right[i]));
-          simd::store(out + (i * 4 + 3) * d_stride, simd::psub(zero, right[i]));
-        }
+    detail::split_rows(planes, TW, dy + o * HO * WO, WO, 0, 0, HO, false);
+    T* out = d + o * P;
+    for (Index t = 0; t < P; t += L) {
+      // A h over the tiles' two rows (F[0] and F[1]), for their left (q = 0) and right columns
+      const P8 el0 = simd::load(f[0][0][0] + t), el1 = simd::load(f[1][0][0] + t);
+      const P8 or0 = simd::load(f[0][1][0] + t), or1 = simd::load(f[1][1][0] + t);
+      const P8 left[4] = {el0, simd::padd(el0, el1), simd::psub(el0, el1), simd::psub(zero, el1)};
+      const P8 right[4] = {or0, simd::padd(or0, or1), simd::psub(or0, or1), simd::psub(zero, or1)};
+      const Index keep = std::min(L, P - t);  // lanes of this channel's tiles
+      auto put = [&](T* at, P8 value) { simd::store_lanes(at, value, 0, keep); };
+      for (int i = 0; i < 4; ++i) {  // then (A h) A^T along the row
+        put(out + t + (i * 4 + 0) * d_stride, left[i]);
+        put(out + t + (i * 4 + 1) * d_stride, simd::padd(left[i], right[i]));
+        put(out + t + (i * 4 + 2) * d_stride, simd::psub(left[i], right[i]));
+        put(out + t + (i * 4 + 3) * d_stride, simd::psub(zero, right[i]));
       }
     }
   }
