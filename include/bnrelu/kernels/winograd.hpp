@@ -73,13 +73,14 @@ inline void winograd_filter_tile(T* u, const T* g) {
 // same index in each array for consecutive tiles, rows of tiles one after another, so each step
 // of a transform is a vector operation over a channel's tiles whatever the plane's width (a
 // packet per row of tiles left most lanes idle on planes narrower than two packets).
-// scratch: WinogradScratch::planes elements, the arrays plane_stride apart after a packet of
-// slack (each array is followed by one, so that a packet loaded at the last tile stays in it).
+// scratch: WinogradScratch::planes elements, the arrays plane_stride apart, each followed by a
+// packet of slack, so that a packet loaded at the last tile stays in the scratch. A shifted
+// array's first position (k = -1, never stored) lies in the array before it.
 template <class T>
 struct TilePlanes {
   T* f[2][2][2];
   TilePlanes(T* scratch, Index stride) {
-    for (int k = 0; k < 8; ++k) f[k / 4][k / 2 % 2][k % 2] = scratch + simd::width<T> + k * stride;
+    for (int k = 0; k < 8; ++k) f[k / 4][k / 2 % 2][k % 2] = scratch + k * stride;
   }
 };
 
@@ -118,7 +119,7 @@ void split_rows(const TilePlanes<T>& planes, Index TW, const T* plane, Index W, 
         b = simd::load(row + L);
       } else {
         a = simd::load_first(row, na);
-        b = simd::load_first(row + L, nb);
+        b = simd::load_first(nb ? row + L : row, nb);  // no pointer past the plane
       }
       simd::deinterleave(a, b, even, odd);
       put(te, even, r % 2, r / 2 * TW);
@@ -145,8 +146,10 @@ void winograd_filter_transform(T* u, const T* weight, Index O, Index C, bool fli
     }
 }
 
-// Scratch sizes. V and M have one packet of slack after them, so that a packet loaded at a
-// channel's last tiles stays in the scratch; lanes past a channel's tiles are never stored.
+// Scratch sizes. M and the staged outputs have one packet of slack after them, so that the
+// output transform's last packet of tiles, loaded from M and stored to the stage, stays in the
+// scratch (V has one too); the input and gradient transforms store no lane past a channel's
+// tiles.
 struct WinogradScratch {
   Index L;             // packet width
   Index v_stride;      // V: [16][C, P], v_stride apart
@@ -157,7 +160,7 @@ struct WinogradScratch {
       : L(packet), v_stride(g.C * g.tiles() + packet), m_stride(g.O * g.tiles() + packet),
         stage_stride(g.tiles() + packet), plane_stride((g.TH + 1) * g.TW + packet) {}
   // a padded plane as TilePlanes: the transforms' own scratch
-  Index planes(const WinogradGeometry&) const { return 8 * plane_stride + L; }
+  Index planes(const WinogradGeometry&) const { return 8 * plane_stride; }
   // one image's V and M, and the transforms' scratch (the part each thread of a team has)
   Index transformed(const WinogradGeometry&) const { return 16 * (v_stride + m_stride); }
   Index transform_scratch(const WinogradGeometry& g) const { return planes(g) + 4 * stage_stride; }
