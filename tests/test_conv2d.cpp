@@ -145,8 +145,8 @@ TEST(Conv2d, WinogradMatchesIm2col) {
   expect_winograd_matches_im2col<float>(2, 16, 24, 28, 28, 1, 2e-6);
   expect_winograd_matches_im2col<float>(2, 5, 7, 9, 11, 0, 2e-6);
   expect_winograd_matches_im2col<float>(2, 5, 7, 3, 8, 2, 2e-6);
-  // rows of 2 packets and more, split in registers (simd::deinterleave), with a tail, for each
-  // padding: the input transform's pads 0 to 2 and the gradient transform's rows of dy
+  // rows of several of split_rows' blocks (2 packets of columns each) and a partial last block,
+  // for each padding: the input transform's pads 0 to 2 and the gradient transform's rows of dy
   for (bnrelu::Index p : {0, 1, 2}) {
     expect_winograd_matches_im2col<float>(2, 3, 4, 5, 33, p, 2e-6);
     expect_winograd_matches_im2col<float>(1, 2, 3, 4, 64, p, 2e-6);
