@@ -200,7 +200,7 @@ void conv2d_forward(T* y, T* workspace, const T* x, const T* weight, const T* bi
       winograd_filter_transform(workspace, weight, g.O, g.C);
       filters = workspace;
     }
-    T* scratch = workspace + 16 * g.O * g.C;
+    T* scratch = workspace + winograd_filters_workspace<T>(g.O, g.C);
     if (conv_team_forward(g, true)) {
 #pragma omp parallel num_threads(num_threads())
       {
@@ -345,8 +345,8 @@ Index conv2d_forward_workspace(const Conv2dGeometry& g, ConvAlgorithm a = ConvAl
   const Index pooled = (team ? 1 : t) * pooled_image_scratch(g, pool, winograd);
   if (winograd) {
     const auto wg = winograd_forward_geometry(g);
-    return 16 * g.O * g.C + (team ? winograd_team_workspace<T>(wg, num_threads()) : t * winograd_image_workspace<T>(wg)) +
-           pooled;
+    return winograd_filters_workspace<T>(g.O, g.C) +
+           (team ? winograd_team_workspace<T>(wg, num_threads()) : t * winograd_image_workspace<T>(wg)) + pooled;
   }
   return (team ? 1 : t) * g.col_rows() * g.col_cols() + pooled;
 }

@@ -146,10 +146,20 @@ void winograd_filter_transform(T* u, const T* weight, Index O, Index C, bool fli
     }
 }
 
+// Elements a transformed filter bank [16, O, C] takes at the start of a workspace: whole
+// packets, so that the scratch after it starts at a packet boundary (WinogradScratch).
+template <class T>
+Index winograd_filters_workspace(Index O, Index C) {
+  constexpr Index L = simd::width<T>;
+  return (16 * O * C + L - 1) / L * L;
+}
+
 // Scratch sizes. M and the staged outputs have one packet of slack after them, so that the
 // output transform's last packet of tiles, loaded from M and stored to the stage, stays in the
 // scratch (V has one too); the input and gradient transforms store no lane past a channel's
-// tiles.
+// tiles. Every array is a whole number of packets long, so that in a packet-aligned workspace
+// each starts at a packet boundary: an AVX-512 load or store at any other address touches two
+// cache lines.
 struct WinogradScratch {
   Index L;             // packet width
   Index v_stride;      // V: [16][C, P], v_stride apart
@@ -157,8 +167,10 @@ struct WinogradScratch {
   Index stage_stride;  // one of the 4 staged output values of every tile
   Index plane_stride;  // one of the 8 arrays of TilePlanes
   WinogradScratch(const WinogradGeometry& g, Index packet)
-      : L(packet), v_stride(g.C * g.tiles() + packet), m_stride(g.O * g.tiles() + packet),
-        stage_stride(g.tiles() + packet), plane_stride((g.TH + 1) * g.TW + packet) {}
+      : L(packet), v_stride(packets(g.C * g.tiles() + packet)), m_stride(packets(g.O * g.tiles() + packet)),
+        stage_stride(packets(g.tiles() + packet)), plane_stride(packets((g.TH + 1) * g.TW + packet)) {}
+  // n elements rounded up to whole packets
+  Index packets(Index n) const { return (n + L - 1) / L * L; }
   // a padded plane as TilePlanes: the transforms' own scratch
   Index planes(const WinogradGeometry&) const { return 8 * plane_stride; }
   // one image's V and M, and the transforms' scratch (the part each thread of a team has)
@@ -167,7 +179,7 @@ struct WinogradScratch {
   Index conv_image(const WinogradGeometry& g) const { return transformed(g) + transform_scratch(g); }
   // the weight gradient's per-thread V, D and accumulated M[16][O, C]
   Index weight_gradient(const WinogradGeometry& g) const {
-    return 16 * (v_stride + m_stride + g.O * g.C) + planes(g);
+    return packets(16 * g.O * g.C) + 16 * (v_stride + m_stride) + planes(g);
   }
 };
 
@@ -424,7 +436,7 @@ void winograd_weight_gradient_image(T* workspace, const T* x, const T* dy, const
   const WinogradScratch s(g, simd::width<T>);
   const Index C = g.C, O = g.O, P = g.tiles();
   T* m = workspace;
-  T* v = m + 16 * O * C;
+  T* v = m + s.packets(16 * O * C);
   T* d = v + 16 * s.v_stride;
   T* planes = d + 16 * s.m_stride;
   winograd_input_transform(v, s.v_stride, x, g, planes);

@@ -172,10 +172,12 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   std::vector<BufferRef<T>> named_buffers() { return {}; }
 
  private:
+  using Workspace = std::vector<T, Eigen::aligned_allocator<T>>;
+
   // A workspace of at least n elements. It only grows: resized down and up again, a vector
   // zero-fills the elements it regains, and the forward's and the backward's sizes (or two
   // layers' sharing a thread's infer workspace) alternate on every step.
-  static T* at_least(std::vector<T>& workspace, Index n) {
+  static T* at_least(Workspace& workspace, Index n) {
     if (workspace.size() < static_cast<std::size_t>(n)) workspace.resize(static_cast<std::size_t>(n));
     return workspace.data();
   }
@@ -205,7 +207,7 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
                           const kernels::Pool2dGeometry* pool = nullptr) const {
     const auto g = geometry(dims_of(x));
     Tensor<T, 4> y = detail::infer_output<T>(pool ? Dims<4>{g.N, g.O, pool->HO, pool->WO} : Dims<4>{g.N, g.O, g.HO, g.WO});
-    thread_local std::vector<T> workspace;  // one for every Conv2d<T> the thread runs
+    thread_local Workspace workspace;  // one for every Conv2d<T> the thread runs
     kernels::conv2d_forward(y.data(), at_least(workspace, kernels::conv2d_forward_workspace<T>(g, algorithm_, pool)),
                             x.data(), this->weight_data(), this->bias_data(), g,
                             this->relu_ || addend, algorithm_, filters_.empty() ? nullptr : filters_.data(),
@@ -230,7 +232,7 @@ class Conv2d : public Module, public detail::WeightAndBias<T, 4> {
   detail::InputCache<T, 4> x_;  // cache for backward
   detail::Recycler<T, 4> y_;    // storage for the next output
   ConvAlgorithm algorithm_ = ConvAlgorithm::automatic;
-  std::vector<T> workspace_;    // im2col columns or Winograd transforms, reused across calls
+  Workspace workspace_;         // im2col columns or Winograd transforms, reused across calls
 };
 
 }  // namespace bnrelu::nn
