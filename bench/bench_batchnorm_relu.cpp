@@ -32,6 +32,7 @@ namespace {
 
 using bnrelu::Dims;
 using bnrelu::Index;
+using bnrelu::bench::AlignedVector;
 using bnrelu::Tensor;
 namespace k = bnrelu::kernels;
 
@@ -60,13 +61,13 @@ struct Shape {
 // Everything one BN-ReLU layer touches, allocated once outside the timed loop.
 struct Buffers {
   Shape sh;
-  std::vector<float> x, y, dy, dx, weight, bias, dweight, dbias, t;
+  AlignedVector<float> x, y, dy, dx, weight, bias, dweight, dbias, t;
   bnrelu::kernels::ChannelAffines<float> eval_maps;  // the eval pass's per-channel maps
-  std::vector<std::uint8_t> mask;
+  AlignedVector<std::uint8_t> mask;
   std::vector<double> mean, var, invstd;
   explicit Buffers(const Shape& s) : sh(s) {
     const Index n = s.N * s.C * s.S;
-    auto fill = [](std::vector<float>& v, Index size, double lo, double hi) {
+    auto fill = [](auto& v, Index size, double lo, double hi) {
       v.resize(size);
       for (auto& e : v) e = static_cast<float>(bnrelu::uniform(lo, hi));
     };
@@ -220,7 +221,7 @@ void run_onednn(benchmark::State& state, const Shape& sh, Pass pass) {
 // threshold rests on).
 void cache_reread(benchmark::State& state) {
   const Index n = (state.range(0) << 20) / static_cast<Index>(sizeof(float));
-  std::vector<float> a(static_cast<std::size_t>(n), 1.0f);
+  AlignedVector<float> a(static_cast<std::size_t>(n), 1.0f);
   for (auto _ : state) {
     float sum = 0;
 #pragma omp simd reduction(+ : sum)

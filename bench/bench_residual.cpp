@@ -27,6 +27,7 @@
 namespace {
 
 using bnrelu::Index;
+using bnrelu::bench::AlignedVector;
 using bnrelu::Tensor;
 namespace k = bnrelu::kernels;
 
@@ -41,12 +42,12 @@ enum class Chain { fused, fused_ds, unfused };
 
 struct Buffers {
   Shape sh;
-  std::vector<float> x, s, y, dy, dx, weight, bias, dweight, dbias;
-  std::vector<std::uint8_t> mask;   // the unfused ReLU's
-  std::vector<std::uint64_t> bits;  // the fused pass's (kernels::Addend)
+  AlignedVector<float> x, s, y, dy, dx, weight, bias, dweight, dbias;
+  AlignedVector<std::uint8_t> mask;   // the unfused ReLU's
+  AlignedVector<std::uint64_t> bits;  // the fused pass's (kernels::Addend)
   std::vector<double> mean, var, invstd;
   explicit Buffers(const Shape& shape) : sh(shape) {
-    auto fill = [](std::vector<float>& v, Index size, double lo, double hi) {
+    auto fill = [](AlignedVector<float>& v, Index size, double lo, double hi) {
       v.resize(static_cast<std::size_t>(size));
       bnrelu::fill_uniform(v.data(), size, lo, hi);
     };

@@ -193,7 +193,8 @@ void winograd_input_transform(benchmark::State& state) {
   const bnrelu::kernels::WinogradGeometry g(N, C, HW, HW, C, 1);
   const bnrelu::kernels::WinogradScratch s(g, bnrelu::kernels::simd::width<float>);
   const auto x = bnrelu::bench::random_tensor<4>({N, C, HW, HW});
-  std::vector<float> v(static_cast<std::size_t>(16 * s.v_stride)), scratch(static_cast<std::size_t>(s.planes(g)));
+  bnrelu::bench::AlignedVector<float> v(static_cast<std::size_t>(16 * s.v_stride)),
+      scratch(static_cast<std::size_t>(s.planes(g)));
   for (auto _ : state) {
     for (Index n = 0; n < N; ++n)
       bnrelu::kernels::winograd_input_transform(v.data(), s.v_stride, x.data() + n * C * HW * HW, g, scratch.data());
