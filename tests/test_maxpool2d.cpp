@@ -53,48 +53,60 @@ TEST(MaxPool2d, NaNPropagates) {
   EXPECT_TRUE(std::isnan(y(0, 0, 0, 1)));
 }
 
-// The vectorised 2x2 path (full 8-window blocks, a masked tail, an odd last row and column)
-// against a plain reference: first maximum in row-major order, a NaN wins, gradient to it.
-TEST(MaxPool2d, TwoByTwoFastPathMatchesReference) {
-  const bnrelu::Index N = 2, C = 3, H = 9, W = 37, HO = 4, WO = 18;
-  Tensor<float, 4> x(N, C, H, W), dy(N, C, HO, WO);
-  bnrelu::manual_seed(5);
-  for (bnrelu::Index i = 0; i < x.size(); ++i) {
-    const double u = bnrelu::uniform(0, 1);
-    x.data()[i] = u < 0.03 ? NAN : std::round(static_cast<float>(bnrelu::uniform(-3, 3)));  // ties
+// The 2x2 path against a plain reference (first maximum in row-major order, a NaN wins, the
+// gradient and argmax to it), in float at widths that give the vector path a partial block of
+// 8 windows only, full blocks and a partial last one, and in double, with an odd last row and
+// column.
+template <class T>
+class MaxPoolTwoByTwo : public ::testing::Test {};
+TYPED_TEST_SUITE(MaxPoolTwoByTwo, FloatTypes);
+
+TYPED_TEST(MaxPoolTwoByTwo, VectorPathMatchesReference) {
+  using T = TypeParam;
+  using bnrelu::Index;
+  for (const Index W : {Index{7}, Index{37}, Index{70}}) {
+    SCOPED_TRACE(::testing::Message() << "W " << W);
+    const Index N = 2, C = 3, H = 9, HO = 4, WO = W / 2;
+    Tensor<T, 4> x(N, C, H, W), dy(N, C, HO, WO);
+    bnrelu::manual_seed(5);
+    for (Index i = 0; i < x.size(); ++i) {
+      const double u = bnrelu::uniform(0, 1);
+      x.data()[i] = u < 0.03 ? NAN : std::round(static_cast<T>(bnrelu::uniform(-3, 3)));  // ties
+    }
+    for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<T>(bnrelu::uniform(-1, 1));
+    nn::MaxPool2d<T> pool({.kernel_size = 2});
+    const auto y = pool.forward(x);
+    const auto dx = pool.backward(dy);
+    Tensor<T, 4> want_dx(N, C, H, W);
+    want_dx.setZero();
+    for (Index n = 0; n < N; ++n)
+      for (Index c = 0; c < C; ++c)
+        for (Index oh = 0; oh < HO; ++oh)
+          for (Index ow = 0; ow < WO; ++ow) {
+            T best = -INFINITY;
+            Index bh = 2 * oh, bw = 2 * ow;
+            for (Index h = 2 * oh; h < 2 * oh + 2; ++h)
+              for (Index w = 2 * ow; w < 2 * ow + 2; ++w)
+                if (x(n, c, h, w) > best || std::isnan(x(n, c, h, w))) {
+                  best = x(n, c, h, w);
+                  bh = h;
+                  bw = w;
+                }
+            SCOPED_TRACE(::testing::Message() << n << " " << c << " " << oh << " " << ow);
+            if (std::isnan(best))
+              EXPECT_TRUE(std::isnan(y(n, c, oh, ow)));
+            else
+              EXPECT_EQ(y(n, c, oh, ow), best);
+            EXPECT_EQ(pool.argmax()[static_cast<std::size_t>(((n * C + c) * HO + oh) * WO + ow)], bh * W + bw);
+            want_dx(n, c, bh, bw) = dy(n, c, oh, ow);
+          }
+    for (Index i = 0; i < dx.size(); ++i) ASSERT_EQ(dx.data()[i], want_dx.data()[i]) << "at " << i;
+    pool.eval();  // without argmax, the same maxima
+    const auto y_eval = pool.forward(x);
+    for (Index i = 0; i < y.size(); ++i)
+      ASSERT_TRUE(y_eval.data()[i] == y.data()[i] || (std::isnan(y_eval.data()[i]) && std::isnan(y.data()[i])))
+          << "at " << i;
   }
-  for (bnrelu::Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(bnrelu::uniform(-1, 1));
-  nn::MaxPool2d<float> pool({.kernel_size = 2});
-  const auto y = pool.forward(x);
-  const auto dx = pool.backward(dy);
-  Tensor<float, 4> want_dx(N, C, H, W);
-  want_dx.setZero();
-  for (bnrelu::Index n = 0; n < N; ++n)
-    for (bnrelu::Index c = 0; c < C; ++c)
-      for (bnrelu::Index oh = 0; oh < HO; ++oh)
-        for (bnrelu::Index ow = 0; ow < WO; ++ow) {
-          float best = -INFINITY;
-          bnrelu::Index bh = 2 * oh, bw = 2 * ow;
-          for (bnrelu::Index h = 2 * oh; h < 2 * oh + 2; ++h)
-            for (bnrelu::Index w = 2 * ow; w < 2 * ow + 2; ++w)
-              if (x(n, c, h, w) > best || std::isnan(x(n, c, h, w))) {
-                best = x(n, c, h, w);
-                bh = h;
-                bw = w;
-              }
-          SCOPED_TRACE(::testing::Message() << n << " " << c << " " << oh << " " << ow);
-          if (std::isnan(best))
-            EXPECT_TRUE(std::isnan(y(n, c, oh, ow)));
-          else
-            EXPECT_EQ(y(n, c, oh, ow), best);
-          want_dx(n, c, bh, bw) = dy(n, c, oh, ow);
-        }
-  for (bnrelu::Index i = 0; i < dx.size(); ++i) ASSERT_EQ(dx.data()[i], want_dx.data()[i]) << "at " << i;
-  pool.eval();  // without argmax, the same maxima
-  const auto y_eval = pool.forward(x);
-  for (bnrelu::Index i = 0; i < y.size(); ++i)
-    ASSERT_TRUE(y_eval.data()[i] == y.data()[i] || (std::isnan(y_eval.data()[i]) && std::isnan(y.data()[i])))
-        << "at " << i;
 }
 
 TEST(MaxPool2d, PaddingIsMinusInfinity) {
