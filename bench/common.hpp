@@ -40,9 +40,8 @@ inline const bool stream_threshold_in_context =
 
 // Benchmark buffers aligned as the library's tensors are (Eigen's allocator: to the widest
 // packet the build uses). A plain std::vector of a large size starts 16 bytes past a page
-// boundary, and in an AVX-512 build every 64-byte load or store then touches two cache lines:
-// on the Intel Xeon machine ReLU's forward over such buffers took 1.30-1.37x as long as over
-// aligned ones.
+// boundary, and in an AVX-512 build every 64-byte load or store then touches two cache lines
+// (docs/performance.md, Portable and native builds, measures what that cost).
 template <class T>
 using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
