@@ -157,18 +157,21 @@ Index winograd_filters_workspace(Index O, Index C) {
 // Scratch sizes. M and the staged outputs have one packet of slack after them, so that the
 // output transform's last packet of tiles, loaded from M and stored to the stage, stays in the
 // scratch (V has one too); the input and gradient transforms store no lane past a channel's
-// tiles. Every array is a whole number of packets long, so that in a packet-aligned workspace
-// each starts at a packet boundary: an AVX-512 load or store at any other address touches two
-// cache lines.
+// tiles. Every array is a whole number of packets long, and so is each channel's row of V and M
+// (its P tiles and slack up to the next packet, which nothing writes and the products do not
+// read), so that in a packet-aligned workspace each array and each row starts at a packet
+// boundary: an AVX-512 load or store at any other address touches two cache lines.
 struct WinogradScratch {
   Index L;             // packet width
-  Index v_stride;      // V: [16][C, P], v_stride apart
-  Index m_stride;      // M: [16][O, P], m_stride apart
+  Index row_stride;    // a channel's row of P tiles in V and M, rounded up to whole packets
+  Index v_stride;      // V: [16][C, P], rows row_stride apart, v_stride apart
+  Index m_stride;      // M: [16][O, P], rows row_stride apart, m_stride apart
   Index stage_stride;  // one of the 4 staged output values of every tile
   Index plane_stride;  // one of the 8 arrays of TilePlanes
   WinogradScratch(const WinogradGeometry& g, Index packet)
-      : L(packet), v_stride(packets(g.C * g.tiles() + packet)), m_stride(packets(g.O * g.tiles() + packet)),
-        stage_stride(packets(g.tiles() + packet)), plane_stride(packets((g.TH + 1) * g.TW + packet)) {}
+      : L(packet), row_stride(packets(g.tiles())), v_stride(g.C * row_stride + packet),
+        m_stride(g.O * row_stride + packet), stage_stride(packets(g.tiles() + packet)),
+        plane_stride(packets((g.TH + 1) * g.TW + packet)) {}
   // n elements rounded up to whole packets
   Index packets(Index n) const { return (n + L - 1) / L * L; }
   // a padded plane as TilePlanes: the transforms' own scratch
@@ -198,7 +201,7 @@ void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGe
   std::fill(scratch, scratch + s.planes(g), T(0));  // padding rows and columns stay zero
   for (Index c = c0; c < c1; ++c) {
     detail::split_rows(planes, TW, x + c * H * W, W, g.pad, g.pad, H + g.pad, true);
-    T* vc = v + c * P;
+    T* vc = v + c * s.row_stride;
     for (Index t = 0; t < P; t += L) {
       // B^T d on the tiles' columns j = 0 (ea), 2 (eb), 1 (oa), 3 (ob): rows 0 and 2 of D
       // from F[0][q][s], rows 1 and 3 from F[1][q][s], TW further for rows 2 and 3
@@ -251,7 +254,7 @@ void winograd_output_transform(T* y, const T* m, Index m_stride, const T* bias, 
   for (Index o = o0; o < o1; ++o) {
     const P8 b = simd::set1<T>(bias ? bias[o] : T(0));
     for (Index t = 0; t < P; t += s.L) {
-      const T* mt = m + o * P + t;
+      const T* mt = m + o * s.row_stride + t;
       P8 s0[4], s1[4];  // A^T M: rows 0 + 1 + 2 and 1 - 2 - 3
       for (int j = 0; j < 4; ++j) {
         const P8 m0 = simd::load(mt + j * m_stride), m1 = simd::load(mt + (4 + j) * m_stride);
@@ -316,8 +319,8 @@ void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const Wino
   winograd_input_transform(v, s.v_stride, x, g, planes);
   for (int xi = 0; xi < 16; ++xi) {  // M[xi] = U[xi] V[xi]
     ConstMatrixMap<T> uxi(u + xi * O * C, O, C);
-    ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
-    MatrixMap<T>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
+    ConstStridedMatrixMap<T> vxi(v + xi * s.v_stride, C, P, Eigen::OuterStride<>(s.row_stride));
+    StridedMatrixMap<T>(m + xi * s.m_stride, O, P, Eigen::OuterStride<>(s.row_stride)).noalias() = uxi * vxi;
   }
   winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, 0, -1, addend, pool2x2);
 }
@@ -349,8 +352,8 @@ void winograd_conv_image_team(T* y, const T* x, const T* u, const T* bias, const
 #pragma omp for schedule(static)
   for (int xi = 0; xi < 16; ++xi) {
     ConstMatrixMap<T> uxi(u + xi * O * C, O, C);
-    ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
-    MatrixMap<T>(m + xi * s.m_stride, O, P).noalias() = uxi * vxi;
+    ConstStridedMatrixMap<T> vxi(v + xi * s.v_stride, C, P, Eigen::OuterStride<>(s.row_stride));
+    StridedMatrixMap<T>(m + xi * s.m_stride, O, P, Eigen::OuterStride<>(s.row_stride)).noalias() = uxi * vxi;
   }
   winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, O * t / team, O * (t + 1) / team, addend,
                             pool2x2);
@@ -378,7 +381,7 @@ void winograd_gradient_transform(T* d, Index d_stride, const T* dy, const Winogr
   const P8 zero = simd::set1<T>(T(0));
   for (Index o = 0; o < O; ++o) {
     detail::split_rows(planes, TW, dy + o * HO * WO, WO, 0, 0, HO, false);
-    T* out = d + o * P;
+    T* out = d + o * s.row_stride;
     for (Index t = 0; t < P; t += L) {
       // A h over the tiles' two rows (F[0] and F[1]), for their left (q = 0) and right columns
       const P8 el0 = simd::load(f[0][0][0] + t), el1 = simd::load(f[1][0][0] + t);
@@ -442,8 +445,8 @@ void winograd_weight_gradient_image(T* workspace, const T* x, const T* dy, const
   winograd_input_transform(v, s.v_stride, x, g, planes);
   winograd_gradient_transform(d, s.m_stride, dy, g, planes);
   for (int xi = 0; xi < 16; ++xi) {
-    ConstMatrixMap<T> dxi(d + xi * s.m_stride, O, P);
-    ConstMatrixMap<T> vxi(v + xi * s.v_stride, C, P);
+    ConstStridedMatrixMap<T> dxi(d + xi * s.m_stride, O, P, Eigen::OuterStride<>(s.row_stride));
+    ConstStridedMatrixMap<T> vxi(v + xi * s.v_stride, C, P, Eigen::OuterStride<>(s.row_stride));
     MatrixMap<T>(m + xi * O * C, O, C).noalias() += dxi * vxi.transpose();
   }
 }
