@@ -146,34 +146,37 @@ void winograd_filter_transform(T* u, const T* weight, Index O, Index C, bool fli
     }
 }
 
+// n elements rounded up to whole packets of L.
+inline Index whole_packets(Index n, Index L) { return (n + L - 1) / L * L; }
+
 // Elements a transformed filter bank [16, O, C] takes at the start of a workspace: whole
 // packets, so that the scratch after it starts at a packet boundary (WinogradScratch).
 template <class T>
 Index winograd_filters_workspace(Index O, Index C) {
-  constexpr Index L = simd::width<T>;
-  return (16 * O * C + L - 1) / L * L;
+  return whole_packets(16 * O * C, simd::width<T>);
 }
 
-// Scratch sizes. M and the staged outputs have one packet of slack after them, so that the
-// output transform's last packet of tiles, loaded from M and stored to the stage, stays in the
-// scratch (V has one too); the input and gradient transforms store no lane past a channel's
-// tiles. Every array is a whole number of packets long, and so is each channel's row of V and M
-// (its P tiles and slack up to the next packet, which nothing writes and the products do not
-// read), so that in a packet-aligned workspace each array and each row starts at a packet
-// boundary: an AVX-512 load or store at any other address touches two cache lines.
+// Scratch sizes. Every array is a whole number of packets long, and so is each channel's row of
+// V and M: its P tiles, then up to the next packet lanes that the transforms never store and the
+// products never read. In a packet-aligned workspace each array and each row then starts at a
+// packet boundary (an AVX-512 load or store at any other address touches two cache lines), and
+// the output transform's packets of tiles, loaded from a row of M and stored to the stage, stay
+// inside the row. The 16 matrices of V (of M) lie a packet more than their rows apart: the
+// transforms touch the same position of all 16 together, and at the power-of-two sizes of
+// common layers (16 channels of 16 x 16 tiles: 16 KiB) those 16 lines would fall in one set
+// of the L1 cache, which holds 8 to 12. The arrays of TilePlanes have a packet of slack after
+// them (TilePlanes).
 struct WinogradScratch {
   Index L;             // packet width
-  Index row_stride;    // a channel's row of P tiles in V and M, rounded up to whole packets
-  Index v_stride;      // V: [16][C, P], rows row_stride apart, v_stride apart
-  Index m_stride;      // M: [16][O, P], rows row_stride apart, m_stride apart
-  Index stage_stride;  // one of the 4 staged output values of every tile
+  Index row_stride;    // a channel's row of P tiles in V and M, P rounded up to whole packets
+  Index v_stride;      // V: [16][C, P], rows row_stride apart, C row_stride + L apart
+  Index m_stride;      // M: [16][O, P], rows row_stride apart, O row_stride + L apart
+  Index stage_stride;  // one of the 4 staged output values of every tile: a row's length
   Index plane_stride;  // one of the 8 arrays of TilePlanes
   WinogradScratch(const WinogradGeometry& g, Index packet)
-      : L(packet), row_stride(packets(g.tiles())), v_stride(g.C * row_stride + packet),
-        m_stride(g.O * row_stride + packet), stage_stride(packets(g.tiles() + packet)),
-        plane_stride(packets((g.TH + 1) * g.TW + packet)) {}
-  // n elements rounded up to whole packets
-  Index packets(Index n) const { return (n + L - 1) / L * L; }
+      : L(packet), row_stride(whole_packets(g.tiles(), packet)), v_stride(g.C * row_stride + packet),
+        m_stride(g.O * row_stride + packet), stage_stride(row_stride),
+        plane_stride(whole_packets((g.TH + 1) * g.TW + packet, packet)) {}
   // a padded plane as TilePlanes: the transforms' own scratch
   Index planes(const WinogradGeometry&) const { return 8 * plane_stride; }
   // one image's V and M, and the transforms' scratch (the part each thread of a team has)
@@ -182,7 +185,7 @@ struct WinogradScratch {
   Index conv_image(const WinogradGeometry& g) const { return transformed(g) + transform_scratch(g); }
   // the weight gradient's per-thread V, D and accumulated M[16][O, C]
   Index weight_gradient(const WinogradGeometry& g) const {
-    return packets(16 * g.O * g.C) + 16 * (v_stride + m_stride) + planes(g);
+    return whole_packets(16 * g.O * g.C, L) + 16 * (v_stride + m_stride) + planes(g);
   }
 };
 
@@ -439,7 +442,7 @@ void winograd_weight_gradient_image(T* workspace, const T* x, const T* dy, const
   const WinogradScratch s(g, simd::width<T>);
   const Index C = g.C, O = g.O, P = g.tiles();
   T* m = workspace;
-  T* v = m + s.packets(16 * O * C);
+  T* v = m + whole_packets(16 * O * C, s.L);
   T* d = v + 16 * s.v_stride;
   T* planes = d + 16 * s.m_stride;
   winograd_input_transform(v, s.v_stride, x, g, planes);

@@ -62,8 +62,8 @@ class Optimizer {
   // The number of step() calls so far.
   std::int64_t steps() const { return steps_; }
 
-  // Named per-parameter state tensors ("<param>.<buffer>"), for checkpoints, and their
-  // restoration; restore_state checks names and sizes before changing anything.
+  // Named per-parameter state tensors ("<param>.<buffer>"), for checkpoints: a restore writes
+  // through these pointers, after checking every name and size against what it loads.
   virtual std::vector<std::pair<std::string, std::vector<T>*>> state() = 0;
   void set_steps(std::int64_t s) { steps_ = s; }
 
