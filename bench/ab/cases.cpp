@@ -4,7 +4,7 @@
 //   <prefix>_cases()           the number of cases
 //   <prefix>_name(i)           case i's name
 //   <prefix>_make(i, threads)  its model and inputs, after two untimed runs
-//   <prefix>_run(c)            one timed run
+//   <prefix>_run(c, threads)   one timed run
 //   <prefix>_free(c)
 // Every case must compile against both versions: the public API only.
 #include <functional>
