@@ -80,5 +80,6 @@ def main():
         print(f"| {case} | {statistics.median(b):.3g} ({min(b):.3g}) | {statistics.median(w):.3g} ({min(w):.3g}) | "
               f"{statistics.median(b) / statistics.median(w):.2f}x ({min(b) / min(w):.2f}x) |")
 
+
 if __name__ == "__main__":
     main()
