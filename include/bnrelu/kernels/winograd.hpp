@@ -187,6 +187,15 @@ struct WinogradScratch {
   Index weight_gradient(const WinogradGeometry& g) const {
     return whole_packets(16 * g.O * g.C, L) + 16 * (v_stride + m_stride) + planes(g);
   }
+  // one of the 16 matrices of V, M or D at p: rows x P tiles, row_stride apart, for the products
+  template <class T>
+  StridedMatrixMap<T> matrix(T* p, Index rows, const WinogradGeometry& g) const {
+    return {p, rows, g.tiles(), Eigen::OuterStride<>(row_stride)};
+  }
+  template <class T>
+  ConstStridedMatrixMap<T> matrix(const T* p, Index rows, const WinogradGeometry& g) const {
+    return {p, rows, g.tiles(), Eigen::OuterStride<>(row_stride)};
+  }
 };
 
 // Input transform V = B^T d B of every tile of one image x: [C, H, W], into V[xi] rows
@@ -314,7 +323,7 @@ template <class T>
 void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const WinogradGeometry& g, T* workspace,
                          bool relu = false, const T* addend = nullptr, bool pool2x2 = false) {
   const WinogradScratch s(g, simd::width<T>);
-  const Index C = g.C, O = g.O, P = g.tiles();
+  const Index C = g.C, O = g.O;
   T* v = workspace;
   T* m = v + 16 * s.v_stride;
   T* planes = m + 16 * s.m_stride;
@@ -322,8 +331,7 @@ void winograd_conv_image(T* y, const T* x, const T* u, const T* bias, const Wino
   winograd_input_transform(v, s.v_stride, x, g, planes);
   for (int xi = 0; xi < 16; ++xi) {  // M[xi] = U[xi] V[xi]
     ConstMatrixMap<T> uxi(u + xi * O * C, O, C);
-    ConstStridedMatrixMap<T> vxi(v + xi * s.v_stride, C, P, Eigen::OuterStride<>(s.row_stride));
-    StridedMatrixMap<T>(m + xi * s.m_stride, O, P, Eigen::OuterStride<>(s.row_stride)).noalias() = uxi * vxi;
+    s.matrix(m + xi * s.m_stride, O, g).noalias() = uxi * s.matrix(v + xi * s.v_stride, C, g);
   }
   winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, 0, -1, addend, pool2x2);
 }
@@ -344,7 +352,7 @@ template <class T>
 void winograd_conv_image_team(T* y, const T* x, const T* u, const T* bias, const WinogradGeometry& g, T* workspace,
                               bool relu = false, const T* addend = nullptr, bool pool2x2 = false) {
   const WinogradScratch s(g, simd::width<T>);
-  const Index C = g.C, O = g.O, P = g.tiles();
+  const Index C = g.C, O = g.O;
   const int t = bnrelu::detail::thread_index(), team = bnrelu::detail::team_size();
   T* v = workspace;
   T* m = v + 16 * s.v_stride;
@@ -355,8 +363,7 @@ void winograd_conv_image_team(T* y, const T* x, const T* u, const T* bias, const
 #pragma omp for schedule(static)
   for (int xi = 0; xi < 16; ++xi) {
     ConstMatrixMap<T> uxi(u + xi * O * C, O, C);
-    ConstStridedMatrixMap<T> vxi(v + xi * s.v_stride, C, P, Eigen::OuterStride<>(s.row_stride));
-    StridedMatrixMap<T>(m + xi * s.m_stride, O, P, Eigen::OuterStride<>(s.row_stride)).noalias() = uxi * vxi;
+    s.matrix(m + xi * s.m_stride, O, g).noalias() = uxi * s.matrix(v + xi * s.v_stride, C, g);
   }
   winograd_output_transform(y, m, s.m_stride, bias, relu, g, stage, O * t / team, O * (t + 1) / team, addend,
                             pool2x2);
@@ -440,7 +447,7 @@ Index winograd_weight_gradient_workspace(const WinogradGeometry& g) {
 template <class T>
 void winograd_weight_gradient_image(T* workspace, const T* x, const T* dy, const WinogradGeometry& g) {
   const WinogradScratch s(g, simd::width<T>);
-  const Index C = g.C, O = g.O, P = g.tiles();
+  const Index C = g.C, O = g.O;
   T* m = workspace;
   T* v = m + whole_packets(16 * O * C, s.L);
   T* d = v + 16 * s.v_stride;
@@ -448,9 +455,9 @@ void winograd_weight_gradient_image(T* workspace, const T* x, const T* dy, const
   winograd_input_transform(v, s.v_stride, x, g, planes);
   winograd_gradient_transform(d, s.m_stride, dy, g, planes);
   for (int xi = 0; xi < 16; ++xi) {
-    ConstStridedMatrixMap<T> dxi(d + xi * s.m_stride, O, P, Eigen::OuterStride<>(s.row_stride));
-    ConstStridedMatrixMap<T> vxi(v + xi * s.v_stride, C, P, Eigen::OuterStride<>(s.row_stride));
-    MatrixMap<T>(m + xi * O * C, O, C).noalias() += dxi * vxi.transpose();
+    const T* dxi = d + xi * s.m_stride;
+    const T* vxi = v + xi * s.v_stride;
+    MatrixMap<T>(m + xi * O * C, O, C).noalias() += s.matrix(dxi, O, g) * s.matrix(vxi, C, g).transpose();
   }
 }
 
