@@ -14,7 +14,7 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake ninja-build pkg-config \
   libeigen3-dev nlohmann-json3-dev libcli11-dev zlib1g-dev \
-  libgtest-dev libbenchmark-dev clang-14 libclang-rt-14-dev libopenmpi-dev openmpi-bin \
+  libgtest-dev libbenchmark-dev clang-14 libclang-rt-14-dev libomp-14-dev libopenmpi-dev openmpi-bin \
   libonnx-dev libprotobuf-dev dataset-fashion-mnist $BENCH >/dev/null
 # ONNX Runtime for the ONNX export's tests, from the npm registry at the version the lock file
 # pins. Its install script only fetches optional GPU files, so it does not run.
