@@ -8,6 +8,9 @@
 // block with a projection shortcut does (the shortcut's gradient written over dy, for the
 // projection's backward to read). Unfused, the ReLU's backward writes that gradient either way.
 //
+// The memory_pass rows (bench/common.hpp) give what one pass over memory costs by the way it
+// writes: in place, around the caches, or through them.
+//
 // bytes_per_second counts 8 tensors for every row alike: forward reads x and s and writes y (3
 // tensors); backward reads x, s and dy and writes dx and the shortcut's gradient ds (5). The
 // fused passes move less: the forward writes the ReLU's mask (1/32 of x), and the backward
@@ -151,6 +154,12 @@ void resnet20(benchmark::State& state, Run run) {
 int register_all() {
   benchmark::RegisterBenchmark("stream_triad", bnrelu::bench::stream_triad)
       ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+  for (auto [pass, name] : {std::pair{bnrelu::bench::MemoryPass::read, "memory_pass/read"},
+                            std::pair{bnrelu::bench::MemoryPass::write_in_place, "memory_pass/read+write_in_place"},
+                            std::pair{bnrelu::bench::MemoryPass::write, "memory_pass/read+write"},
+                            std::pair{bnrelu::bench::MemoryPass::stream_write, "memory_pass/read+stream_write"}})
+    benchmark::RegisterBenchmark(name, [pass](benchmark::State& s) { bnrelu::bench::memory_pass(s, pass); })
+        ->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
   const std::vector<Shape> shapes{{128, 16, 32, 32, "128x16x32x32"},
                                   {128, 32, 16, 16, "128x32x16x16"},
                                   {128, 64, 8, 8, "128x64x8x8"},

@@ -1,6 +1,6 @@
 // Shared pieces of the benchmark programs: the build's vector ISA and BatchNorm's streaming
-// threshold in every report, a STREAM triad for the machine's memory limit, and helpers for
-// tensors and thread counts.
+// threshold in every report, a STREAM triad for the machine's memory limit, one pass over
+// memory written each way the kernels write, and helpers for tensors and thread counts.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include <bnrelu/kernels/simd.hpp>
 #include <bnrelu/kernels/tuning.hpp>
 #include <bnrelu/random.hpp>
 #include <bnrelu/tensor.hpp>
@@ -62,6 +63,51 @@ inline void stream_triad(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   state.SetBytesProcessed(state.iterations() * 3 * n * static_cast<Index>(sizeof(float)));
+  state.counters["threads"] = threads;
+}
+
+// What one pass over a tensor far larger than the caches costs by the way it writes: the
+// passes of BatchNorm, the add and the ReLU are each one of these. Bytes counted: the tensors
+// the pass reads and writes (a read and an in-place write of one tensor count 2), as the
+// fused and unfused rows count theirs.
+enum class MemoryPass {
+  read,           // sum of x
+  write_in_place, // x = -x: each line read, then written back from the cache
+  write,          // y = -x: y's lines are read in before they are written (write-allocate)
+  stream_write,   // y = -x with non-temporal stores: y's lines are written around the caches
+};
+
+inline void memory_pass(benchmark::State& state, MemoryPass pass) {
+  namespace simd = kernels::simd;
+  const int threads = static_cast<int>(state.range(0));
+  const Index n = Index{1} << 26;  // 256 MiB per array
+  constexpr Index L = simd::width<float>;
+  AlignedVector<float> x(n), y(n);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (Index i = 0; i < n; ++i) x[i] = y[i] = 1.0f;  // first touch by the threads that use the pages
+  const auto zero = simd::set1<float>(0.0f);
+  for (auto _ : state) {
+    float total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads)
+    for (Index b = 0; b < n; b += 4096) {  // blocks of 16 KiB
+      auto sum = zero;
+      for (Index i = b; i < b + 4096; i += L) {
+        const auto v = simd::load(&x[i]);
+        switch (pass) {
+          case MemoryPass::read: sum = simd::padd(sum, v); break;
+          case MemoryPass::write_in_place: simd::store(&x[i], simd::psub(zero, v)); break;
+          case MemoryPass::write: simd::store(&y[i], simd::psub(zero, v)); break;
+          case MemoryPass::stream_write: simd::stream(&y[i], simd::psub(zero, v)); break;
+        }
+      }
+      total += Eigen::internal::predux(sum);
+    }
+    if (pass == MemoryPass::stream_write) simd::stream_fence();
+    benchmark::DoNotOptimize(total);
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * (pass == MemoryPass::read ? 1 : 2) * n *
+                          static_cast<Index>(sizeof(float)));
   state.counters["threads"] = threads;
 }
 
