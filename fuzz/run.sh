@@ -11,10 +11,16 @@ out="$root/build/fuzz"
 mkdir -p "$out"
 find "$out" -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) -delete
 cxx=${CXX_FUZZ:-clang++-14}
+# the three builds side by side (fuzz_layers alone takes most of a minute)
+pids=""
 for t in idx safetensors layers; do
   echo "building fuzz_$t"
   $cxx -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-    -I"$root/include" -isystem /usr/include/eigen3 "$here/fuzz_$t.cpp" -lz -o "$out/fuzz_$t"
+    -I"$root/include" -isystem /usr/include/eigen3 "$here/fuzz_$t.cpp" -lz -o "$out/fuzz_$t" &
+  pids="$pids $!"
+done
+for p in $pids; do
+  wait "$p" || { echo "a fuzz target failed to build" >&2; exit 1; }
 done
 for t in idx safetensors layers; do
   mkdir -p "$out/corpus_$t"
