@@ -71,10 +71,10 @@ inline void stream_triad(benchmark::State& state) {
 // the pass reads and writes (a read and an in-place write of one tensor count 2), as the
 // fused and unfused rows count theirs.
 enum class MemoryPass {
-  read,           // sum of x
-  write_in_place, // x = -x: each line read, then written back from the cache
-  write,          // y = -x: y's lines are read in before they are written (write-allocate)
-  stream_write,   // y = -x with non-temporal stores: y's lines are written around the caches
+  read,            // sum of x
+  write_in_place,  // x = -x: each line read, then written back from the cache
+  write,           // y = -x: y's lines are read in before they are written (write-allocate)
+  stream_write,    // y = -x with non-temporal stores: y's lines are written around the caches
 };
 
 inline void memory_pass(benchmark::State& state, MemoryPass pass) {
