@@ -89,11 +89,15 @@ struct TilePlanes {
 // Only positions of plane values are written: the padding keeps the zeros the caller filled the
 // arrays with. Vectors of 2 * width plane columns are split into even and odd columns in
 // registers, a block of columns at a time down all the rows (what is stored where depends on
-// the block only).
+// the block only). readable: the values from plane on that may be read (to the end of the
+// image); each row prefetches the same columns about 1 KiB further on, into the next plane
+// at the bottom.
 template <class T>
 void split_rows(const TilePlanes<T>& planes, Index TW, const T* plane, Index W, Index pad, Index first, Index last,
-                bool shifted) {
+                bool shifted, Index readable) {
   constexpr Index L = simd::width<T>;
+  constexpr Index line = 64 / sizeof(T);
+  const Index ahead = std::max<Index>(1, 1024 / (W * static_cast<Index>(sizeof(T)))) * W;  // whole rows
   for (Index j = 0; j < W; j += 2 * L) {
     const Index n = std::min(2 * L, W - j), na = std::min(L, n), nb = std::max<Index>(0, n - L);
     // lane l of the even (odd) packet holds plane column j + 2 l (+ 1): D's column c = that + pad,
@@ -112,7 +116,12 @@ void split_rows(const TilePlanes<T>& planes, Index TW, const T* plane, Index W, 
       if (t.hi1 > t.lo1) simd::store_lanes(planes.f[p][t.q][1] + at + t.k0 - 1, v, t.lo1, t.hi1);
     };
     for (Index r = first; r < last; ++r) {
-      const T* row = plane + (r - pad) * W + j;
+      const Index at = (r - pad) * W + j;
+      const T* row = plane + at;
+      if (at + ahead + n <= readable) {
+        for (Index k = 0; k < n; k += line) __builtin_prefetch(row + ahead + k);
+        __builtin_prefetch(row + ahead + n - 1);
+      }
       simd::Packet<T> a, b, even, odd;
       if (n == 2 * L) {
         a = simd::load(row);
@@ -212,7 +221,7 @@ void winograd_input_transform(T* v, Index v_stride, const T* x, const WinogradGe
   const auto& f = planes.f;
   std::fill(scratch, scratch + s.planes(g), T(0));  // padding rows and columns stay zero
   for (Index c = c0; c < c1; ++c) {
-    detail::split_rows(planes, TW, x + c * H * W, W, g.pad, g.pad, H + g.pad, true);
+    detail::split_rows(planes, TW, x + c * H * W, W, g.pad, g.pad, H + g.pad, true, (g.C - c) * H * W);
     T* vc = v + c * s.row_stride;
     for (Index t = 0; t < P; t += L) {
       // B^T d on the tiles' columns j = 0 (ea), 2 (eb), 1 (oa), 3 (ob): rows 0 and 2 of D
@@ -390,7 +399,7 @@ void winograd_gradient_transform(T* d, Index d_stride, const T* dy, const Winogr
   std::fill(scratch, scratch + s.planes(g), T(0));  // rows past HO, columns past WO stay zero
   const P8 zero = simd::set1<T>(T(0));
   for (Index o = 0; o < O; ++o) {
-    detail::split_rows(planes, TW, dy + o * HO * WO, WO, 0, 0, HO, false);
+    detail::split_rows(planes, TW, dy + o * HO * WO, WO, 0, 0, HO, false, (O - o) * HO * WO);
     T* out = d + o * s.row_stride;
     for (Index t = 0; t < P; t += L) {
       // A h over the tiles' two rows (F[0] and F[1]), for their left (q = 0) and right columns
