@@ -90,8 +90,8 @@ struct TilePlanes {
 // arrays with. Vectors of 2 * width plane columns are split into even and odd columns in
 // registers, a block of columns at a time down all the rows (what is stored where depends on
 // the block only). readable: the values from plane on that may be read (to the end of the
-// image); each row prefetches the same columns about 1 KiB further on, into the next plane
-// at the bottom.
+// image); each row prefetches the same columns about 1 KiB (whole rows, at least one) further
+// on, into the next plane at the bottom.
 template <class T>
 void split_rows(const TilePlanes<T>& planes, Index TW, const T* plane, Index W, Index pad, Index first, Index last,
                 bool shifted, Index readable) {
