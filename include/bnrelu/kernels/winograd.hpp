@@ -30,6 +30,7 @@
 #include "../threads.hpp"
 #include "activation.hpp"
 #include "matrix.hpp"
+#include "reduce.hpp"
 #include "simd.hpp"
 
 namespace bnrelu::kernels {
@@ -96,7 +97,6 @@ template <class T>
 void split_rows(const TilePlanes<T>& planes, Index TW, const T* plane, Index W, Index pad, Index first, Index last,
                 bool shifted, Index readable) {
   constexpr Index L = simd::width<T>;
-  constexpr Index line = 64 / sizeof(T);
   const Index ahead = std::max<Index>(1, 1024 / (W * static_cast<Index>(sizeof(T)))) * W;  // whole rows
   for (Index j = 0; j < W; j += 2 * L) {
     const Index n = std::min(2 * L, W - j), na = std::min(L, n), nb = std::max<Index>(0, n - L);
@@ -118,10 +118,7 @@ void split_rows(const TilePlanes<T>& planes, Index TW, const T* plane, Index W, 
     for (Index r = first; r < last; ++r) {
       const Index at = (r - pad) * W + j;
       const T* row = plane + at;
-      if (at + ahead + n <= readable) {
-        for (Index k = 0; k < n; k += line) __builtin_prefetch(row + ahead + k);
-        __builtin_prefetch(row + ahead + n - 1);
-      }
+      if (at + ahead + n <= readable) Ahead<T>{row + ahead}.lines(0, n);
       simd::Packet<T> a, b, even, odd;
       if (n == 2 * L) {
         a = simd::load(row);
