@@ -4,12 +4,15 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 
 #include <bnrelu/data/idx.hpp>
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  static const std::string path = "/tmp/bnrelu_fuzz_idx_" + std::to_string(::getpid());
+  // in $TMPDIR, which fuzz/run.sh points into build/fuzz
+  static const std::string path =
+      (std::filesystem::temp_directory_path() / ("bnrelu_fuzz_idx_" + std::to_string(::getpid()))).string();
   std::FILE* f = std::fopen(path.c_str(), "wb");
   if (!f) return 0;
   std::fwrite(data, 1, size, f);

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -45,7 +46,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } catch (const bnrelu::format_error&) {
     parsed = false;
   }
-  static const std::string path = "/tmp/bnrelu_fuzz_safetensors_" + std::to_string(::getpid());
+  // in $TMPDIR, which fuzz/run.sh points into build/fuzz
+  static const std::string path =
+      (std::filesystem::temp_directory_path() / ("bnrelu_fuzz_safetensors_" + std::to_string(::getpid()))).string();
   if (std::FILE* f = std::fopen(path.c_str(), "wb")) {
     std::fwrite(data, 1, size, f);
     std::fclose(f);

@@ -10,6 +10,10 @@ root=$(dirname "$here")
 out="$root/build/fuzz"
 mkdir -p "$out"
 find "$out" -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) -delete
+# the targets' scratch files go to $TMPDIR: keep them in the build tree
+rm -rf "$out/tmp"
+mkdir -p "$out/tmp"
+export TMPDIR="$out/tmp"
 cxx=${CXX_FUZZ:-clang++-14}
 # the three builds side by side (fuzz_layers alone takes most of a minute)
 pids=""

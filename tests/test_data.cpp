@@ -11,17 +11,13 @@
 #include <set>
 
 #include "golden.hpp"
+#include "scratch.hpp"
 
 namespace data = bnrelu::data;
 namespace fs = std::filesystem;
+using bnrelu::test::scratch_path;
 
 namespace {
-
-fs::path scratch(const std::string& name) {
-  const auto dir = fs::temp_directory_path() / ("bnrelu_data_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  return dir / name;
-}
 
 std::string idx_bytes(unsigned char type, const std::vector<std::uint32_t>& dims, const std::string& payload) {
   std::string s{'\0', '\0', static_cast<char>(type), static_cast<char>(dims.size())};
@@ -74,7 +70,7 @@ TEST(Idx, ReadsEveryElementTypeBigEndianRawAndGz) {
   const auto i8 = idx_bytes(0x09, {3}, std::string("\x01\xFF\x80", 3));
   for (bool gz : {false, true}) {
     auto read = [&](const std::string& bytes) {
-      const auto p = scratch(gz ? "t.idx.gz" : "t.idx");
+      const auto p = scratch_path(gz ? "t.idx.gz" : "t.idx");
       gz ? write_gz(p, bytes) : write_raw(p, bytes);
       return data::read_idx(p.string());
     };
@@ -91,7 +87,7 @@ TEST(Idx, ReadsEveryElementTypeBigEndianRawAndGz) {
 
 TEST(Idx, RejectsBadFilesClearly) {
   auto expect_error = [](const std::string& bytes, const std::string& needle) {
-    const auto p = scratch("bad.idx");
+    const auto p = scratch_path("bad.idx");
     write_raw(p, bytes);
     try {
       data::read_idx(p.string());
@@ -109,20 +105,20 @@ TEST(Idx, RejectsBadFilesClearly) {
   expect_error(idx_bytes(0x08, {2, 3}, "ab").substr(0, 9), "inside its dimensions");
   expect_error(idx_bytes(0x08, {0xFFFFFFFF, 0xFFFFFFFF, 4}, ""), "more than the 8589934592 bytes allowed");
   expect_error(idx_bytes(0xAB, {1}, "x"), "unknown element type 0xAB");
-  EXPECT_THROW(data::read_idx(scratch("missing.idx").string()), bnrelu::format_error);
+  EXPECT_THROW(data::read_idx(scratch_path("missing.idx").string()), bnrelu::format_error);
   // a truncated gzip stream
   const auto good = idx_bytes(0x08, {1000}, std::string(1000, 'a'));
-  write_gz(scratch("t.gz"), good);
-  std::ifstream in(scratch("t.gz"), std::ios::binary);
+  write_gz(scratch_path("t.gz"), good);
+  std::ifstream in(scratch_path("t.gz"), std::ios::binary);
   std::string gz((std::istreambuf_iterator<char>(in)), {});
-  write_raw(scratch("cut.gz"), gz.substr(0, gz.size() / 2));
-  EXPECT_THROW(data::read_idx(scratch("cut.gz").string()), bnrelu::format_error);
+  write_raw(scratch_path("cut.gz"), gz.substr(0, gz.size() / 2));
+  EXPECT_THROW(data::read_idx(scratch_path("cut.gz").string()), bnrelu::format_error);
 }
 
 namespace {
 std::string gz_bytes(const std::string& payload) {
-  write_gz(scratch("member.gz"), payload);
-  std::ifstream in(scratch("member.gz"), std::ios::binary);
+  write_gz(scratch_path("member.gz"), payload);
+  std::ifstream in(scratch_path("member.gz"), std::ios::binary);
   return {std::istreambuf_iterator<char>(in), {}};
 }
 }  // namespace
@@ -132,8 +128,8 @@ TEST(Idx, GzipStreamsMustBeWhole) {
   const auto good = idx_bytes(0x08, {1000}, std::string(1000, 'a'));
   const auto gz = gz_bytes(good);
   auto read = [&](const std::string& bytes) {
-    write_raw(scratch("t.idx.gz"), bytes);
-    return data::read_idx(scratch("t.idx.gz").string());
+    write_raw(scratch_path("t.idx.gz"), bytes);
+    return data::read_idx(scratch_path("t.idx.gz").string());
   };
   EXPECT_EQ(read(gz).size(), 1000);
   for (std::size_t cut : {std::size_t{1}, std::size_t{4}, std::size_t{8}}) {  // trailer cut short or missing
@@ -161,10 +157,10 @@ TEST(Idx, GzipStreamsMustBeWhole) {
 TEST(Idx, DecompressionIsCappedByTheCaller) {
   const auto bomb = gz_bytes(idx_bytes(0x08, {1 << 20}, std::string(1 << 20, '\0')));  // 1 MiB of zeros
   EXPECT_LT(bomb.size(), std::size_t{10} << 10);
-  write_raw(scratch("bomb.idx.gz"), bomb);
-  EXPECT_EQ(data::read_idx(scratch("bomb.idx.gz").string()).size(), 1 << 20);
+  write_raw(scratch_path("bomb.idx.gz"), bomb);
+  EXPECT_EQ(data::read_idx(scratch_path("bomb.idx.gz").string()).size(), 1 << 20);
   try {
-    data::read_idx(scratch("bomb.idx.gz").string(), /*max_bytes=*/1 << 16);
+    data::read_idx(scratch_path("bomb.idx.gz").string(), /*max_bytes=*/1 << 16);
     ADD_FAILURE() << "read past the cap";
   } catch (const bnrelu::format_error& e) {
     EXPECT_NE(std::string(e.what()).find("more than the 65536 bytes allowed"), std::string::npos) << e.what();
@@ -175,7 +171,7 @@ TEST(Mnist, FindsBothNamingsWithOrWithoutGz) {
   int k = 0;
   for (const std::string sep : {"-", "."})
     for (bool gz : {false, true}) {
-      const auto dir = scratch("set" + std::to_string(k++));
+      const auto dir = scratch_path("set" + std::to_string(k++));
       fs::create_directories(dir);
       write_set(dir, "train", 7, 5, 4, gz, sep);
       write_set(dir, "t10k", 3, 5, 4, gz, sep);
@@ -188,7 +184,7 @@ TEST(Mnist, FindsBothNamingsWithOrWithoutGz) {
       EXPECT_EQ(data::load_mnist(dir.string(), data::Split::test).labels.size(), 3u);
     }
   try {
-    data::load_mnist(scratch("empty").string(), data::Split::train);
+    data::load_mnist(scratch_path("empty").string(), data::Split::train);
     FAIL();
   } catch (const bnrelu::format_error& e) {
     EXPECT_NE(std::string(e.what()).find("train-images.idx3-ubyte.gz"), std::string::npos) << e.what();
@@ -196,7 +192,7 @@ TEST(Mnist, FindsBothNamingsWithOrWithoutGz) {
 }
 
 TEST(Mnist, RejectsMismatchedCounts) {
-  const auto dir = scratch("mismatch");
+  const auto dir = scratch_path("mismatch");
   fs::create_directories(dir);
   write_set(dir, "train", 4, 2, 2, false, "-");
   write_raw(dir / "train-labels-idx1-ubyte", idx_bytes(0x08, {3}, "abc"));
@@ -310,7 +306,7 @@ void write_file(const fs::path& p, const std::string& bytes) {
 }  // namespace
 
 TEST(Cifar10, ReadsRecordsAsRedGreenBluePlanes) {
-  const auto dir = scratch("cifar");
+  const auto dir = scratch_path("cifar");
   fs::create_directories(dir);
   for (int i = 1; i <= 5; ++i) write_file(dir / ("data_batch_" + std::to_string(i) + ".bin"), cifar_bytes({i, 9, 0}));
   write_file(dir / "test_batch.bin", cifar_bytes({3, 4}));

@@ -18,6 +18,7 @@
 #include <span>
 
 #include "golden.hpp"
+#include "scratch.hpp"
 
 namespace nn = bnrelu::nn;
 using bnrelu::Index;
@@ -334,7 +335,7 @@ TEST(Residual, ResNet20CheckpointRoundTrips) {
   a.forward(x);  // move the running statistics off their initial values
   a.eval();
   const auto ya = a.forward(x);
-  const auto path = (std::filesystem::temp_directory_path() / "bnrelu_resnet20_test.safetensors").string();
+  const auto path = scratch_path("resnet20.safetensors").string();
   bnrelu::io::save_safetensors(a, path);
   const auto file = bnrelu::io::read_safetensors(path);
   EXPECT_TRUE(file.tensors.count("9.shortcut.1.running_var"));
@@ -490,7 +491,7 @@ static_assert(nn::Layer<nn::Identity<float>> && nn::Layer<nn::Dropout<double>> &
 static_assert(nn::Composite<GoodHolder> && !nn::Composite<Holder>);
 
 TEST(Layer, CompositeWithoutForEachChildIsRefusedByCheckpoints) {
-  const auto path = (std::filesystem::temp_directory_path() / "bnrelu_holder_test.safetensors").string();
+  const auto path = scratch_path("holder.safetensors").string();
   nn::Sequential bad{Holder{}};
   try {
     bnrelu::io::save_safetensors(bad, path);

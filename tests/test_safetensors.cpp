@@ -11,6 +11,7 @@
 #include <random>
 
 #include "golden.hpp"
+#include "scratch.hpp"
 
 namespace nn = bnrelu::nn;
 namespace io = bnrelu::io;
@@ -19,13 +20,7 @@ using namespace bnrelu::test;
 
 namespace {
 
-std::string temp_path(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / "bnrelu_tests";
-  std::filesystem::create_directories(dir);
-  return (dir / (name + "_" + std::to_string(::getpid()))).string();
-}
-
-auto small_net() {
+auto conv_linear_net() {
   return nn::Sequential{nn::Conv2d<float>({.in_channels = 1, .out_channels = 2, .kernel_size = 3}),
                         nn::BatchNorm2d<float>({.num_features = 2}), nn::ReLU<float>{}, nn::Flatten<float>{},
                         nn::Linear<float>({.in_features = 8, .out_features = 3})};
@@ -39,12 +34,12 @@ std::string slurp(const std::string& path) {
 }  // namespace
 
 TEST(Safetensors, RoundTripRestoresEveryTensor) {
-  auto a = small_net();
+  auto a = conv_linear_net();
   a.forward(random_tensor<float, 4>({3, 1, 4, 4}));  // running stats move, counter = 1
-  const auto path = temp_path("roundtrip.safetensors");
+  const auto path = scratch_path("roundtrip.safetensors");
   io::save_safetensors(a, path);
   bnrelu::manual_seed(99);
-  auto b = small_net();
+  auto b = conv_linear_net();
   io::load_safetensors(b, path);
   EXPECT_EQ(state_of(b.get<0>()).size(), state_of(a.get<0>()).size());
   auto pa = a.named_parameters(), pb = b.named_parameters();
@@ -62,14 +57,14 @@ TEST(Safetensors, RoundTripRestoresEveryTensor) {
 }
 
 TEST(Safetensors, LoadIsStrictAndChangesNothingOnError) {
-  auto a = small_net();
-  const auto good = temp_path("good.safetensors");
+  auto a = conv_linear_net();
+  const auto good = scratch_path("good.safetensors");
   io::save_safetensors(a, good);
   auto sd = io::state_dict(a);
-  auto b = small_net();
+  auto b = conv_linear_net();
   const auto before = state_of(b);
   auto expect_rejected = [&](std::vector<std::pair<std::string, io::RawTensor>> tensors, const std::string& needle) {
-    const auto path = temp_path("bad.safetensors");
+    const auto path = scratch_path("bad.safetensors");
     io::write_safetensors(path, tensors);
     try {
       io::load_safetensors(b, path);
@@ -94,8 +89,8 @@ TEST(Safetensors, LoadIsStrictAndChangesNothingOnError) {
 }
 
 TEST(Safetensors, MalformedFilesGiveFormatErrors) {
-  auto a = small_net();
-  const auto path = temp_path("m.safetensors");
+  auto a = conv_linear_net();
+  const auto path = scratch_path("m.safetensors");
   io::save_safetensors(a, path);
   const std::string bytes = slurp(path);
   auto reject = [&](const std::string& data, const std::string& needle) {
@@ -114,12 +109,12 @@ TEST(Safetensors, MalformedFilesGiveFormatErrors) {
   garbled[9] = '!';
   reject(garbled, "not valid JSON");
   for (std::size_t cut = 0; cut < bytes.size(); cut += 7) EXPECT_THROW(io::parse_safetensors(bytes.substr(0, cut)), bnrelu::format_error);
-  EXPECT_THROW(io::read_safetensors(temp_path("does_not_exist")), bnrelu::format_error);
+  EXPECT_THROW(io::read_safetensors(scratch_path("does_not_exist")), bnrelu::format_error);
 }
 
 TEST(Safetensors, SaveIsAtomicAndLeavesNoTemporaries) {
-  auto a = small_net();
-  const auto dir = std::filesystem::path(temp_path("atomic_dir"));
+  auto a = conv_linear_net();
+  const auto dir = scratch_path("atomic_dir");
   std::filesystem::create_directories(dir);
   const auto path = (dir / "model.safetensors").string();
   io::save_safetensors(a, path);
@@ -143,10 +138,10 @@ TEST(Safetensors, KilledSaverNeverLosesTheCheckpoint) {
   // A child process saves two different models over one path in a loop; the parent kills it
   // with SIGKILL at a random moment, then the file must load and be one model or the other.
   bnrelu::manual_seed(1);
-  auto a = small_net();
+  auto a = conv_linear_net();
   bnrelu::manual_seed(2);
-  auto b = small_net();
-  const auto dir = std::filesystem::path(temp_path("kill_dir"));
+  auto b = conv_linear_net();
+  const auto dir = scratch_path("kill_dir");
   std::filesystem::create_directories(dir);
   const auto path = (dir / "ckpt.safetensors").string();
   io::save_safetensors(a, path);
@@ -163,7 +158,7 @@ TEST(Safetensors, KilledSaverNeverLosesTheCheckpoint) {
     ::kill(pid, SIGKILL);
     int status = 0;
     ::waitpid(pid, &status, 0);
-    auto c = small_net();
+    auto c = conv_linear_net();
     ASSERT_NO_THROW(io::load_safetensors(c, path)) << "round " << round;
     const auto got = state_of(c);
     ASSERT_TRUE(got == state_a || got == state_b) << "round " << round << ": a mix of two saves";
@@ -175,7 +170,7 @@ TEST(Safetensors, KilledSaverNeverLosesTheCheckpoint) {
 
 // A file replaced by a save keeps its permission bits; a new one gets 0666 less the umask.
 TEST(AtomicFile, KeepsPermissionsAndHonoursTheUmask) {
-  const auto dir = std::filesystem::path(temp_path("perm_dir"));
+  const auto dir = scratch_path("perm_dir");
   std::filesystem::create_directories(dir);
   const auto old_file = (dir / "old.bin").string(), new_file = (dir / "new.bin").string();
   io::write_file_atomic(old_file, "a");
@@ -194,7 +189,7 @@ TEST(AtomicFile, KeepsPermissionsAndHonoursTheUmask) {
 
 // Saving through a symbolic link replaces the file it leads to and keeps the link.
 TEST(AtomicFile, FollowsSymbolicLinks) {
-  const auto dir = std::filesystem::path(temp_path("link_dir"));
+  const auto dir = scratch_path("link_dir");
   std::filesystem::create_directories(dir / "real");
   const auto target = dir / "real" / "model.safetensors", link = dir / "link.safetensors";
   io::write_file_atomic(target.string(), "old");
@@ -213,7 +208,7 @@ TEST(AtomicFile, FollowsSymbolicLinks) {
 
 // Any valid file name can be written: the temporary file's name does not grow with it.
 TEST(AtomicFile, AcceptsTheLongestValidName) {
-  const auto dir = std::filesystem::path(temp_path("long_dir"));
+  const auto dir = scratch_path("long_dir");
   std::filesystem::create_directories(dir);
   const auto path = dir / std::string(255, 'n');  // NAME_MAX on Linux file systems
   io::write_file_atomic(path.string(), "ok");
@@ -236,7 +231,7 @@ TEST(Safetensors, ChecksTheHeaderBeforeReadingTheBody) {
     }
   };
   // a header length beyond the file
-  const auto long_header = temp_path("long_header.safetensors");
+  const auto long_header = scratch_path("long_header.safetensors");
   {
     std::ofstream out(long_header, std::ios::binary);
     const std::uint64_t n = 1000;
@@ -245,7 +240,7 @@ TEST(Safetensors, ChecksTheHeaderBeforeReadingTheBody) {
   }
   expect_error(long_header, "exceeds the file");
   // a header declaring 1 TB of data in a small file
-  const auto big_body = temp_path("big_body.safetensors");
+  const auto big_body = scratch_path("big_body.safetensors");
   {
     const std::string h = R"({"w":{"dtype":"F32","shape":[250000000000],"data_offsets":[0,1000000000000]}})";
     std::ofstream out(big_body, std::ios::binary);
@@ -257,8 +252,8 @@ TEST(Safetensors, ChecksTheHeaderBeforeReadingTheBody) {
   // an endless stream of zeros: an empty header, refused at once
   expect_error("/dev/zero", "header is not valid JSON");
   // trailing bytes after the declared data
-  auto a = small_net();
-  const auto good = temp_path("trailing.safetensors");
+  auto a = conv_linear_net();
+  const auto good = scratch_path("trailing.safetensors");
   io::save_safetensors(a, good);
   { std::ofstream(good, std::ios::binary | std::ios::app) << "junk"; }
   expect_error(good, "trailing bytes");
@@ -267,13 +262,13 @@ TEST(Safetensors, ChecksTheHeaderBeforeReadingTheBody) {
 // A model after fuse_for_inference is no checkpoint: saving it, or loading into it, throws and
 // changes nothing.
 TEST(Safetensors, FoldedModelsAreRefused) {
-  auto a = small_net();
+  auto a = conv_linear_net();
   a.forward(random_tensor<float, 4>({3, 1, 4, 4}));
-  const auto path = temp_path("before_fold.safetensors");
+  const auto path = scratch_path("before_fold.safetensors");
   io::save_safetensors(a, path);
   a.fuse_for_inference();
-  EXPECT_THROW(io::save_safetensors(a, temp_path("folded.safetensors")), std::logic_error);
-  EXPECT_FALSE(std::filesystem::exists(temp_path("folded.safetensors")));
+  EXPECT_THROW(io::save_safetensors(a, scratch_path("folded.safetensors")), std::logic_error);
+  EXPECT_FALSE(std::filesystem::exists(scratch_path("folded.safetensors")));
   const auto before = state_of(a);
   EXPECT_THROW(io::load_safetensors(a, path), std::logic_error);
   EXPECT_EQ(state_of(a), before);

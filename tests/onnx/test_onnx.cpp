@@ -17,25 +17,17 @@
 #include <fstream>
 #include <iterator>
 #include <string>
-#include <unistd.h>
 #include <vector>
+
+#include "../scratch.hpp"
 
 namespace nn = bnrelu::nn;
 namespace fs = std::filesystem;
 using bnrelu::Index;
 using bnrelu::Tensor;
+using bnrelu::test::scratch_path;
 
 namespace {
-
-fs::path scratch_dir() { return fs::temp_directory_path() / ("bnrelu_onnx_test_" + std::to_string(::getpid())); }
-fs::path scratch(const std::string& name) {
-  fs::create_directories(scratch_dir());
-  return scratch_dir() / name;
-}
-struct RemoveScratch : ::testing::Environment {
-  void TearDown() override { fs::remove_all(scratch_dir()); }
-};
-const auto* const remove_scratch = ::testing::AddGlobalTestEnvironment(new RemoveScratch);
 
 template <int R>
 Tensor<float, R> random_input(const bnrelu::Dims<R>& d) {
@@ -149,7 +141,7 @@ struct Doubler : nn::Module {
 };
 
 TEST(OnnxExport, RefusesWhatOnnxCannotExpressAndWritesNothing) {
-  const fs::path path = scratch("refused.onnx");
+  const fs::path path = scratch_path("refused.onnx");
   {
     std::ofstream(path) << "old";
   }
@@ -167,7 +159,7 @@ TEST(OnnxExport, RefusesWhatOnnxCannotExpressAndWritesNothing) {
   EXPECT_THROW(bnrelu::io::save_onnx(model, path.string(), bnrelu::Dims<4>{1, 3, 28, 28}), bnrelu::shape_error);
   EXPECT_THROW(bnrelu::io::save_onnx(model, path.string(), bnrelu::Dims<4>{1, 1, 20, 20}), bnrelu::shape_error);
   EXPECT_EQ(old_content(), "old");
-  EXPECT_THROW(bnrelu::io::save_onnx(model, (scratch("no_such_dir") / "m.onnx").string(), bnrelu::Dims<4>{1, 1, 28, 28}),
+  EXPECT_THROW(bnrelu::io::save_onnx(model, (scratch_path("no_such_dir") / "m.onnx").string(), bnrelu::Dims<4>{1, 1, 28, 28}),
                std::runtime_error);
   EXPECT_THROW(bnrelu::io::save_onnx(model, path.string(), {1, 1, 0, 28}), bnrelu::shape_error);
   EXPECT_THROW(bnrelu::io::save_onnx(model, path.string(), {1, 28}), std::invalid_argument);  // rank 2 into a Conv2d
@@ -216,7 +208,7 @@ void expect_onnxruntime_agrees(Model model, const std::string& name, Index C, In
   model.eval();
   for (bool folded : {false, true}) {
     if (folded) model.fuse_for_inference();
-    const fs::path path = scratch(name + (folded ? "_folded.onnx" : "_eval.onnx"));
+    const fs::path path = scratch_path(name + (folded ? "_folded.onnx" : "_eval.onnx"));
     bnrelu::io::save_onnx(model, path.string(), bnrelu::Dims<4>{1, C, H, W});
     for (Index batch : {Index{1}, Index{64}}) {
       SCOPED_TRACE(path.filename().string() + ", batch " + std::to_string(batch));
