@@ -9,7 +9,7 @@ using namespace bnrelu::test;
 
 namespace {
 
-auto small_net() {
+auto nine_layer_net() {
   return nn::Sequential{nn::Conv2d<double>({.in_channels = 2, .out_channels = 3, .kernel_size = 3, .padding = 1}),
                         nn::BatchNorm2d<double>({.num_features = 3}), nn::ReLU<double>{},
                         nn::MaxPool2d<double>({.kernel_size = 2}), nn::Flatten<double>{},
@@ -21,7 +21,7 @@ auto small_net() {
 }  // namespace
 
 TEST(Sequential, DeducesTypesAndNamesLikeTorch) {
-  auto net = small_net();
+  auto net = nine_layer_net();
   static_assert(std::is_same_v<decltype(net)::input_type, Tensor<double, 4>>);
   static_assert(std::is_same_v<decltype(net)::output_type, Tensor<double, 2>>);
   std::vector<std::string> names;
@@ -67,7 +67,7 @@ TEST(Sequential, GradcheckNested) {
 TEST(Sequential, GradcheckFusedAndUnfused) {
   for (bool fused : {true, false}) {
     bnrelu::manual_seed(21);
-    auto net = small_net();
+    auto net = nine_layer_net();
     net.set_fusion(fused);
     const auto r = bnrelu::testing::gradcheck(net, random_tensor<double, 4>({3, 2, 4, 4}), {.max_checks = 40});
     EXPECT_TRUE(r.ok) << r.worst;
@@ -76,9 +76,9 @@ TEST(Sequential, GradcheckFusedAndUnfused) {
 
 TEST(Sequential, FusionChangesNothingButSpeed) {
   bnrelu::manual_seed(3);
-  auto a = small_net();
+  auto a = nine_layer_net();
   bnrelu::manual_seed(3);
-  auto b = small_net();
+  auto b = nine_layer_net();
   b.set_fusion(false);
   const auto x = random_tensor<double, 4>({4, 2, 4, 4});
   const auto dy = random_tensor<double, 2>({4, 2});
@@ -91,7 +91,7 @@ TEST(Sequential, FusionChangesNothingButSpeed) {
 }
 
 TEST(Sequential, ModePropagatesAndZeroGrad) {
-  auto net = small_net();
+  auto net = nine_layer_net();
   net.eval();
   EXPECT_FALSE(net.get<1>().is_training());
   EXPECT_FALSE(net.get<8>().is_training());
@@ -108,7 +108,7 @@ TEST(Sequential, ModePropagatesAndZeroGrad) {
 }
 
 TEST(Sequential, ShapeErrorBeforeAnyLayerRuns) {
-  auto net = small_net();
+  auto net = nine_layer_net();
   const auto x = random_tensor<double, 4>({2, 2, 4, 4});
   net.forward(x);
   net.backward(random_tensor<double, 2>({2, 2}));
@@ -140,9 +140,9 @@ TEST(Sequential, RecycledBuffersChangeNoResult) {
   for (bool fused : {true, false}) {
     SCOPED_TRACE(fused ? "fused" : "unfused");
     bnrelu::manual_seed(4);
-    auto a = small_net();
+    auto a = nine_layer_net();
     bnrelu::manual_seed(4);
-    auto b = small_net();
+    auto b = nine_layer_net();
     a.set_fusion(fused);
     b.set_fusion(fused);
     for (bnrelu::Index n : {4, 4, 3, 6, 4}) {
@@ -164,9 +164,9 @@ TEST(Sequential, RecycledBuffersChangeNoResult) {
 // backward_params accumulates exactly backward's parameter gradients.
 TEST(Sequential, BackwardParamsGivesBackwardsGradients) {
   bnrelu::manual_seed(5);
-  auto a = small_net();
+  auto a = nine_layer_net();
   bnrelu::manual_seed(5);
-  auto b = small_net();
+  auto b = nine_layer_net();
   const auto x = random_tensor<double, 4>({4, 2, 4, 4});
   const auto dy = random_tensor<double, 2>({4, 2});
   a.forward(x);
