@@ -199,6 +199,32 @@ TEST(Mnist, RejectsMismatchedCounts) {
   EXPECT_THROW(data::load_mnist(dir.string(), data::Split::train), bnrelu::format_error);
 }
 
+// first_n keeps the first n images and labels, or all of them for n <= 0 or n >= N; a set
+// passed as an rvalue and kept whole is moved (the same buffer), never copied.
+TEST(ImageSet, FirstNKeepsTheFirstImagesAndMovesAWholeRvalue) {
+  data::ImageSet set;
+  set.images.resize(3, 1, 2, 2);
+  for (bnrelu::Index i = 0; i < set.images.size(); ++i) set.images.data()[i] = static_cast<float>(i);
+  set.labels = {7, 8, 9};
+  const auto two = data::first_n(set, 2);
+  ASSERT_EQ(two.images.dimension(0), 2);
+  EXPECT_EQ(two.labels, (std::vector<std::int64_t>{7, 8}));
+  EXPECT_EQ(two.images(1, 0, 1, 1), 7.0f);
+  for (bnrelu::Index n : {0, -1, 3, 4}) {
+    EXPECT_EQ(data::first_n(set, n).images.dimension(0), 3) << n;
+    auto copy = set;
+    const float* buffer = copy.images.data();
+    const auto all = data::first_n(std::move(copy), n);
+    EXPECT_EQ(all.images.data(), buffer) << n;
+    EXPECT_EQ(all.labels, set.labels) << n;
+  }
+  auto copy = set;
+  const auto one = data::first_n(std::move(copy), 1);
+  ASSERT_EQ(one.images.dimension(0), 1);
+  EXPECT_EQ(one.labels, (std::vector<std::int64_t>{7}));
+  EXPECT_EQ(one.images(0, 0, 1, 1), 3.0f);
+}
+
 TEST(DataLoader, SeededShufflePartialBatchAndNormalisation) {
   data::Mnist set;
   set.images.resize(10, 1, 1, 2);

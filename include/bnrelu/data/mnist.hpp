@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "idx.hpp"
@@ -71,6 +72,11 @@ inline Mnist first_n(const Mnist& set, Index n) {
   out.images = set.images.slice(Dims<4>{0, 0, 0, 0}, extent);
   out.labels.assign(set.labels.begin(), set.labels.begin() + n);
   return out;
+}
+// The same for a set about to be dropped (first_n(load_mnist(...), n)): kept whole, it is moved.
+inline Mnist first_n(Mnist&& set, Index n) {
+  if (n <= 0 || n >= set.images.dimension(0)) return std::move(set);
+  return first_n(std::as_const(set), n);
 }
 
 }  // namespace bnrelu::data
