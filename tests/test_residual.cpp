@@ -170,6 +170,38 @@ TEST(Residual, FusedIsBitIdenticalToUnfused) {
   }
 }
 
+// A main branch of one BatchNorm2d, relu(BatchNorm(x) + x): the chain before its final batch
+// norm is empty. Fused and unfused give the same bits as a BatchNorm2d, an add and a ReLU run by
+// hand, in training and in eval, and the gradients pass finite differences.
+TEST(Residual, MainOfOneBatchNorm) {
+  using OneBatchNorm = nn::Residual<nn::Sequential<nn::BatchNorm2d<double>>>;
+  bnrelu::manual_seed(5);
+  const auto x = random_tensor<double, 4>({3, 4, 5, 6}, -2, 2), dy = random_tensor<double, 4>({3, 4, 5, 6});
+  auto by_hand = [&](nn::BatchNorm2d<double>& bn) {
+    Tensor<double, 4> y = bn.forward(x);
+    for (Index i = 0; i < y.size(); ++i) y.data()[i] = std::max(0.0, y.data()[i] + x.data()[i]);
+    return y;
+  };
+  nn::BatchNorm2d<double> reference({.num_features = 4});
+  const Tensor<double, 4> y_ref = by_hand(reference);
+  reference.eval();
+  const Tensor<double, 4> y_eval_ref = by_hand(reference);
+  for (bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused" : "unfused");
+    OneBatchNorm block(nn::Sequential{nn::BatchNorm2d<double>({.num_features = 4})});
+    block.set_fusion(fused);
+    const auto y = block.forward(x);
+    EXPECT_EQ(std::memcmp(y.data(), y_ref.data(), y.size() * sizeof(double)), 0);
+    EXPECT_EQ(dims_of(block.backward(dy)), dims_of(x));
+    block.eval();
+    const auto y_eval = block.forward(x);
+    EXPECT_EQ(std::memcmp(y_eval.data(), y_eval_ref.data(), y.size() * sizeof(double)), 0);
+    block.train();
+    const auto r = bnrelu::testing::gradcheck(block, x);
+    EXPECT_TRUE(r.ok) << r.worst;
+  }
+}
+
 // The backward that reads the forward's one-bit mask gives the bits of the one that recomputes
 // the mask from x and s, at chunk lengths around a word and a packet, with pre-activations of
 // exactly 0 (no gradient), -0 and NaN (gradient passes, as PyTorch's threshold_backward). So

@@ -288,8 +288,10 @@ class Sequential : public Module {
   // layer that made it, for its next output).
   template <class Y>
   void recycle_head_output(Y&& y) {
-    if constexpr (size >= 2 && requires(layer_t<size - 2>& l) { l.recycle_output(std::move(y)); })
-      std::get<size - 2>(layers_).recycle_output(std::move(y));
+    if constexpr (size >= 2) {  // a chain of one layer has no head to recycle into
+      if constexpr (requires(layer_t<size - 2>& l) { l.recycle_output(std::move(y)); })
+        std::get<size - 2>(layers_).recycle_output(std::move(y));
+    }
   }
   // Takes back an output of this chain that is no longer needed, for the next output.
   void recycle_output(output_type&& y) {
