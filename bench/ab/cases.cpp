@@ -6,7 +6,8 @@
 //   <prefix>_make(i, threads)  its model and inputs, after two untimed runs
 //   <prefix>_run(c, threads)   one timed run
 //   <prefix>_free(c)
-// Every case must compile against both versions: the public API only.
+// Every case must compile against both versions: the public API only (bn_add_relu, a Residual
+// whose main branch is one layer, compiles against cbe6303 and later).
 #include <functional>
 #include <memory>
 #include <string>
@@ -85,6 +86,23 @@ Case bn_relu(Index N, Index C, Index HW) {
   });
 }
 
+// A residual block's end, relu(BatchNorm2d(x) + x) (Residual of one BatchNorm2d, identity
+// shortcut: the fused BatchNorm+Add+ReLU), forward and backward, on N x C x HW x HW.
+Case bn_add_relu(Index N, Index C, Index HW) {
+  using Block = bnrelu::nn::Residual<bnrelu::nn::Sequential<bnrelu::nn::BatchNorm2d<float>>>;
+  struct S {
+    Block block;
+    bnrelu::Tensor<float, 4> x, dy;
+  };
+  auto s = std::make_shared<S>(S{Block(bnrelu::nn::Sequential{bnrelu::nn::BatchNorm2d<float>({.num_features = C})}),
+                                 bnrelu::bench::random_tensor<4>({N, C, HW, HW}),
+                                 bnrelu::bench::random_tensor<4>({N, C, HW, HW})});
+  return make_case(s, [](S& s) {
+    s.block.forward(s.x);
+    benchmark::DoNotOptimize(s.block.backward(s.dy).data());
+  });
+}
+
 struct Entry {
   const char* name;
   std::function<Case()> make;
@@ -99,6 +117,8 @@ const std::vector<Entry>& entries() {
       {"conv_fwd/64x8x8", [] { return conv(64, 8, false); }},
       {"conv_bwd/64x8x8", [] { return conv(64, 8, true); }},
       {"bn_relu_fwd+bwd/64x64x28x28", [] { return bn_relu(64, 64, 28); }},
+      {"bn_add_relu_fwd+bwd/128x16x32x32", [] { return bn_add_relu(128, 16, 32); }},
+      {"bn_add_relu_fwd+bwd/256x64x56x56", [] { return bn_add_relu(256, 64, 56); }},
       {"seed_cnn_train_step/64", [] { return train_step(bnrelu::models::seed_cnn<float>(1, 10), 64, 1, 28); }},
       {"resnet20_train_step/128", [] { return train_step(bnrelu::models::resnet20<float>(3, 10), 128, 3, 32); }},
   };

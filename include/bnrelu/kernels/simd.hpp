@@ -47,7 +47,11 @@ inline P relu_grad(const P& pre, const P& dy) {
 
 // A ReLU's mask as bits: bit k set where !(v[k] <= 0) (NaN included), the lanes that pass
 // gradient; and its inverse, dy[k] where bit k of bits is set, else +0 (relu_grad's values).
-// One instruction or three per packet where the target has them, lane by lane elsewhere.
+// One instruction or three per packet where the target has them, lane by lane elsewhere. With
+// AVX-512 (DQ) the inverse ANDs dy with the bits spread to whole lanes, where a zero-masking move
+// would let GCC fold the load of dy into a masked load: BatchNorm's backward, reading dy
+// through the forward's mask in passes over memory, ran 15-20 % slower with masked loads on the
+// AMD Zen 5 machine (docs/performance.md, Fused BatchNorm + Add + ReLU).
 template <class T>
 inline std::uint32_t positive_bits_by_lane(const Packet<T>& v) {
   alignas(64) T d[width<T>];
@@ -88,7 +92,11 @@ inline std::uint32_t positive_bits(const Packet<double>& v) {
 }
 inline Packet<float> select_bits(std::uint32_t bits, const Packet<float>& dy) {
 #if defined(EIGEN_VECTORIZE_AVX512)
+#if defined(EIGEN_VECTORIZE_AVX512DQ)
+  return _mm512_and_ps(dy, _mm512_castsi512_ps(_mm512_movm_epi32(static_cast<__mmask16>(bits))));
+#else
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(bits), dy);
+#endif
 #elif defined(EIGEN_VECTORIZE_AVX2)
   const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane), lane);
@@ -103,7 +111,11 @@ inline Packet<float> select_bits(std::uint32_t bits, const Packet<float>& dy) {
 }
 inline Packet<double> select_bits(std::uint32_t bits, const Packet<double>& dy) {
 #if defined(EIGEN_VECTORIZE_AVX512)
+#if defined(EIGEN_VECTORIZE_AVX512DQ)
+  return _mm512_and_pd(dy, _mm512_castsi512_pd(_mm512_movm_epi64(static_cast<__mmask8>(bits))));
+#else
   return _mm512_maskz_mov_pd(static_cast<__mmask8>(bits), dy);
+#endif
 #elif defined(EIGEN_VECTORIZE_AVX2)
   const __m256i lane = _mm256_setr_epi64x(1, 2, 4, 8);
   const __m256i on = _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(bits), lane), lane);
