@@ -49,9 +49,10 @@ inline P relu_grad(const P& pre, const P& dy) {
 // gradient; and its inverse, dy[k] where bit k of bits is set, else +0 (relu_grad's values).
 // One instruction or three per packet where the target has them, lane by lane elsewhere. With
 // AVX-512 (DQ) the inverse ANDs dy with the bits spread to whole lanes, where a zero-masking move
-// would let GCC fold the load of dy into a masked load: BatchNorm's backward, reading dy
-// through the forward's mask in passes over memory, ran 15-20 % slower with masked loads on the
-// AMD Zen 5 machine (docs/performance.md, Fused BatchNorm + Add + ReLU).
+// would let GCC fold the load of dy into a masked load: with those, a residual block's
+// BatchNorm+Add+ReLU, whose backward reads dy through the forward's mask in passes over memory,
+// took 1.10-1.17x as long at 256x64x56x56 on the AMD Zen 5 machine (docs/performance.md, Fused
+// BatchNorm + Add + ReLU).
 template <class T>
 inline std::uint32_t positive_bits_by_lane(const Packet<T>& v) {
   alignas(64) T d[width<T>];
