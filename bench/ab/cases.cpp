@@ -71,36 +71,33 @@ Case train_step(Model model, Index N, Index C, Index HW) {
   });
 }
 
-// BatchNorm2d+ReLU fused, forward and backward through the public API, on N x C x HW x HW.
-Case bn_relu(Index N, Index C, Index HW) {
+// A layer's forward and backward through the public API on a random N x C x HW x HW input,
+// whose output has the input's shape.
+template <class L>
+Case forward_backward(L layer, Index N, Index C, Index HW) {
   struct S {
-    bnrelu::nn::BatchNormReLU2d<float> bn;
+    L layer;
     bnrelu::Tensor<float, 4> x, dy;
   };
-  auto s = std::make_shared<S>(S{bnrelu::nn::BatchNormReLU2d<float>({.num_features = C}),
-                                 bnrelu::bench::random_tensor<4>({N, C, HW, HW}),
+  auto s = std::make_shared<S>(S{std::move(layer), bnrelu::bench::random_tensor<4>({N, C, HW, HW}),
                                  bnrelu::bench::random_tensor<4>({N, C, HW, HW})});
   return make_case(s, [](S& s) {
-    s.bn.forward(s.x);
-    benchmark::DoNotOptimize(s.bn.backward(s.dy).data());
+    s.layer.forward(s.x);
+    benchmark::DoNotOptimize(s.layer.backward(s.dy).data());
   });
 }
 
+// BatchNorm2d+ReLU fused.
+Case bn_relu(Index N, Index C, Index HW) {
+  return forward_backward(bnrelu::nn::BatchNormReLU2d<float>({.num_features = C}), N, C, HW);
+}
+
 // A residual block's end, relu(BatchNorm2d(x) + x) (Residual of one BatchNorm2d, identity
-// shortcut: the fused BatchNorm+Add+ReLU), forward and backward, on N x C x HW x HW.
+// shortcut: the fused BatchNorm+Add+ReLU).
 Case bn_add_relu(Index N, Index C, Index HW) {
   using Block = bnrelu::nn::Residual<bnrelu::nn::Sequential<bnrelu::nn::BatchNorm2d<float>>>;
-  struct S {
-    Block block;
-    bnrelu::Tensor<float, 4> x, dy;
-  };
-  auto s = std::make_shared<S>(S{Block(bnrelu::nn::Sequential{bnrelu::nn::BatchNorm2d<float>({.num_features = C})}),
-                                 bnrelu::bench::random_tensor<4>({N, C, HW, HW}),
-                                 bnrelu::bench::random_tensor<4>({N, C, HW, HW})});
-  return make_case(s, [](S& s) {
-    s.block.forward(s.x);
-    benchmark::DoNotOptimize(s.block.backward(s.dy).data());
-  });
+  return forward_backward(Block(bnrelu::nn::Sequential{bnrelu::nn::BatchNorm2d<float>({.num_features = C})}), N, C,
+                          HW);
 }
 
 struct Entry {
